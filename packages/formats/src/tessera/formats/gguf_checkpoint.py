@@ -1,0 +1,195 @@
+"""Reading a GGUF file: metadata -> ModelConfig, tensors -> our parameter names, the tokenizer."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import FormatError
+from .gguf_quants import BLOCK_LAYOUT
+from .quantized import QuantizedTensor
+from .tokenizer import Tokenizer
+
+# GGUF general.architecture -> our architecture (Mistral GGUFs say "llama")
+_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "model.rotary_emb.freq_factors",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's converter, which interleaves each head's rotary halves row-wise.
+
+    The converter maps HF row ``(h, j, i)`` (half j, index i) to ``(h, i, j)``; we map back.
+    ``rows`` may be float rows or packed quantized rows: whole rows move.
+    """
+    out = rows.shape[0]
+    per_half = out // n_heads // 2
+    return rows.reshape(n_heads, per_half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+class GGUFCheckpoint:
+    """One ``.gguf`` file. Opening reads the header and checks every tensor; weights load lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError(f"{self.path}: no such file")
+        try:
+            self._reader = GGUFReader(self.path)
+        except Exception as e:  # the reader raises ValueError, struct or numpy errors on damage
+            raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        self.metadata = self._read_metadata()
+        self._check_tensors()
+        self.config = self._read_config()
+
+    def _read_metadata(self) -> dict:
+        meta = {}
+        for key, field in self._reader.fields.items():
+            try:
+                meta[key] = field.contents()
+            except Exception as e:
+                raise FormatError(f"{self.path}: metadata field {key!r} is unreadable ({e})") from e
+        return meta
+
+    def _check_tensors(self) -> None:
+        size = self.path.stat().st_size
+        for t in self._reader.tensors:
+            qtype = t.tensor_type.name
+            if qtype not in BLOCK_LAYOUT:
+                raise FormatError(
+                    f"{self.path}: tensor {t.name} has type {qtype}, which this build cannot read "
+                    f"(supported: {', '.join(BLOCK_LAYOUT)})"
+                )
+            if t.data_offset + t.n_bytes > size:
+                raise FormatError(
+                    f"{self.path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
+                    f"but the file has {size} bytes (truncated?)"
+                )
+            if gguf_to_hf_name(t.name) is None:
+                raise FormatError(f"{self.path}: tensor {t.name} is not part of a known architecture")
+
+    def _read_config(self) -> ModelConfig:
+        meta, src = self.metadata, self.path
+        arch = meta.get("general.architecture")
+        if arch not in _GGUF_ARCHITECTURES:
+            raise FormatError(
+                f"{src}: architecture {arch!r} is not supported "
+                f"(supported: {', '.join(_GGUF_ARCHITECTURES)})"
+            )
+
+        def get(key: str, default=None, required: bool = False):
+            full = f"{arch}.{key}"
+            if full not in meta:
+                if required:
+                    raise FormatError(f"{src}: metadata key {full} is missing")
+                return default
+            return meta[full]
+
+        hidden = int(get("embedding_length", required=True))
+        heads = int(get("attention.head_count", required=True))
+        kv_heads = int(get("attention.head_count_kv", heads))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        names = {t.name for t in self._reader.tensors}
+        scaling = None
+        scaling_type = get("rope.scaling.type")
+        if scaling_type == "linear":
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+        elif scaling_type not in (None, "none"):
+            raise FormatError(f"{src}: rope scaling {scaling_type!r} is not supported (supported: linear)")
+        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+        return ModelConfig(
+            architecture=_GGUF_ARCHITECTURES[arch],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length", required=True)),
+            num_hidden_layers=int(get("block_count", required=True)),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+            o_bias="blk.0.attn_output.bias" in names,
+            sliding_window=get("attention.sliding_window"),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+        )
+
+    @property
+    def generation_config(self) -> dict:
+        return {}
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_gguf_metadata(self.metadata, str(self.path))
+
+    def tensor_names(self) -> list[str]:
+        return [gguf_to_hf_name(t.name) for t in self._reader.tensors]
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """(our name, tensor) for every tensor; float types as float tensors, others packed."""
+        permute_heads = {}
+        if self.metadata.get("general.architecture") == "llama":
+            permute_heads = {
+                "attn_q": self.config.num_attention_heads,
+                "attn_k": self.config.num_key_value_heads,
+            }
+        for t in self._reader.tensors:
+            qtype = t.tensor_type.name
+            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+            raw = torch.from_numpy(np.array(t.data))  # copy out of the memory map
+            if qtype in ("F32", "F16", "BF16"):
+                tensor = raw.view(torch.uint8).reshape(-1) if qtype == "BF16" else raw
+                if qtype == "BF16":
+                    tensor = tensor.view(torch.bfloat16)
+                value: torch.Tensor | QuantizedTensor = tensor.reshape(shape)
+            else:
+                value = QuantizedTensor(qtype, raw.reshape(shape[0] if len(shape) > 1 else 1, -1), shape)
+            kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+            if kind in permute_heads:
+                n = permute_heads[kind]
+                if isinstance(value, QuantizedTensor):
+                    value = QuantizedTensor(value.scheme, unpermute_rope_rows(value.data, n), shape)
+                else:
+                    value = unpermute_rope_rows(value, n)
+            yield gguf_to_hf_name(t.name), value

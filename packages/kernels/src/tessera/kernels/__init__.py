@@ -1,0 +1,6 @@
+"""Op signatures, the dispatch registry, and the pure-torch reference of every op."""
+
+from . import ops, reference
+from .registry import implementations, lookup, register, unregister
+
+__all__ = ["implementations", "lookup", "ops", "reference", "register", "unregister"]

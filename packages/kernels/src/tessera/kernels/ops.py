@@ -1,0 +1,38 @@
+"""The ops models call. Each dispatches on the device of its first tensor argument."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference as _reference  # noqa: F401  (declares the references)
+from .registry import lookup
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return lookup("rms_norm", x.device.type)(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    return lookup("fused_add_rms_norm", x.device.type)(x, residual, weight, eps)
+
+
+def rotary_embedding(query, key, cos, sin, head_dim: int):
+    return lookup("rotary_embedding", query.device.type)(query, key, cos, sin, head_dim)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return lookup("silu_and_mul", x.device.type)(x)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return lookup("linear", x.device.type)(x, weight, bias)
+
+
+def reshape_and_cache(key, value, kv_cache, slot_mapping) -> None:
+    lookup("reshape_and_cache", key.device.type)(key, value, kv_cache, slot_mapping)
+
+
+def paged_attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window=None):
+    return lookup("paged_attention", query.device.type)(
+        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window
+    )

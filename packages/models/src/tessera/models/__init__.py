@@ -1,0 +1,15 @@
+"""Layers and architectures on a ragged, paged batch."""
+
+from .attention_metadata import AttentionMetadata
+from .llama import LlamaForCausalLM
+from .loader import MODEL_CLASSES, expected_shapes, load_model
+from .rotary import RotaryEmbedding
+
+__all__ = [
+    "MODEL_CLASSES",
+    "AttentionMetadata",
+    "LlamaForCausalLM",
+    "RotaryEmbedding",
+    "expected_shapes",
+    "load_model",
+]

@@ -1,0 +1,124 @@
+"""Building a model from a checkpoint: map names, check every shape, stack fused projections."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tessera.formats import Checkpoint, FormatError, ModelConfig, QuantizedTensor
+
+from .llama import LlamaForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+
+# tensors some checkpoints carry that we recompute
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    c = config
+    h, i, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+    }
+    if c.qkv_bias:
+        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    if c.o_bias:
+        per_layer["self_attn.o_proj.bias"] = (h,)
+    if c.mlp_bias:
+        per_layer |= {"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)}
+    for n in range(c.num_hidden_layers):
+        for k, s in per_layer.items():
+            shapes[f"model.layers.{n}.{k}"] = s
+    return shapes
+
+
+def _shape(t) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def load_model(
+    checkpoint: Checkpoint,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> LlamaForCausalLM:
+    """The model of ``checkpoint`` with weights dequantized to ``dtype`` on ``device``.
+
+    ``progress``, if given, is called as ``progress(done, total)`` while tensors load.
+    """
+    config = checkpoint.config
+    device = torch.device(device)
+    cls = MODEL_CLASSES.get(config.architecture)
+    if cls is None:
+        raise FormatError(f"{checkpoint.path}: no model class for architecture {config.architecture!r}")
+    shapes = expected_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    freq_factors = None
+    total = len(shapes)
+    for name, value in checkpoint.weights():
+        if _IGNORED.fullmatch(name):
+            continue
+        if name == "model.rotary_emb.freq_factors":
+            freq_factors = value
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in shapes:
+            raise FormatError(f"{checkpoint.path}: unexpected tensor {name} for a {config.architecture} model")
+        if _shape(value) != shapes[name]:
+            raise FormatError(
+                f"{checkpoint.path}: tensor {name} has shape {list(_shape(value))}, "
+                f"expected {list(shapes[name])} from the config"
+            )
+        if isinstance(value, QuantizedTensor):
+            value = value.to(device).dequantize(dtype)
+        else:
+            value = value.to(device=device, dtype=dtype)
+        tensors[name] = value
+        if progress is not None:
+            progress(len(tensors), total)
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        raise FormatError(f"{checkpoint.path}: tensor {missing[0]} is missing ({len(missing)} missing)")
+
+    model = cls(config, dtype, device)
+    if freq_factors is not None:
+        model.rotary.set_freq_factors(freq_factors)
+    model.embed_tokens = tensors.pop("model.embed_tokens.weight")
+    model.norm = tensors.pop("model.norm.weight")
+    model.lm_head = model.embed_tokens if config.tie_word_embeddings else tensors.pop("lm_head.weight")
+    for n, layer in enumerate(model.layers):
+        p = f"model.layers.{n}."
+
+        def take(key: str, p=p):
+            return tensors.pop(p + key, None)
+
+        layer.input_norm = take("input_layernorm.weight")
+        layer.post_attention_norm = take("post_attention_layernorm.weight")
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_weight = torch.cat([take(f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if config.qkv_bias:
+            attn.qkv_bias = torch.cat([take(f"self_attn.{x}_proj.bias") for x in "qkv"])
+        attn.o_weight, attn.o_bias = take("self_attn.o_proj.weight"), take("self_attn.o_proj.bias")
+        mlp.gate_up_weight = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+        if config.mlp_bias:
+            mlp.gate_up_bias = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")])
+        mlp.down_weight, mlp.down_bias = take("mlp.down_proj.weight"), take("mlp.down_proj.bias")
+    return model
