@@ -1,0 +1,27 @@
+"""Request state machine and the continuous-batching step. No torch."""
+
+from .config import SchedulerConfig
+from .outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from .request import IllegalTransition, Request, RequestStatus
+from .scheduler import Scheduler
+
+__all__ = [
+    "CachedRequestData",
+    "EngineCoreOutput",
+    "IllegalTransition",
+    "ModelRunnerOutput",
+    "NewRequestData",
+    "Request",
+    "RequestStatus",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerStats",
+]

@@ -1,0 +1,47 @@
+"""Fixtures shared by every package's tests: the default model and its HF reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from tessera.engine import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(default_model_path):
+    """transformers' own GGUF loader on the default model, fp32: the reference."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_path.parent, gguf_file=default_model_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_default_tokenizer(default_model_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(
+        default_model_path.parent, gguf_file=default_model_path.name
+    )
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    from tessera.engine import LLM
+
+    return LLM(kv_cache_memory=256 * 2**20, max_model_len=2048)

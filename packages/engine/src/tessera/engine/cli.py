@@ -1,0 +1,164 @@
+"""The ``tessera`` command: generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .args import EngineArgs
+
+EXIT_BAD_INPUT = 2
+
+
+def _progress_bar(desc: str):
+    """A progress callback drawing a tqdm bar on stderr (silent when stderr isn't a terminal)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _build_llm(ns: argparse.Namespace):
+    from .llm import LLM
+
+    args = EngineArgs.from_cli(ns)
+    kwargs = {k: v for k, v in vars(args).items() if k != "model"}
+    return LLM(args.model, progress=_progress_bar("loading weights"), **kwargs)
+
+
+def _sampling_params(ns: argparse.Namespace):
+    from tessera.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        seed=ns.seed,
+        max_tokens=ns.max_tokens,
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=default_temperature,
+                   help="0 is greedy (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    if ns.prompts_file:
+        try:
+            with open(ns.prompts_file, encoding="utf-8") as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        except OSError as e:
+            raise ValueError(f"{ns.prompts_file}: cannot read ({e.strerror})") from e
+        prompts = []
+        for n, line in enumerate(lines, 1):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{ns.prompts_file}:{n}: not a JSON string ({e.msg})") from e
+            if not isinstance(value, str):
+                raise ValueError(f"{ns.prompts_file}:{n}: expected a JSON string, got {type(value).__name__}")
+            prompts.append(value)
+        if ns.prompt is not None:
+            prompts.insert(0, ns.prompt)
+    elif ns.prompt is not None:
+        prompts = [ns.prompt]
+    else:
+        raise ValueError("give a PROMPT or --prompts-file FILE")
+    params = _sampling_params(ns)
+    llm = _build_llm(ns)
+    outputs = llm.generate(prompts, params)
+    for out in outputs:
+        if ns.json:
+            print(json.dumps({
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "prompt_tokens": len(out.prompt_token_ids),
+                "completion_tokens": len(out.token_ids),
+            }, ensure_ascii=False))
+        else:
+            print(out.text if len(outputs) == 1 else f"--- {out.prompt!r}\n{out.text}")
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    llm = _build_llm(ns)
+    params = _sampling_params(ns)
+    messages: list[dict] = []
+    if ns.system:
+        messages.append({"role": "system", "content": ns.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with", ns.model, "- an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+        reply = ""
+        try:
+            for out in llm.stream(ids, params):
+                print(out.delta_text, end="", flush=True)
+                reply = out.text
+        except KeyboardInterrupt:
+            pass
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Run language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt, or a file of prompts as one batch")
+    gen.add_argument("prompt", nargs="?", default=None, help="the text to continue")
+    gen.add_argument("--prompts-file", metavar="FILE", help="one JSON string per line, run together")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    EngineArgs.add_cli_args(gen)
+    _add_sampling_args(gen, default_temperature=0.0)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="an interactive chat using the model's chat template")
+    chat.add_argument("--system", default=None, help="a system message")
+    EngineArgs.add_cli_args(chat)
+    _add_sampling_args(chat, default_temperature=0.7)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from tessera.formats import FormatError
+
+    try:
+        return ns.func(ns)
+    except (FormatError, ValueError) as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The offline API: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from tessera.formats import open_checkpoint
+from tessera.kvcache import KVCacheManager, kv_bytes_per_token
+from tessera.models import load_model
+from tessera.platform import current_platform
+from tessera.sampling import SamplingParams
+from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+
+from .args import EngineArgs
+from .engine_core import EngineCore
+from .model_runner import ModelRunner
+from .model_source import resolve_model
+from .output_processor import OutputProcessor
+from .outputs import RequestOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_KV_SHARE = 0.25
+_DEFAULT_KV_CAP = 4 * 2**30
+
+PromptType = str | list[int]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str = EngineArgs.model,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+        **engine_args,
+    ) -> None:
+        args = EngineArgs(model=model, **engine_args)
+        self.args = args
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        checkpoint = open_checkpoint(resolve_model(args.model))
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer()
+        device = torch.device(args.device) if args.device else current_platform().device
+        if args.dtype == "auto":
+            dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        else:
+            dtype = _DTYPES[args.dtype]
+        self.model = load_model(checkpoint, dtype, device, progress=progress)
+
+        c = self.config
+        per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype.itemsize)
+        budget = args.kv_cache_memory
+        if budget is None:
+            free = _free_memory(device)
+            budget = min(int(free * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
+        num_blocks = budget // (args.block_size * per_token)
+        capacity = num_blocks * args.block_size
+        max_model_len = args.max_model_len or min(c.max_position_embeddings, capacity)
+        if max_model_len < 1 or capacity < max_model_len:
+            raise ValueError(
+                f"the KV cache ({budget / 2**20:.1f} MiB, {num_blocks} blocks of {args.block_size} "
+                f"tokens at {per_token} bytes/token = {capacity} tokens) cannot hold one request of "
+                f"max_model_len {max_model_len}; give more --kv-cache-memory or a smaller --max-model-len"
+            )
+        self.max_model_len = max_model_len
+        sched_config = SchedulerConfig(
+            max_model_len=max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+        scheduler = Scheduler(sched_config, KVCacheManager(num_blocks, args.block_size))
+        runner = ModelRunner(self.model, num_blocks, args.block_size, dtype)
+        self.engine = EngineCore(scheduler, runner)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        eos = (*self.tokenizer.eos_token_ids, *c.eos_token_ids,
+               *_as_tuple(checkpoint.generation_config.get("eos_token_id")))
+        self.eos_token_ids = tuple(dict.fromkeys(eos))
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than the maximum context length of "
+                f"{self.max_model_len}"
+            )
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        params.validate()
+        return text, ids
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None) -> str:
+        """Queue one request; returns its id. Refused (nothing queued) if invalid."""
+        params = params or SamplingParams()
+        text, ids = self._prepare(prompt, params)
+        return self._add(text, ids, params)
+
+    def _add(self, text: str | None, ids: list[int], params: SamplingParams) -> str:
+        rid = str(next(self._ids))
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
+        self.engine.add_request(
+            Request(
+                rid,
+                ids,
+                max_tokens=max_tokens,
+                min_tokens=params.min_tokens,
+                stop_token_ids=params.stop_token_ids,
+                eos_token_ids=self.eos_token_ids,
+                ignore_eos=params.ignore_eos,
+                sampling_params=params,
+            )
+        )
+        self.output_processor.add_request(rid, text, ids, params)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_requests([request_id])
+        self.output_processor.abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of requests that changed."""
+        changed, to_stop = self.output_processor.process(self.engine.step())
+        if to_stop:
+            self.engine.abort_requests(to_stop, RequestStatus.FINISHED_STOPPED)
+        return changed
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    # -- batch and streaming APIs -------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts together; outputs in input order. A bad prompt or parameter is refused
+        before any request starts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        prepared = [self._prepare(p, sp) for p, sp in zip(prompts, sampling_params, strict=True)]
+        ids = [self._add(t, i, sp) for (t, i), sp in zip(prepared, sampling_params, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        try:
+            while len(results) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    self.abort(rid)
+            raise
+        return [results[r] for r in ids]
+
+    def stream(self, prompt: PromptType, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request as it grows (``delta_text`` holds each step's new text)."""
+        rid = self.add_request(prompt, params)
+        done = False
+        try:
+            while not done:
+                for out in self.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.generate([ids], params)[0]
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    platform = current_platform()
+    if platform.device.type == device.type:
+        return platform.free_memory()
+    from tessera.platform.device import _make
+
+    return _make("cpu").free_memory()
+
+
+def _as_tuple(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return (x,) if isinstance(x, int) else tuple(x)

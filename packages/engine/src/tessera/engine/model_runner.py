@@ -1,0 +1,123 @@
+"""Runs the model on one step's ragged batch. Tensors live only here.
+
+The runner keeps each request's token ids and block table between steps; the scheduler sends
+only what changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tessera.models import AttentionMetadata, LlamaForCausalLM
+from tessera.sampling import Sampler, SamplingParams, make_generator
+from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass
+class CachedRequestState:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        c = model.config
+        # empty, not zeros: pages are mapped as blocks get used, and attention reads only slots
+        # that reshape_and_cache has written
+        self.kv_caches = [
+            torch.empty(2, num_blocks, block_size, c.num_key_value_heads, c.head_dim, dtype=kv_dtype, device=self.device)
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.sampler = Sampler()
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_request_ids:
+            self.requests.pop(rid, None)
+        for rid in so.preempted_request_ids:
+            self.requests.pop(rid, None)
+        for nr in so.new_requests:
+            params = nr.sampling_params or SamplingParams()
+            self.requests[nr.request_id] = CachedRequestState(
+                list(nr.token_ids),
+                list(nr.block_ids),
+                nr.num_computed_tokens,
+                params,
+                make_generator(params.seed, self.device),
+            )
+        for cr in so.cached_requests:
+            self.requests[cr.request_id].block_ids.extend(cr.new_block_ids)
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        if so.total_num_scheduled_tokens == 0:
+            return ModelRunnerOutput({})
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[str] = []
+        for rid, n in so.num_scheduled_tokens.items():
+            st = self.requests[rid]
+            start = st.num_computed_tokens
+            end = start + n
+            ids.extend(st.token_ids[start:end])
+            blocks = st.block_ids
+            for p in range(start, end):
+                positions.append(p)
+                slots.append(blocks[p // bs] * bs + p % bs)
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if end == len(st.token_ids):  # caught up: this step yields a token
+                sample_rows.append(qsl[-1] - 1)
+                sample_reqs.append(rid)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        table = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+        counts = torch.tensor(list(so.num_scheduled_tokens.values()))
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=seq_lens_t.to(dev),
+            block_tables=table.to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            token_seq_lens=seq_lens_t.long().repeat_interleave(counts).to(dev),
+        )
+        hidden = self.model.forward(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        for rid, n in so.num_scheduled_tokens.items():
+            self.requests[rid].num_computed_tokens += n
+        if not sample_rows:
+            return ModelRunnerOutput({})
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        states = [self.requests[r] for r in sample_reqs]
+        tokens = self.sampler(logits, [s.params for s in states], [s.generator for s in states]).tolist()
+        for st, tok in zip(states, tokens, strict=True):
+            st.token_ids.append(tok)
+        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(sample_reqs, tokens, strict=True)})

@@ -1,0 +1,20 @@
+"""What a caller gets back for a request."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = []
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    delta_text: str = ""  # text added by the latest step (streaming)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

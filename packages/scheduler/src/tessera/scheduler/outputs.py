@@ -1,0 +1,56 @@
+"""What crosses from the scheduler to the model runner and back: plain data, only deltas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the runner hasn't seen (or one resumed after preemption: all its tokens)."""
+
+    request_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: Any = None
+
+
+class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
+    """A request the runner already holds: just its new blocks."""
+
+    request_id: str
+    new_block_ids: list[int]
+
+
+class SchedulerOutput(msgspec.Struct, omit_defaults=True):
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    # request id -> tokens to compute this step, in batch order
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # requests the runner should forget (finished, aborted or preempted since the last step)
+    finished_request_ids: list[str] = []
+    preempted_request_ids: list[str] = []
+
+
+class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
+    """Tokens sampled this step; a request still in (chunked) prefill samples none."""
+
+    sampled_token_ids: dict[str, list[int]]
+
+
+class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+class SchedulerStats(msgspec.Struct):
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    kv_cache_usage: float

@@ -1,0 +1,207 @@
+"""One continuous-batching step under a token budget, first come first served."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tessera.kvcache import KVCacheManager
+
+from .config import SchedulerConfig
+from .outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from .request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []
+        max_blocks = -(-config.max_model_len // kv_cache.block_size)
+        if max_blocks > kv_cache.num_blocks:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} needs {max_blocks} KV blocks of "
+                f"{kv_cache.block_size} tokens but the cache has only {kv_cache.num_blocks}"
+            )
+
+    # -- admission and exit -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; refused (nothing changes) if it can never run."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_prompt_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {request.num_prompt_tokens} tokens, more than the maximum "
+                f"context length of {self.config.max_model_len}"
+            )
+        if request.status != RequestStatus.WAITING:
+            raise ValueError(f"request {request.request_id} is {request.status.name}, not WAITING")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End requests from outside (abort, a stop string, an error); unknown ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        was = req.status
+        req.transition(status)
+        if was == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        """Give up the request's blocks; it recomputes from scratch (keeping its output) later."""
+        self.running.remove(req)
+        req.transition(RequestStatus.PREEMPTED)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._preempted_ids.append(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        preempted_now = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            while new_blocks is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted_now = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            if new_blocks is None:
+                break
+            num_scheduled[req.request_id] = n
+            budget -= n
+            cached.append(CachedRequestData(req.request_id, new_blocks))
+            i += 1
+
+        while (
+            not preempted_now
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self.waiting[0]
+            n = req.num_tokens - req.num_computed_tokens
+            if n > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                n = budget
+            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+                break
+            self.waiting.popleft()
+            req.transition(RequestStatus.RUNNING)
+            self.running.append(req)
+            new.append(
+                NewRequestData(
+                    req.request_id,
+                    req.all_token_ids,
+                    self.kv.block_ids(req.request_id),
+                    req.num_computed_tokens,
+                    req.sampling_params,
+                )
+            )
+            num_scheduled[req.request_id] = n
+            budget -= n
+
+        out = SchedulerOutput(
+            new_requests=new,
+            cached_requests=cached,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=self._preempted_ids,
+        )
+        self._finished_ids, self._preempted_ids = [], []
+        return out
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advance computed counts, append sampled tokens, apply stop rules, free finished."""
+        outputs = []
+        for rid, n in scheduler_output.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted while the step ran
+            req.num_computed_tokens += n
+            appended: list[int] = []
+            status = None
+            for token in runner_output.sampled_token_ids.get(rid, ()):
+                req.output_token_ids.append(token)
+                appended.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
+            if status is not None:
+                self._finish(req, status)
+            if appended or status is not None:
+                outputs.append(
+                    EngineCoreOutput(
+                        rid,
+                        appended,
+                        finish_reason=status.finish_reason if status is not None else None,
+                        stop_reason=req.stop_reason,
+                    )
+                )
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        if len(req.output_token_ids) >= req.min_tokens:
+            if not req.ignore_eos and token in req.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in req.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=self.kv.usage(),
+        )
