@@ -59,13 +59,17 @@ def test_unknown_tensor_type_is_named(tmp_path):
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = np.zeros((32, size), np.uint8)  # 32 rows of one 256-value block
     p = write_tiny_gguf(tmp_path / "iq.gguf", extra_tensor=("blk.0.attn_q.weight", raw, qtype, (32, size)))
-    with pytest.raises(FormatError, match=r"iq.gguf: tensor blk.0.attn_q.weight has type IQ2_XXS.*supported: .*Q4_K"):
+    with pytest.raises(
+        FormatError, match=r"iq.gguf: tensor blk.0.attn_q.weight has type IQ2_XXS.*supported: .*Q4_K"
+    ):
         open_checkpoint(p)
 
 
 def test_unknown_gguf_architecture_is_named(tmp_path):
     p = write_tiny_gguf(tmp_path / "g.gguf", arch="falcon")
-    with pytest.raises(FormatError, match=r"g.gguf: architecture 'falcon' is not supported \(supported: llama, qwen2\)"):
+    with pytest.raises(
+        FormatError, match=r"g.gguf: architecture 'falcon' is not supported \(supported: llama, qwen2\)"
+    ):
         open_checkpoint(p)
 
 
@@ -79,8 +83,13 @@ def _hf_folder(tmp_path, config: dict, tensors: dict):
 
 
 TINY = {
-    "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
-    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "model_type": "llama",
+    "vocab_size": 16,
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
     "tie_word_embeddings": True,
 }
 
@@ -103,7 +112,9 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     tensors = {k: torch.zeros(s) for k, s in expected_shapes(ck.config).items()}
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(15, 8)
     ck = open_checkpoint(_hf_folder(tmp_path / "m2", TINY, tensors))
-    with pytest.raises(FormatError, match=r"tensor model.layers.0.mlp.up_proj.weight has shape \[15, 8\], expected \[16, 8\]"):
+    with pytest.raises(
+        FormatError, match=r"tensor model.layers.0.mlp.up_proj.weight has shape \[15, 8\], expected \[16, 8\]"
+    ):
         load_model(ck)
 
 
@@ -133,5 +144,7 @@ def test_sharded_index_pointing_at_a_missing_shard_is_named(tmp_path):
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
     )
-    with pytest.raises(FormatError, match="model-00002-of-00002.safetensors: listed in the index but missing"):
+    with pytest.raises(
+        FormatError, match="model-00002-of-00002.safetensors: listed in the index but missing"
+    ):
         open_checkpoint(folder)

@@ -10,8 +10,16 @@ from tessera.formats import BLOCK_LAYOUT, GGUFCheckpoint, QuantizedTensor  # noq
 
 # byte offsets of the float16 scale fields in each block (random bytes there could be inf/nan)
 _F16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "Q4_0": [0],
+    "Q4_1": [0, 2],
+    "Q5_0": [0],
+    "Q5_1": [0, 2],
+    "Q8_0": [0],
+    "Q2_K": [80, 82],
+    "Q3_K": [108],
+    "Q4_K": [0, 2],
+    "Q5_K": [0, 2],
+    "Q6_K": [208],
 }
 _QUANTIZED = [s for s in BLOCK_LAYOUT if s not in ("F32", "F16", "BF16")]
 

@@ -1,19 +1,24 @@
 """Tiny random-weight Llama, Mistral and Qwen2 models: our logits against HF transformers
 running the same weights (saved as an HF folder and read back through tessera.formats)."""
 
-import random
-
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 from tessera.formats import open_checkpoint  # noqa: E402
-from tessera.models import AttentionMetadata, load_model  # noqa: E402
+from tessera.models import load_model  # noqa: E402
+from tessera.models.harness import forward_chunks  # noqa: E402
 
 COMMON = dict(
-    vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
 )
 # max abs logit difference allowed: fp32 with a different summation order than transformers
 ATOL = 2e-5
@@ -32,45 +37,8 @@ def build_hf(tmp_path, config_cls, max_shard_size=None, **overrides):
     return model.eval()
 
 
-def run_ragged(model, chunks: list[list[list[int]]], block_size: int = 4, seed: int = 0):
-    """Feed sequences through the paged model, each as a list of chunks; all sequences' chunk k
-    ride in step k. Blocks are scattered at random. Returns each sequence's logits."""
-    c = model.config
-    rng = random.Random(seed)
-    total = sum(len(t) for seq in chunks for t in seq)
-    n_blocks = total // block_size + 4 * len(chunks) + 8
-    free = list(range(n_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-sum(map(len, seq)) // block_size))] for seq in chunks]
-    cache = [torch.full((2, n_blocks, block_size, c.num_key_value_heads, c.head_dim), float("nan"))
-             for _ in range(c.num_hidden_layers)]
-    done = [0] * len(chunks)
-    logits = [[] for _ in chunks]
-    for step in range(max(len(s) for s in chunks)):
-        ids, pos, slots, qsl, lens, owners = [], [], [], [0], [], []
-        for i, seq in enumerate(chunks):
-            part = seq[step] if step < len(seq) else []
-            for k, tok in enumerate(part):
-                p = done[i] + k
-                ids.append(tok)
-                pos.append(p)
-                slots.append(tables[i][p // block_size] * block_size + p % block_size)
-            done[i] += len(part)
-            qsl.append(len(ids))
-            lens.append(done[i])
-            owners.append(len(part))
-        width = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        seq_lens = torch.tensor(lens, dtype=torch.int32)
-        meta = AttentionMetadata(
-            torch.tensor(qsl, dtype=torch.int32), seq_lens, bt, torch.tensor(slots),
-            seq_lens.long().repeat_interleave(torch.tensor(owners)),
-        )
-        hidden = model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta)
-        out = model.compute_logits(hidden)
-        for i in range(len(chunks)):
-            logits[i].append(out[qsl[i] : qsl[i + 1]])
-    return [torch.cat(x) for x in logits]
+def run_ragged(model, chunks, block_size=4, seed=0):
+    return forward_chunks(model, chunks, block_size, seed)
 
 
 def hf_logits(hf, ids: list[int]) -> torch.Tensor:
@@ -84,11 +52,26 @@ def prompts(lengths, vocab=160, seed=1):
 
 
 CASES = {
-    "llama3-rope": (transformers.LlamaConfig, dict(rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16})),
-    "llama-linear-rope": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "llama-biases-tied": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama3-rope": (
+        transformers.LlamaConfig,
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
+    "llama-linear-rope": (
+        transformers.LlamaConfig,
+        dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "llama-biases-tied": (
+        transformers.LlamaConfig,
+        dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ),
     "mistral-sliding-window": (transformers.MistralConfig, dict(sliding_window=7)),
     "qwen2-qkv-bias": (transformers.Qwen2Config, dict()),
 }
@@ -124,8 +107,12 @@ def test_ragged_batch_with_chunked_prefill_and_decode_matches_transformers(tmp_p
 
 
 def test_dynamic_ntk_rope_past_the_trained_length_matches_transformers(tmp_path):
-    hf = build_hf(tmp_path, transformers.LlamaConfig, max_position_embeddings=24,
-                  rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    hf = build_hf(
+        tmp_path,
+        transformers.LlamaConfig,
+        max_position_embeddings=24,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
     ours = load_model(open_checkpoint(tmp_path))
     for n in (20, 45):  # below and beyond max_position_embeddings
         (ids,) = prompts([n], seed=n)

@@ -1,4 +1,5 @@
 import pytest
+
 from tessera.platform import current_platform
 
 

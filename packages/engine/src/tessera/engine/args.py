@@ -7,8 +7,22 @@ import re
 from dataclasses import dataclass
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -34,20 +48,40 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("engine")
-        g.add_argument("--model", default=EngineArgs.model,
-                       help="a .gguf file, an HF model folder, or a known short name (default: %(default)s)")
-        g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="compute dtype (auto: float32 on CPU, bfloat16 on GPUs)")
-        g.add_argument("--max-model-len", type=int, default=None,
-                       help="context length (default: the model's, capped by the KV cache)")
-        g.add_argument("--max-num-seqs", type=int, default=EngineArgs.max_num_seqs,
-                       help="requests in one batch at most")
-        g.add_argument("--max-num-batched-tokens", type=int, default=EngineArgs.max_num_batched_tokens,
-                       help="tokens in one step at most (longer prompts are prefilled in chunks)")
+        g.add_argument(
+            "--model",
+            default=EngineArgs.model,
+            help="a .gguf file, an HF model folder, or a known short name (default: %(default)s)",
+        )
+        g.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="compute dtype (auto: float32 on CPU, bfloat16 on GPUs)",
+        )
+        g.add_argument(
+            "--max-model-len",
+            type=int,
+            default=None,
+            help="context length (default: the model's, capped by the KV cache)",
+        )
+        g.add_argument(
+            "--max-num-seqs", type=int, default=EngineArgs.max_num_seqs, help="requests in one batch at most"
+        )
+        g.add_argument(
+            "--max-num-batched-tokens",
+            type=int,
+            default=EngineArgs.max_num_batched_tokens,
+            help="tokens in one step at most (longer prompts are prefilled in chunks)",
+        )
         g.add_argument("--block-size", type=int, default=EngineArgs.block_size, help="tokens per KV block")
-        g.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
-                       help="bytes for the KV cache, e.g. 64MiB (default: a quarter of free memory, "
-                            "at most 4GiB)")
+        g.add_argument(
+            "--kv-cache-memory",
+            type=parse_size,
+            default=None,
+            metavar="SIZE",
+            help="bytes for the KV cache, e.g. 64MiB (default: a quarter of free memory, at most 4GiB)",
+        )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
 
     @classmethod

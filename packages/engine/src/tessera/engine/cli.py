@@ -50,9 +50,12 @@ def _sampling_params(ns: argparse.Namespace):
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_temperature: float) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
-    g.add_argument("--temperature", type=float, default=default_temperature,
-                   help="0 is greedy (default: %(default)s)")
+    g.add_argument(
+        "--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)"
+    )
+    g.add_argument(
+        "--temperature", type=float, default=default_temperature, help="0 is greedy (default: %(default)s)"
+    )
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
@@ -85,13 +88,18 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     outputs = llm.generate(prompts, params)
     for out in outputs:
         if ns.json:
-            print(json.dumps({
-                "text": out.text,
-                "token_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "prompt_tokens": len(out.prompt_token_ids),
-                "completion_tokens": len(out.token_ids),
-            }, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                        "prompt_tokens": len(out.prompt_token_ids),
+                        "completion_tokens": len(out.token_ids),
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(out.text if len(outputs) == 1 else f"--- {out.prompt!r}\n{out.text}")
     return 0

@@ -75,8 +75,11 @@ class LLM:
         runner = ModelRunner(self.model, num_blocks, args.block_size, dtype)
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)
-        eos = (*self.tokenizer.eos_token_ids, *c.eos_token_ids,
-               *_as_tuple(checkpoint.generation_config.get("eos_token_id")))
+        eos = (
+            *self.tokenizer.eos_token_ids,
+            *c.eos_token_ids,
+            *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
+        )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         self._ids = itertools.count()
 
@@ -97,7 +100,9 @@ class LLM:
             )
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            raise ValueError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
         params.validate()
         return text, ids
 

@@ -39,7 +39,15 @@ class ModelRunner:
         # empty, not zeros: pages are mapped as blocks get used, and attention reads only slots
         # that reshape_and_cache has written
         self.kv_caches = [
-            torch.empty(2, num_blocks, block_size, c.num_key_value_heads, c.head_dim, dtype=kv_dtype, device=self.device)
+            torch.empty(
+                2,
+                num_blocks,
+                block_size,
+                c.num_key_value_heads,
+                c.head_dim,
+                dtype=kv_dtype,
+                device=self.device,
+            )
             for _ in range(c.num_hidden_layers)
         ]
         self.sampler = Sampler()

@@ -110,8 +110,7 @@ class GGUFCheckpoint:
         arch = meta.get("general.architecture")
         if arch not in _GGUF_ARCHITECTURES:
             raise FormatError(
-                f"{src}: architecture {arch!r} is not supported "
-                f"(supported: {', '.join(_GGUF_ARCHITECTURES)})"
+                f"{src}: architecture {arch!r} is not supported (supported: {', '.join(_GGUF_ARCHITECTURES)})"
             )
 
         def get(key: str, default=None, required: bool = False):

@@ -72,9 +72,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.source = source
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-        self.special_token_ids = frozenset(
-            i for i, t in hf.get_added_tokens_decoder().items() if t.special
-        )
+        self.special_token_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -89,9 +87,7 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **context
-    ) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **context) -> str:
         if self.chat_template is None:
             raise FormatError(f"{self.source}: the model has no chat template")
         return render_chat_template(
@@ -109,9 +105,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict, source: str) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise FormatError(
-                f"{source}: tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)"
-            )
+            raise FormatError(f"{source}: tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]

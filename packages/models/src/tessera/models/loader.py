@@ -38,7 +38,11 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.down_proj.weight": (h, i),
     }
     if c.qkv_bias:
-        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+        per_layer |= {
+            "self_attn.q_proj.bias": (q,),
+            "self_attn.k_proj.bias": (kv,),
+            "self_attn.v_proj.bias": (kv,),
+        }
     if c.o_bias:
         per_layer["self_attn.o_proj.bias"] = (h,)
     if c.mlp_bias:
@@ -81,7 +85,9 @@ def load_model(
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if name not in shapes:
-            raise FormatError(f"{checkpoint.path}: unexpected tensor {name} for a {config.architecture} model")
+            raise FormatError(
+                f"{checkpoint.path}: unexpected tensor {name} for a {config.architecture} model"
+            )
         if _shape(value) != shapes[name]:
             raise FormatError(
                 f"{checkpoint.path}: tensor {name} has shape {list(_shape(value))}, "

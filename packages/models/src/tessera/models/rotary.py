@@ -69,8 +69,10 @@ class RotaryEmbedding:
         self, positions: torch.Tensor, token_seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pos = positions.float()
-        if self.kind == "dynamic" and token_seq_lens is not None and bool(
-            (token_seq_lens > self.max_positions).any()
+        if (
+            self.kind == "dynamic"
+            and token_seq_lens is not None
+            and bool((token_seq_lens > self.max_positions).any())
         ):
             freqs = pos[:, None] * self._dynamic_inv_freq(token_seq_lens)
         else:

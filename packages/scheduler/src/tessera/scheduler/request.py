@@ -38,9 +38,17 @@ _FINISHED = {
     RequestStatus.FINISHED_ERROR,
 }
 _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
-    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR},
+    RequestStatus.WAITING: {
+        RequestStatus.RUNNING,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    },
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED} | _FINISHED,
-    RequestStatus.PREEMPTED: {RequestStatus.RUNNING, RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR},
+    RequestStatus.PREEMPTED: {
+        RequestStatus.RUNNING,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    },
 }
 
 
@@ -104,7 +112,9 @@ class Request:
 
     def transition(self, new: RequestStatus) -> None:
         if new not in _ALLOWED.get(self.status, set()):
-            raise IllegalTransition(f"request {self.request_id}: {self.status.name} -> {new.name} is not allowed")
+            raise IllegalTransition(
+                f"request {self.request_id}: {self.status.name} -> {new.name} is not allowed"
+            )
         self.status = new
 
     def __repr__(self) -> str:

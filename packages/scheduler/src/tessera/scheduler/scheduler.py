@@ -117,10 +117,7 @@ class Scheduler:
             i += 1
 
         while (
-            not preempted_now
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.config.max_num_seqs
+            not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
             n = req.num_tokens - req.num_computed_tokens

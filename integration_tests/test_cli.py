@@ -1,0 +1,92 @@
+"""The tessera command as a person runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def tessera(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "tessera.engine.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+SMALL = ["--max-model-len", "512", "--kv-cache-memory", "64MiB"]
+
+
+def test_generate_json_prints_one_object_with_the_documented_fields():
+    r = tessera("generate", "The capital of France is", "--max-tokens", "8", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    obj = json.loads(line)
+    assert set(obj) == {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
+    assert obj["completion_tokens"] == len(obj["token_ids"]) == 8
+    assert obj["finish_reason"] == "length"
+    assert obj["prompt_tokens"] == 5
+    assert "Paris" in obj["text"]
+
+
+def test_prompts_file_runs_as_one_batch_and_prints_in_input_order(tmp_path, default_llm):
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "def add(a, b):\n", "Water boils at"]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps(p) for p in prompts) + "\n")
+    r = tessera("generate", "--prompts-file", str(f), "--max-tokens", "6", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(got) == 4
+    from tessera.sampling import SamplingParams
+
+    alone = [default_llm.generate(p, SamplingParams(temperature=0, max_tokens=6))[0] for p in prompts]
+    assert [g["token_ids"] for g in got] == [a.token_ids for a in alone]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "hi", "--model", "/nonexistent/model.gguf"], "no such file or folder"),
+        (["generate", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
+        (["generate", "--prompts-file", "/nonexistent.jsonl"], "cannot read"),
+        (["generate", "hi", "--temperature", "-1"], "temperature must be"),
+        (["generate", "hi", "--kv-cache-memory", "lots"], None),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_exit_code_2(args, message):
+    r = tessera(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    if message is not None:
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_refused():
+    r = tessera("generate", "word " * 300, "--max-model-len", "64", "--kv-cache-memory", "16MiB")
+    assert r.returncode == 2
+    assert "more than the maximum context length of 64" in r.stderr
+
+
+def test_chat_reads_turns_from_stdin_and_applies_the_template():
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera.engine.cli",
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "16",
+            *SMALL,
+        ],
+        input="What is the capital of France?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
