@@ -72,6 +72,8 @@ def test_pool_refuses_to_free_a_block_twice():
 
 
 def test_memory_planning_arithmetic():
-    per_token = kv_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype_bytes=4)
+    per_token = kv_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float32")
     assert per_token == 46080
     assert num_blocks_for_budget(64 * 2**20, 16, per_token) == 91
+    # int8 stores one byte per element plus a float32 scale per token and head
+    assert kv_bytes_per_token(30, 3, 64, "int8") == 2 * 30 * 3 * (64 + 4)

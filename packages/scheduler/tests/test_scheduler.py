@@ -37,7 +37,7 @@ def fake_step(s: Scheduler, token: int = 7):
 def test_several_requests_run_in_one_step():
     s = make()
     for i in range(3):
-        s.add_request(Request(f"r{i}", [1] * (5 + i), max_tokens=2))
+        s.add_request(Request(f"r{i}", [10 * i + k for k in range(5 + i)], max_tokens=2))
     so, outs = fake_step(s)
     assert so.num_scheduled_tokens == {"r0": 5, "r1": 6, "r2": 7}
     assert [o.new_token_ids for o in outs] == [[7], [7], [7]]

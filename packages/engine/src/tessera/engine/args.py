@@ -44,6 +44,10 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes; None: a share of free memory
     device: str | None = None  # None: tessera.platform decides
     seed: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: str = "auto"  # auto | int8 | fp8
+    scheduling_policy: str = "fcfs"  # fcfs | priority
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +86,25 @@ class EngineArgs:
             metavar="SIZE",
             help="bytes for the KV cache, e.g. 64MiB (default: a quarter of free memory, at most 4GiB)",
         )
+        g.add_argument(
+            "--kv-cache-dtype",
+            default="auto",
+            choices=["auto", "int8", "fp8"],
+            help="KV storage: the model's dtype, or int8 / fp8 e4m3 with per-token scales",
+        )
+        g.add_argument(
+            "--enable-prefix-caching",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="share the KV blocks of common prompt prefixes (default: on)",
+        )
+        g.add_argument(
+            "--enable-chunked-prefill",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="split long prompts across steps (default: on)",
+        )
+        g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
 
     @classmethod
@@ -96,4 +119,8 @@ class EngineArgs:
             kv_cache_memory=ns.kv_cache_memory,
             device=ns.device,
             seed=getattr(ns, "seed", None),
+            enable_prefix_caching=ns.enable_prefix_caching,
+            enable_chunked_prefill=ns.enable_chunked_prefill,
+            kv_cache_dtype=ns.kv_cache_dtype,
+            scheduling_policy=ns.scheduling_policy,
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from tessera.formats import open_checkpoint
-from tessera.kvcache import KVCacheManager, kv_bytes_per_token
-from tessera.models import load_model
+from tessera.kvcache import KVCacheManager, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
+from tessera.models import kv_storage_dtype, load_model
 from tessera.platform import current_platform
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
@@ -51,28 +52,38 @@ class LLM:
         self.model = load_model(checkpoint, dtype, device, progress=progress)
 
         c = self.config
-        per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype.itemsize)
+        kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
+        kv_name = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else str(dtype).removeprefix("torch.")
+        per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_name)
         budget = args.kv_cache_memory
         if budget is None:
-            free = _free_memory(device)
-            budget = min(int(free * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
-        num_blocks = budget // (args.block_size * per_token)
-        capacity = num_blocks * args.block_size
-        max_model_len = args.max_model_len or min(c.max_position_embeddings, capacity)
-        if max_model_len < 1 or capacity < max_model_len:
-            raise ValueError(
-                f"the KV cache ({budget / 2**20:.1f} MiB, {num_blocks} blocks of {args.block_size} "
-                f"tokens at {per_token} bytes/token = {capacity} tokens) cannot hold one request of "
-                f"max_model_len {max_model_len}; give more --kv-cache-memory or a smaller --max-model-len"
-            )
+            budget = min(int(_free_memory(device) * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
+        max_model_len = args.max_model_len
+        if max_model_len is None:
+            fits = num_blocks_for_budget(budget, args.block_size, per_token) * args.block_size
+            max_model_len = min(c.max_position_embeddings, fits)
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
+        num_blocks = plan_num_blocks(budget, args.block_size, per_token, max(max_model_len, args.block_size))
         self.max_model_len = max_model_len
+        self.kv_cache_bytes = num_blocks * args.block_size * per_token
         sched_config = SchedulerConfig(
             max_model_len=max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            policy=args.scheduling_policy,
         )
-        scheduler = Scheduler(sched_config, KVCacheManager(num_blocks, args.block_size))
-        runner = ModelRunner(self.model, num_blocks, args.block_size, dtype)
+        # blocks can leave a request's table only if every layer slides
+        all_sliding = c.sliding_window is not None and "layer_types" not in c.extra
+        kv = KVCacheManager(
+            num_blocks,
+            args.block_size,
+            enable_caching=args.enable_prefix_caching,
+            sliding_window=c.sliding_window if all_sliding else None,
+        )
+        scheduler = Scheduler(sched_config, kv)
+        runner = ModelRunner(self.model, num_blocks, args.block_size, kv_dtype)
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = (
@@ -106,13 +117,28 @@ class LLM:
         params.validate()
         return text, ids
 
-    def add_request(self, prompt: PromptType, params: SamplingParams | None = None) -> str:
+    def add_request(
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
         """Queue one request; returns its id. Refused (nothing queued) if invalid."""
         params = params or SamplingParams()
         text, ids = self._prepare(prompt, params)
-        return self._add(text, ids, params)
+        return self._add(text, ids, params, priority=priority, cache_salt=cache_salt)
 
-    def _add(self, text: str | None, ids: list[int], params: SamplingParams) -> str:
+    def _add(
+        self,
+        text: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
         rid = str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
         self.engine.add_request(
@@ -125,6 +151,9 @@ class LLM:
                 eos_token_ids=self.eos_token_ids,
                 ignore_eos=params.ignore_eos,
                 sampling_params=params,
+                arrival_time=time.monotonic(),
+                priority=priority,
+                cache_salt=cache_salt,
             )
         )
         self.output_processor.add_request(rid, text, ids, params)
@@ -143,6 +172,13 @@ class LLM:
 
     def has_unfinished_requests(self) -> bool:
         return self.engine.has_unfinished_requests()
+
+    def stats(self):
+        """Scheduler statistics: running, waiting, preemptions, KV usage, prefix hits."""
+        return self.engine.scheduler.stats()
+
+    def reset_prefix_cache(self) -> int:
+        return self.engine.scheduler.reset_prefix_cache()
 
     # -- batch and streaming APIs -------------------------------------------------------------
 

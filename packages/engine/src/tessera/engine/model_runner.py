@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.models import AttentionMetadata, LlamaForCausalLM
+from tessera.models import AttentionMetadata, LayerKVCache, LlamaForCausalLM
 from tessera.sampling import Sampler, SamplingParams, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 
@@ -36,17 +36,11 @@ class ModelRunner:
         self.device = model.device
         self.block_size = block_size
         c = model.config
-        # empty, not zeros: pages are mapped as blocks get used, and attention reads only slots
-        # that reshape_and_cache has written
+        # uninitialized, not zeros: pages map as blocks get used, and attention reads only
+        # slots that reshape_and_cache has written
         self.kv_caches = [
-            torch.empty(
-                2,
-                num_blocks,
-                block_size,
-                c.num_key_value_heads,
-                c.head_dim,
-                dtype=kv_dtype,
-                device=self.device,
+            LayerKVCache.allocate(
+                num_blocks, block_size, c.num_key_value_heads, c.head_dim, kv_dtype, self.device
             )
             for _ in range(c.num_hidden_layers)
         ]

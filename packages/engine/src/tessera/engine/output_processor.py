@@ -51,6 +51,7 @@ class OutputProcessor:
                 continue
             out = st.out
             out.token_ids.extend(eco.new_token_ids)
+            out.num_cached_tokens = eco.num_cached_tokens
             out.delta_text = st.detok.add_tokens(eco.new_token_ids)
             out.text = st.detok.text
             if st.detok.stopped_by is not None and eco.finish_reason is None:

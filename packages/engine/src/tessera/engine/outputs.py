@@ -14,6 +14,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     delta_text: str = ""  # text added by the latest step (streaming)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:

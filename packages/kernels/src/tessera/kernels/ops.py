@@ -28,11 +28,13 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return lookup("linear", x.device.type)(x, weight, bias)
 
 
-def reshape_and_cache(key, value, kv_cache, slot_mapping) -> None:
-    lookup("reshape_and_cache", key.device.type)(key, value, kv_cache, slot_mapping)
+def reshape_and_cache(key, value, kv_cache, slot_mapping, kv_scales=None) -> None:
+    lookup("reshape_and_cache", key.device.type)(key, value, kv_cache, slot_mapping, kv_scales)
 
 
-def paged_attention(query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window=None):
+def paged_attention(
+    query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window=None, kv_scales=None
+):
     return lookup("paged_attention", query.device.type)(
-        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window
+        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, kv_scales
     )

@@ -58,14 +58,51 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return F.linear(x, w, bias)
 
 
+# Quantized KV storage: one float32 scale per (token, head) for K and for V.
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[T, Hk, D]`` -> (values of ``dtype``, scales ``[T, Hk]``) with x ~= values * scale."""
+    amax = x.float().abs().amax(dim=-1).clamp(min=1e-8)
+    if dtype == torch.int8:
+        scale = amax / INT8_MAX
+        q = torch.round(x.float() / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    else:
+        scale = amax / FP8_E4M3_MAX
+        q = (x.float() / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return q, scale
+
+
+def is_quantized_kv(dtype: torch.dtype) -> bool:
+    return dtype in (torch.int8, torch.float8_e4m3fn)
+
+
 @reference("reshape_and_cache")
 def reshape_and_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value ``[T, Hk, D]`` into their slots (``block_id * block_size + offset``)."""
+    """Write key/value ``[T, Hk, D]`` into their slots (``block_id * block_size + offset``).
+
+    For an int8 or fp8 cache, ``kv_scales`` ``[2, num_blocks, block_size, Hk]`` receives each
+    token's per-head scales.
+    """
     _, nb, bs, hk, d = kv_cache.shape
-    kv_cache[0].view(nb * bs, hk, d)[slot_mapping] = key.to(kv_cache.dtype)
-    kv_cache[1].view(nb * bs, hk, d)[slot_mapping] = value.to(kv_cache.dtype)
+    flat = kv_cache.view(2, nb * bs, hk, d)
+    if is_quantized_kv(kv_cache.dtype):
+        scales = kv_scales.view(2, nb * bs, hk)
+        for i, x in enumerate((key, value)):
+            q, s = quantize_kv(x, kv_cache.dtype)
+            flat[i][slot_mapping] = q
+            scales[i][slot_mapping] = s
+    else:
+        flat[0][slot_mapping] = key.to(kv_cache.dtype)
+        flat[1][slot_mapping] = value.to(kv_cache.dtype)
 
 
 @reference("paged_attention")
@@ -77,31 +114,40 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch over the paged cache, prefill and decode alike.
 
     Sequence i owns queries ``query_start_loc[i]:query_start_loc[i+1]``, which are its last
     tokens: its total length (cached + new) is ``seq_lens[i]``. With a sliding window W a query
-    at position p sees keys at positions ``p - W < j <= p``.
+    at position p sees keys at positions ``p - W < j <= p``. Only slots a query can see are
+    read (blocks out of every query's window may have been given back).
     """
     t, hq, d = query.shape
     hk, bs = kv_cache.shape[3], kv_cache.shape[2]
     out = torch.empty_like(query)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    quantized = is_quantized_kv(kv_cache.dtype)
     for i, seq_len in enumerate(lens):
         q0, q1 = starts[i], starts[i + 1]
         if q1 == q0:
             continue
-        n_blocks = (seq_len + bs - 1) // bs
-        blocks = block_tables[i, :n_blocks].long()
-        k = kv_cache[0, blocks].reshape(-1, hk, d)[:seq_len].float()
-        v = kv_cache[1, blocks].reshape(-1, hk, d)[:seq_len].float()
+        first_q = seq_len - (q1 - q0)
+        lo = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)
+        b0, b1 = lo // bs, (seq_len + bs - 1) // bs
+        blocks = block_tables[i, b0:b1].long()
+        k = kv_cache[0, blocks].reshape(-1, hk, d)[lo - b0 * bs : seq_len - b0 * bs].float()
+        v = kv_cache[1, blocks].reshape(-1, hk, d)[lo - b0 * bs : seq_len - b0 * bs].float()
+        if quantized:
+            ks = kv_scales[0, blocks].reshape(-1, hk)[lo - b0 * bs : seq_len - b0 * bs]
+            vs = kv_scales[1, blocks].reshape(-1, hk)[lo - b0 * bs : seq_len - b0 * bs]
+            k, v = k * ks[..., None], v * vs[..., None]
         k = k.repeat_interleave(hq // hk, dim=1)
         v = v.repeat_interleave(hq // hk, dim=1)
         q = query[q0:q1].float()
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)[:, None]
-        k_pos = torch.arange(seq_len, device=query.device)[None, :]
+        q_pos = torch.arange(first_q, seq_len, device=query.device)[:, None]
+        k_pos = torch.arange(lo, seq_len, device=query.device)[None, :]
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window

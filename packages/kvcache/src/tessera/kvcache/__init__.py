@@ -1,15 +1,22 @@
-"""Paged KV-cache bookkeeping over integers: block pool and per-request block tables. No torch."""
+"""Paged KV-cache bookkeeping over integers: block pool, prefix-cache hashing, per-request block
+tables, memory planning. No torch."""
 
 from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
 from .kv_cache_manager import KVCacheManager, cdiv
-from .memory import kv_bytes_per_token, num_blocks_for_budget
+from .memory import KV_CACHE_DTYPES, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
+from .prefix_hash import BlockHash, hash_block, hash_blocks
 
 __all__ = [
+    "KV_CACHE_DTYPES",
+    "BlockHash",
     "BlockPool",
     "FreeBlockQueue",
     "KVCacheBlock",
     "KVCacheManager",
     "cdiv",
+    "hash_block",
+    "hash_blocks",
     "kv_bytes_per_token",
     "num_blocks_for_budget",
+    "plan_num_blocks",
 ]

@@ -1,19 +1,27 @@
-"""All KV blocks, created once, with reference counts and an intrusive LRU free list."""
+"""All KV blocks, created once: reference counts, an intrusive LRU free list, and the map from
+block hash to cached block.
+
+A freed block keeps its hash (and stays findable) until it is handed out again: eviction is
+lazy, and the free list's order decides what goes first.
+"""
 
 from __future__ import annotations
 
+from .prefix_hash import BlockHash
+
 
 class KVCacheBlock:
-    __slots__ = ("block_id", "ref_cnt", "prev_free", "next_free")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "prev_free", "next_free")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
+        self.block_hash: BlockHash | None = None
         self.prev_free: KVCacheBlock | None = None
         self.next_free: KVCacheBlock | None = None
 
     def __repr__(self) -> str:
-        return f"KVCacheBlock({self.block_id}, ref_cnt={self.ref_cnt})"
+        return f"KVCacheBlock({self.block_id}, ref_cnt={self.ref_cnt}, cached={self.block_hash is not None})"
 
 
 class FreeBlockQueue:
@@ -65,12 +73,14 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[BlockHash, KVCacheBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
         return self.free_queue.num_free
 
     def usage(self) -> float:
+        """Share of blocks held by requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     def allocate(self, n: int) -> list[KVCacheBlock]:
@@ -79,9 +89,23 @@ class BlockPool:
         out = []
         for _ in range(n):
             b = self.free_queue.popleft()
+            self._evict(b)
             b.ref_cnt = 1
             out.append(b)
         return out
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+
+    def touch(self, blocks: list[KVCacheBlock]) -> None:
+        """Take one more reference to cached blocks (reviving free ones)."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                self.free_queue.remove(b)
+            b.ref_cnt += 1
 
     def free(self, blocks: list[KVCacheBlock]) -> None:
         """Drop one reference from each; blocks reaching zero go to the back of the free list."""
@@ -91,3 +115,20 @@ class BlockPool:
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
+
+    def lookup(self, block_hash: BlockHash) -> KVCacheBlock | None:
+        return self.cached.get(block_hash)
+
+    def cache(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
+        """Make a full, computed block findable by its hash (first one wins on a duplicate)."""
+        if block.block_hash is None and block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every hash; returns how many blocks were cached."""
+        n = len(self.cached)
+        for b in self.cached.values():
+            b.block_hash = None
+        self.cached.clear()
+        return n

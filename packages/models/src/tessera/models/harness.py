@@ -8,11 +8,16 @@ import random
 import torch
 
 from .attention_metadata import AttentionMetadata
+from .kv_cache import LayerKVCache
 
 
 @torch.inference_mode()
 def forward_chunks(
-    model, chunks: list[list[list[int]]], block_size: int = 4, seed: int = 0
+    model,
+    chunks: list[list[list[int]]],
+    block_size: int = 4,
+    seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Run sequences given as lists of chunks; chunk k of every sequence rides in step k, over
     blocks scattered at random in a NaN-filled cache. Returns each sequence's logits ``[len, V]``."""
@@ -23,12 +28,10 @@ def forward_chunks(
     free = list(range(n_blocks))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(-(-sum(map(len, seq)) // block_size))] for seq in chunks]
+    kv_dtype = kv_dtype or model.dtype
     cache = [
-        torch.full(
-            (2, n_blocks, block_size, c.num_key_value_heads, c.head_dim),
-            float("nan"),
-            dtype=model.dtype,
-            device=model.device,
+        LayerKVCache.allocate(
+            n_blocks, block_size, c.num_key_value_heads, c.head_dim, kv_dtype, model.device, fill=float("nan")
         )
         for _ in range(c.num_hidden_layers)
     ]

@@ -12,6 +12,7 @@ from tessera.formats import ModelConfig
 from tessera.kernels import ops
 
 from .attention_metadata import AttentionMetadata
+from .kv_cache import LayerKVCache
 from .rotary import RotaryEmbedding
 
 
@@ -30,7 +31,7 @@ class LlamaAttention:
         self.o_weight = None
         self.o_bias: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, cos, sin, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -38,17 +39,19 @@ class LlamaAttention:
         ops.reshape_and_cache(
             k.reshape(t, self.num_kv_heads, self.head_dim),
             v.reshape(t, self.num_kv_heads, self.head_dim),
-            kv_cache,
+            kv_cache.data,
             meta.slot_mapping,
+            kv_cache.scales,
         )
         out = ops.paged_attention(
             q.reshape(t, self.num_heads, self.head_dim),
-            kv_cache,
+            kv_cache.data,
             meta.query_start_loc,
             meta.seq_lens,
             meta.block_tables,
             self.scale,
             self.sliding_window,
+            kv_cache.scales,
         )
         return ops.linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 
@@ -102,7 +105,7 @@ class LlamaForCausalLM:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[LayerKVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of every scheduled token (after the final norm)."""

@@ -52,5 +52,11 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
 class SchedulerStats(msgspec.Struct):
     num_running: int
     num_waiting: int
-    num_preemptions: int
-    kv_cache_usage: float
+    num_preemptions: int  # since start
+    kv_cache_usage: float  # share of blocks held by requests
+    prefix_cache_queries: int = 0  # prompt tokens looked up since start
+    prefix_cache_hits: int = 0  # of which found cached
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -73,6 +73,7 @@ class Request:
         sampling_params: Any = None,
         arrival_time: float = 0.0,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: the prompt is empty")
@@ -81,6 +82,7 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)  # prompt + output, kept in step
         self.max_tokens = max_tokens
         self.min_tokens = min_tokens
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -88,11 +90,14 @@ class Request:
         self.ignore_eos = ignore_eos
         self.sampling_params = sampling_params  # opaque: passed to the model runner untouched
         self.arrival_time = arrival_time
-        self.priority = priority
+        self.priority = priority  # lower runs first under the priority policy
+        self.cache_salt = cache_salt
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        self.seq = 0  # admission order, set by the scheduler
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -100,11 +105,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def append_output_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.all_token_ids.append(token)
 
     @property
     def is_finished(self) -> bool:

@@ -1,8 +1,8 @@
-"""One continuous-batching step under a token budget, first come first served."""
+"""One continuous-batching step under a token budget, with prefix caching and preemption."""
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 
 from tessera.kvcache import KVCacheManager
 
@@ -16,6 +16,7 @@ from .outputs import (
     SchedulerStats,
 )
 from .request import Request, RequestStatus
+from .request_queue import FCFSQueue, PriorityQueue
 
 
 class Scheduler:
@@ -23,9 +24,10 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = PriorityQueue() if config.policy == "priority" else FCFSQueue()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._seq = itertools.count()
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
         max_blocks = -(-config.max_model_len // kv_cache.block_size)
@@ -48,8 +50,9 @@ class Scheduler:
             )
         if request.status != RequestStatus.WAITING:
             raise ValueError(f"request {request.request_id} is {request.status.name}, not WAITING")
+        request.seq = next(self._seq)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def finish_requests(self, request_ids, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End requests from outside (abort, a stop string, an error); unknown ids are ignored."""
@@ -71,15 +74,23 @@ class Scheduler:
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
 
+    def _pick_victim(self, first_unscheduled: int) -> Request:
+        """Latest arrival (FCFS) or lowest priority, among requests not yet scheduled this step:
+        their blocks may already be registered in the prefix cache for this step's writes."""
+        if self.config.policy == "priority":
+            return max(self.running[first_unscheduled:], key=PriorityQueue.key)
+        return self.running[-1]
+
     def _preempt(self, req: Request) -> None:
-        """Give up the request's blocks; it recomputes from scratch (keeping its output) later."""
+        """Give up the request's blocks; it recomputes (keeping its output) when re-admitted,
+        from the prefix cache where its blocks survive."""
         self.running.remove(req)
         req.transition(RequestStatus.PREEMPTED)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.add_preempted(req)
         self._preempted_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -101,41 +112,48 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+            new_blocks = self._allocate(req, n)
             while new_blocks is None:
-                victim = self.running[-1]
+                victim = self._pick_victim(i)
                 self._preempt(victim)
                 preempted_now = True
                 if victim is req:
                     break
-                new_blocks = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
+                new_blocks = self._allocate(req, n)
             if new_blocks is None:
-                break
+                continue  # req itself was preempted; running[i] is now the next one
             num_scheduled[req.request_id] = n
             budget -= n
             cached.append(CachedRequestData(req.request_id, new_blocks))
-            i += 1
+            i = self.running.index(req) + 1
 
         while (
             not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
-            req = self.waiting[0]
-            n = req.num_tokens - req.num_computed_tokens
+            req = self.waiting.peek()
+            hits, num_hit = self.kv.get_computed_blocks(
+                req.request_id, req.all_token_ids, cache_salt=req.cache_salt
+            )
+            n = req.num_tokens - num_hit
             if n > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+            if self.kv.allocate_slots(req.request_id, num_hit + n, new_computed_blocks=hits) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             req.transition(RequestStatus.RUNNING)
+            req.num_computed_tokens = num_hit
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_hit
+            self.kv.cache_blocks(req.request_id, req.all_token_ids, num_hit + n)
             self.running.append(req)
             new.append(
                 NewRequestData(
                     req.request_id,
-                    req.all_token_ids,
+                    list(req.all_token_ids),
                     self.kv.block_ids(req.request_id),
-                    req.num_computed_tokens,
+                    num_hit,
                     req.sampling_params,
                 )
             )
@@ -153,6 +171,14 @@ class Scheduler:
         self._finished_ids, self._preempted_ids = [], []
         return out
 
+    def _allocate(self, req: Request, n: int) -> list[int] | None:
+        new_blocks = self.kv.allocate_slots(
+            req.request_id, req.num_computed_tokens + n, num_computed_tokens=req.num_computed_tokens
+        )
+        if new_blocks is not None:
+            self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens + n)
+        return new_blocks
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
@@ -166,7 +192,7 @@ class Scheduler:
             appended: list[int] = []
             status = None
             for token in runner_output.sampled_token_ids.get(rid, ()):
-                req.output_token_ids.append(token)
+                req.append_output_token(token)
                 appended.append(token)
                 status = self._check_stop(req, token)
                 if status is not None:
@@ -180,6 +206,7 @@ class Scheduler:
                         appended,
                         finish_reason=status.finish_reason if status is not None else None,
                         stop_reason=req.stop_reason,
+                        num_cached_tokens=req.num_cached_tokens,
                     )
                 )
         return outputs
@@ -195,10 +222,15 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def reset_prefix_cache(self) -> int:
+        return self.kv.reset_prefix_cache()
+
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             num_preemptions=self.num_preemptions,
             kv_cache_usage=self.kv.usage(),
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
         )
