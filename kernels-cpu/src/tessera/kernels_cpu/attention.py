@@ -1,0 +1,203 @@
+"""Paged attention on the CPU: a Numba kernel for short query runs, fused SDPA for long ones."""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tessera.kernels.reference import is_quantized_kv
+from tessera.kernels.reference import paged_attention as reference_paged_attention
+
+# Sequences with at least this many new tokens this step go through SDPA (measured crossover
+# on a 2-core machine; see tools/bench/kernels.py).
+PREFILL_THRESHOLD = 24
+
+MODE_FLOAT, MODE_INT8, MODE_FP8 = 0, 1, 2
+
+
+def _fp8_e4m3_table() -> np.ndarray:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+FP8_TABLE = _fp8_e4m3_table()
+_NO_SCALES = np.zeros((1, 1, 1), dtype=np.float32)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    k_scales,
+    v_scales,
+    table,
+    mode,
+    qsl,
+    seq_lens,
+    block_tables,
+    selected,
+    scale,
+    window,
+    out,
+):
+    """One work item per (query token, KV head): the K/V of that head are read once for the
+    whole group of query heads sharing it, with an online softmax."""
+    n_tokens, hq, d = q.shape
+    bs, hk = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hk
+    n_seqs = seq_lens.shape[0]
+    token_seq = np.empty(n_tokens, dtype=np.int64)
+    for i in range(n_seqs):
+        for t in range(qsl[i], qsl[i + 1]):
+            token_seq[t] = i
+    for item in nb.prange(n_tokens * hk):
+        t = item // hk
+        kh = item % hk
+        i = token_seq[t]
+        if not selected[i]:
+            continue
+        seq_len = seq_lens[i]
+        pos = seq_len - (qsl[i + 1] - qsl[i]) + (t - qsl[i])
+        lo = 0
+        if window > 0:
+            lo = max(0, pos - window + 1)
+        m = np.full(group, -np.inf, dtype=np.float32)
+        s_sum = np.zeros(group, dtype=np.float32)
+        acc = np.zeros((group, d), dtype=np.float32)
+        qv = np.empty((group, d), dtype=np.float32)
+        for g in range(group):
+            for x in range(d):
+                qv[g, x] = q[t, kh * group + g, x] * scale
+        kf = np.empty(d, dtype=np.float32)
+        vf = np.empty(d, dtype=np.float32)
+        for j in range(lo, pos + 1):
+            blk = block_tables[i, j // bs]
+            off = j % bs
+            if mode == 0:
+                for x in range(d):
+                    kf[x] = k_cache[blk, off, kh, x]
+                    vf[x] = v_cache[blk, off, kh, x]
+            elif mode == 1:
+                ks = k_scales[blk, off, kh]
+                vs = v_scales[blk, off, kh]
+                for x in range(d):
+                    kf[x] = np.float32(k_cache[blk, off, kh, x]) * ks
+                    vf[x] = np.float32(v_cache[blk, off, kh, x]) * vs
+            else:
+                ks = k_scales[blk, off, kh]
+                vs = v_scales[blk, off, kh]
+                for x in range(d):
+                    kf[x] = table[np.int64(k_cache[blk, off, kh, x])] * ks
+                    vf[x] = table[np.int64(v_cache[blk, off, kh, x])] * vs
+            for g in range(group):
+                s = np.float32(0.0)
+                for x in range(d):
+                    s += qv[g, x] * kf[x]
+                if s > m[g]:
+                    corr = np.exp(m[g] - s)
+                    s_sum[g] *= corr
+                    for x in range(d):
+                        acc[g, x] *= corr
+                    m[g] = s
+                p = np.exp(s - m[g])
+                s_sum[g] += p
+                for x in range(d):
+                    acc[g, x] += p * vf[x]
+        for g in range(group):
+            inv = 1.0 / s_sum[g]
+            for x in range(d):
+                out[t, kh * group + g, x] = acc[g, x] * inv
+
+
+def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, window):
+    """One long query run through torch's fused attention over its gathered blocks."""
+    hk, bs, d = kv_cache.shape[3], kv_cache.shape[2], kv_cache.shape[4]
+    lo = 0 if window is None else max(0, first_q - window + 1)
+    b0, b1 = lo // bs, (seq_len + bs - 1) // bs
+    blocks = table_row[b0:b1].long()
+    sl = slice(lo - b0 * bs, seq_len - b0 * bs)
+    k = kv_cache[0, blocks].reshape(-1, hk, d)[sl]
+    v = kv_cache[1, blocks].reshape(-1, hk, d)[sl]
+    if is_quantized_kv(kv_cache.dtype):
+        k = k.float() * kv_scales[0, blocks].reshape(-1, hk)[sl][..., None]
+        v = v.float() * kv_scales[1, blocks].reshape(-1, hk)[sl][..., None]
+    nq = query.shape[0]
+    q_pos = torch.arange(first_q, seq_len)[:, None]
+    k_pos = torch.arange(lo, seq_len)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1)[None],
+        k.to(query.dtype).transpose(0, 1)[None],
+        v.to(query.dtype).transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1).reshape(nq, -1, d)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    kv_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if query.dtype != torch.float32 or not query.is_contiguous():
+        return reference_paged_attention(
+            query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, kv_scales
+        )
+    qsl = query_start_loc.numpy()
+    lens = seq_lens.numpy()
+    n_new = np.diff(qsl)
+    long_runs = n_new >= PREFILL_THRESHOLD
+    out = torch.empty_like(query)
+    if not long_runs.all():
+        if kv_cache.dtype == torch.int8:
+            mode, k_c, v_c = MODE_INT8, kv_cache[0].numpy(), kv_cache[1].numpy()
+        elif kv_cache.dtype == torch.float8_e4m3fn:
+            raw = kv_cache.view(torch.uint8)
+            mode, k_c, v_c = MODE_FP8, raw[0].numpy(), raw[1].numpy()
+        else:
+            mode, k_c, v_c = MODE_FLOAT, kv_cache[0].float().numpy(), kv_cache[1].float().numpy()
+        if mode == MODE_FLOAT:
+            k_s = v_s = _NO_SCALES
+        else:
+            k_s, v_s = kv_scales[0].numpy(), kv_scales[1].numpy()
+        _decode_attention(
+            query.numpy(),
+            k_c,
+            v_c,
+            k_s,
+            v_s,
+            FP8_TABLE,
+            mode,
+            qsl,
+            lens,
+            block_tables.numpy(),
+            ~long_runs,
+            np.float32(scale),
+            sliding_window or 0,
+            out.numpy(),
+        )
+    for i in np.nonzero(long_runs)[0]:
+        q0, q1 = int(qsl[i]), int(qsl[i + 1])
+        seq_len = int(lens[i])
+        out[q0:q1] = _sdpa_one(
+            query[q0:q1],
+            kv_cache,
+            kv_scales,
+            block_tables[i],
+            seq_len - (q1 - q0),
+            seq_len,
+            scale,
+            sliding_window,
+        )
+    return out

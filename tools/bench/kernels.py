@@ -1,0 +1,139 @@
+"""Numba CPU kernels vs the torch reference of their ops, on the default model's shapes
+(9 query heads, 3 KV heads, head size 64, blocks of 16).
+
+    uv run python tools/bench/kernels.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from tessera.kernels import reference
+from tessera.kernels_cpu import attention as cpu_attention
+from tessera.kernels_cpu import paged_attention, reshape_and_cache
+
+HQ, HK, D, BS = 9, 3, 64, 16
+
+
+def batch(cases, kv_dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    n_blocks = sum(-(-t // BS) for t, _ in cases) + 1
+    free = list(range(n_blocks))
+    rng.shuffle(free)
+    cache = torch.zeros(2, n_blocks, BS, HK, D, dtype=kv_dtype)
+    scales = torch.ones(2, n_blocks, BS, HK) if kv_dtype != torch.float32 else None
+    tables, qs = [], []
+    for total, new in cases:
+        table = [free.pop() for _ in range(-(-total // BS))]
+        tables.append(table)
+        slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(total)])
+        reference.reshape_and_cache(
+            torch.randn(total, HK, D), torch.randn(total, HK, D), cache, slots, scales
+        )
+        qs.append(torch.randn(new, HQ, D))
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    qsl = torch.tensor(
+        [0] + [sum(n for _, n in cases[: i + 1]) for i in range(len(cases))], dtype=torch.int32
+    )
+    return torch.cat(qs), cache, qsl, torch.tensor([t for t, _ in cases], dtype=torch.int32), bt, scales
+
+
+def timeit(fn, repeat=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    workloads = {
+        "decode 1 seq x 512 ctx": [(512, 1)],
+        "decode 32 seqs x 256 ctx": [(256, 1)] * 32,
+        "decode 64 seqs x 256 ctx": [(256, 1)] * 64,
+        "decode 64 seqs x 256 ctx, int8 KV": ([(256, 1)] * 64, torch.int8),
+        "decode 64 seqs x 256 ctx, fp8 KV": ([(256, 1)] * 64, torch.float8_e4m3fn),
+        "prefill 16 tokens": [(16, 16)],
+        "prefill 512 tokens": [(512, 512)],
+        "prefill 1024 tokens": [(1024, 1024)],
+        "mixed: 1 x 512 prefill + 32 decodes": [(512, 512)] + [(256, 1)] * 32,
+    }
+    rows = []
+    for name, spec in workloads.items():
+        cases, kv_dtype = spec if isinstance(spec, tuple) else (spec, torch.float32)
+        q, cache, qsl, lens, bt, scales = batch(cases, kv_dtype)
+        t_ref = timeit(lambda: reference.paged_attention(q, cache, qsl, lens, bt, 0.125, None, scales))
+        t_cpu = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125, None, scales))
+        rows.append(
+            {
+                "op": "paged_attention",
+                "workload": name,
+                "reference_ms": t_ref * 1e3,
+                "numba_ms": t_cpu * 1e3,
+                "speedup": t_ref / t_cpu,
+            }
+        )
+    # where the SDPA path takes over: time each path alone on one sequence of n new tokens
+    for n in (8, 16, 24, 32, 64):
+        q, cache, qsl, lens, bt, scales = batch([(n + 256, n)])
+        saved = cpu_attention.PREFILL_THRESHOLD
+        try:
+            cpu_attention.PREFILL_THRESHOLD = 10**9
+            t_numba = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125))
+            cpu_attention.PREFILL_THRESHOLD = 0
+            t_sdpa = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125))
+        finally:
+            cpu_attention.PREFILL_THRESHOLD = saved
+        rows.append(
+            {
+                "op": "crossover",
+                "workload": f"{n} new tokens on 256 cached",
+                "numba_ms": t_numba * 1e3,
+                "sdpa_ms": t_sdpa * 1e3,
+            }
+        )
+    for n, kv_dtype in [(64, torch.float32), (64, torch.int8), (1024, torch.float32), (1024, torch.int8)]:
+        key, value = torch.randn(n, HK, D), torch.randn(n, HK, D)
+        cache = torch.zeros(2, 128, BS, HK, D, dtype=kv_dtype)
+        scales = torch.zeros(2, 128, BS, HK)
+        slots = torch.randperm(128 * BS)[:n]
+        t_ref = timeit(lambda: reference.reshape_and_cache(key, value, cache, slots, scales))
+        t_cpu = timeit(lambda: reshape_and_cache(key, value, cache, slots, scales))
+        rows.append(
+            {
+                "op": "reshape_and_cache",
+                "workload": f"{n} tokens, {str(kv_dtype)[6:]}",
+                "reference_ms": t_ref * 1e3,
+                "numba_ms": t_cpu * 1e3,
+                "speedup": t_ref / t_cpu,
+            }
+        )
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"{'op':18} {'workload':40} {'reference ms':>13} {'numba ms':>9} {'speedup':>8}")
+    for r in rows:
+        if r["op"] == "crossover":
+            print(f"{'  numba vs sdpa':18} {r['workload']:40} {r['sdpa_ms']:13.3f} {r['numba_ms']:9.3f}")
+        else:
+            print(
+                f"{r['op']:18} {r['workload']:40} {r['reference_ms']:13.3f} {r['numba_ms']:9.3f} "
+                f"{r['speedup']:7.1f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
