@@ -45,12 +45,13 @@ def batch(cases, kv_dtype=torch.float32, seed=0):
     return torch.cat(qs), cache, qsl, torch.tensor([t for t, _ in cases], dtype=torch.int32), bt, scales
 
 
-def timeit(fn, repeat=5) -> float:
-    fn()
+def timeit(fn, *args, repeat=5) -> float:
+    """Best of ``repeat`` calls after a warm-up call (which compiles)."""
+    fn(*args)
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
+        fn(*args)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -74,8 +75,8 @@ def main() -> None:
     for name, spec in workloads.items():
         cases, kv_dtype = spec if isinstance(spec, tuple) else (spec, torch.float32)
         q, cache, qsl, lens, bt, scales = batch(cases, kv_dtype)
-        t_ref = timeit(lambda: reference.paged_attention(q, cache, qsl, lens, bt, 0.125, None, scales))
-        t_cpu = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125, None, scales))
+        t_ref = timeit(reference.paged_attention, q, cache, qsl, lens, bt, 0.125, None, scales)
+        t_cpu = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125, None, scales)
         rows.append(
             {
                 "op": "paged_attention",
@@ -91,9 +92,9 @@ def main() -> None:
         saved = cpu_attention.PREFILL_THRESHOLD
         try:
             cpu_attention.PREFILL_THRESHOLD = 10**9
-            t_numba = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125))
+            t_numba = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
             cpu_attention.PREFILL_THRESHOLD = 0
-            t_sdpa = timeit(lambda: paged_attention(q, cache, qsl, lens, bt, 0.125))
+            t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
         finally:
             cpu_attention.PREFILL_THRESHOLD = saved
         rows.append(
@@ -109,8 +110,8 @@ def main() -> None:
         cache = torch.zeros(2, 128, BS, HK, D, dtype=kv_dtype)
         scales = torch.zeros(2, 128, BS, HK)
         slots = torch.randperm(128 * BS)[:n]
-        t_ref = timeit(lambda: reference.reshape_and_cache(key, value, cache, slots, scales))
-        t_cpu = timeit(lambda: reshape_and_cache(key, value, cache, slots, scales))
+        t_ref = timeit(reference.reshape_and_cache, key, value, cache, slots, scales)
+        t_cpu = timeit(reshape_and_cache, key, value, cache, slots, scales)
         rows.append(
             {
                 "op": "reshape_and_cache",
