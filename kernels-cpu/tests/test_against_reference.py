@@ -21,7 +21,8 @@ def make_batch(cases, hq, hk, d, block_size, kv_dtype, seed):
     free = list(range(n_blocks))
     rng.shuffle(free)
     cache = torch.zeros(2, n_blocks, block_size, hk, d, dtype=kv_dtype)
-    scales = torch.ones(2, n_blocks, block_size, hk) if kv_dtype != torch.float32 else None
+    quantized = kv_dtype in (torch.int8, torch.float8_e4m3fn)
+    scales = torch.ones(2, n_blocks, block_size, hk) if quantized else None
     tables, queries = [], []
     for total, new in cases:
         table = [free.pop() for _ in range(-(-total // block_size))]
@@ -59,6 +60,16 @@ def test_paged_attention_matches_the_reference(kv_dtype, hq, hk, block_size, win
     ours = paged_attention(q, cache, qsl, lens, bt, 0.17, window, scales)
     ref = reference.paged_attention(q, cache, qsl, lens, bt, 0.17, window, scales)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_paged_attention_in_bfloat16_matches_the_reference(window):
+    q, cache, qsl, lens, bt, _ = make_batch(MIXED[:-1], 9, 3, 64, 16, torch.bfloat16, seed=11)
+    q = q.to(torch.bfloat16)
+    ours = paged_attention(q, cache, qsl, lens, bt, 0.125, window)
+    ref = reference.paged_attention(q, cache, qsl, lens, bt, 0.125, window)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_paged_attention_with_head_dim_64_and_a_decode_only_batch():

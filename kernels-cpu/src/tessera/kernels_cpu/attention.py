@@ -14,15 +14,27 @@ from tessera.kernels.reference import paged_attention as reference_paged_attenti
 # on a 2-core machine; see tools/bench/kernels.py).
 PREFILL_THRESHOLD = 24
 
-MODE_FLOAT, MODE_INT8, MODE_FP8 = 0, 1, 2
+MODE_FLOAT, MODE_INT8, MODE_TABLE = 0, 1, 2
 
 
-def _fp8_e4m3_table() -> np.ndarray:
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+def _decode_table(dtype: torch.dtype, bits: int) -> np.ndarray:
+    """float32 value of every bit pattern of a small float type (numpy has neither fp8 nor bf16)."""
+    raw = torch.arange(2**bits, dtype=torch.int32)
+    raw = raw.to(torch.uint8) if bits == 8 else raw.to(torch.int16)  # wraps to the same bits
+    return raw.view(dtype).float().numpy()
 
 
-FP8_TABLE = _fp8_e4m3_table()
+FP8_TABLE = _decode_table(torch.float8_e4m3fn, 8)
+BF16_TABLE = _decode_table(torch.bfloat16, 16)
 _NO_SCALES = np.zeros((1, 1, 1), dtype=np.float32)
+_UNIT_SCALES: dict[tuple, np.ndarray] = {}
+
+
+def _unit_scales(shape: tuple) -> np.ndarray:
+    """Scales of 1 for a table-decoded cache without scales (bf16): broadcast, not allocated."""
+    if shape not in _UNIT_SCALES:
+        _UNIT_SCALES[shape] = np.broadcast_to(np.ones(1, dtype=np.float32), shape)
+    return _UNIT_SCALES[shape]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -124,6 +136,13 @@ def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, wi
         k = k.float() * kv_scales[0, blocks].reshape(-1, hk)[sl][..., None]
         v = v.float() * kv_scales[1, blocks].reshape(-1, hk)[sl][..., None]
     nq = query.shape[0]
+    if first_q == 0 and window is None:
+        # a whole prompt at once: the fused kernel's own causal mask skips the upper triangle
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1)[None], k.to(query.dtype).transpose(0, 1)[None],
+            v.to(query.dtype).transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True,
+        )
+        return out[0].transpose(0, 1).reshape(nq, -1, d)
     q_pos = torch.arange(first_q, seq_len)[:, None]
     k_pos = torch.arange(lo, seq_len)[None, :]
     mask = k_pos <= q_pos
@@ -150,7 +169,7 @@ def paged_attention(
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if query.dtype != torch.float32 or not query.is_contiguous():
+    if query.dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype == torch.float16:
         return reference_paged_attention(
             query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, kv_scales
         )
@@ -160,33 +179,31 @@ def paged_attention(
     long_runs = n_new >= PREFILL_THRESHOLD
     out = torch.empty_like(query)
     if not long_runs.all():
+        table = FP8_TABLE
         if kv_cache.dtype == torch.int8:
             mode, k_c, v_c = MODE_INT8, kv_cache[0].numpy(), kv_cache[1].numpy()
         elif kv_cache.dtype == torch.float8_e4m3fn:
             raw = kv_cache.view(torch.uint8)
-            mode, k_c, v_c = MODE_FP8, raw[0].numpy(), raw[1].numpy()
+            mode, k_c, v_c = MODE_TABLE, raw[0].numpy(), raw[1].numpy()
+        elif kv_cache.dtype == torch.bfloat16:
+            raw = kv_cache.view(torch.int16)
+            mode, k_c, v_c, table = MODE_TABLE, raw[0].numpy().view(np.uint16), raw[1].numpy().view(np.uint16), BF16_TABLE
         else:
-            mode, k_c, v_c = MODE_FLOAT, kv_cache[0].float().numpy(), kv_cache[1].float().numpy()
+            mode, k_c, v_c = MODE_FLOAT, kv_cache[0].numpy(), kv_cache[1].numpy()
         if mode == MODE_FLOAT:
             k_s = v_s = _NO_SCALES
+        elif kv_scales is None:
+            k_s = v_s = _unit_scales(k_c.shape[:3])
         else:
             k_s, v_s = kv_scales[0].numpy(), kv_scales[1].numpy()
+        q_np = query.float().contiguous().numpy()
+        out_np = out.numpy() if out.dtype == torch.float32 else np.empty(q_np.shape, dtype=np.float32)
         _decode_attention(
-            query.numpy(),
-            k_c,
-            v_c,
-            k_s,
-            v_s,
-            FP8_TABLE,
-            mode,
-            qsl,
-            lens,
-            block_tables.numpy(),
-            ~long_runs,
-            np.float32(scale),
-            sliding_window or 0,
-            out.numpy(),
+            q_np, k_c, v_c, k_s, v_s, table, mode, qsl, lens,
+            block_tables.numpy(), ~long_runs, np.float32(scale), sliding_window or 0, out_np,
         )
+        if out.dtype != torch.float32:
+            out.copy_(torch.from_numpy(out_np))
     for i in np.nonzero(long_runs)[0]:
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
         seq_len = int(lens[i])

@@ -23,5 +23,12 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         so = self.scheduler.schedule()
-        ro = self.runner.execute_model(so)
+        try:
+            ro = self.runner.execute_model(so)
+        except BaseException:
+            # The step's requests end in error and give their blocks back. Blocks registered in
+            # the prefix cache for this step were never written: forget every hash.
+            self.scheduler.finish_requests(list(so.num_scheduled_tokens), RequestStatus.FINISHED_ERROR)
+            self.scheduler.reset_prefix_cache()
+            raise
         return self.scheduler.update_from_output(so, ro)
