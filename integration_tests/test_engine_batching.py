@@ -90,8 +90,12 @@ def test_without_prefix_caching_the_tokens_are_the_same(reference):
 def test_chunked_prefill_on_or_off_gives_the_same_tokens(reference, chunked):
     # a budget of 64 tokens splits every long prompt across steps when chunking is on
     budget = 64 if chunked else 1024
-    llm = LLM(kv_cache_memory=256 * 2**20, max_model_len=1024, max_num_batched_tokens=budget,
-              enable_chunked_prefill=chunked)
+    llm = LLM(
+        kv_cache_memory=256 * 2**20,
+        max_model_len=1024,
+        max_num_batched_tokens=budget,
+        enable_chunked_prefill=chunked,
+    )
     assert_same_as_alone(run(llm), reference)
 
 

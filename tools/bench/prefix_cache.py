@@ -39,8 +39,14 @@ def main() -> None:
     bar = tqdm(["on", "off"], desc="prefix cache", disable=None)
     for mode in bar:
         bar.set_postfix_str(f"cache {mode}: loading")
-        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.prefix + args.suffix + 16,
-                  kv_cache_memory=1 << 30, max_num_batched_tokens=2048, enable_prefix_caching=mode == "on")
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.prefix + args.suffix + 16,
+            kv_cache_memory=1 << 30,
+            max_num_batched_tokens=2048,
+            enable_prefix_caching=mode == "on",
+        )
         vocab = llm.config.vocab_size
         (prefix,) = random_prompts(1, args.prefix, vocab, seed=1)
         suffixes = random_prompts(args.requests, args.suffix, vocab, seed=2)
@@ -51,14 +57,23 @@ def main() -> None:
         stats = llm.stats()
         results[mode] = {"seconds": seconds, "prefix_hit_rate": stats.prefix_cache_hit_rate}
         del llm
-    out = {"machine": machine(), "dtype": args.dtype, "requests": args.requests, "prefix": args.prefix,
-           "suffix": args.suffix, "cache_on_s": results["on"]["seconds"], "cache_off_s": results["off"]["seconds"],
-           "hit_rate_on": results["on"]["prefix_hit_rate"]}
+    out = {
+        "machine": machine(),
+        "dtype": args.dtype,
+        "requests": args.requests,
+        "prefix": args.prefix,
+        "suffix": args.suffix,
+        "cache_on_s": results["on"]["seconds"],
+        "cache_off_s": results["off"]["seconds"],
+        "hit_rate_on": results["on"]["prefix_hit_rate"],
+    }
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.requests} requests x ({args.prefix} shared + {args.suffix}) tokens, 1 output token, "
-              f"{args.dtype}")
+        print(
+            f"{args.requests} requests x ({args.prefix} shared + {args.suffix}) tokens, 1 output token, "
+            f"{args.dtype}"
+        )
         print(f"  prefix cache on : {out['cache_on_s']:.2f} s (hit rate {out['hit_rate_on']:.1%})")
         print(f"  prefix cache off: {out['cache_off_s']:.2f} s")
 

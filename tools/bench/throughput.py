@@ -30,8 +30,13 @@ def main() -> None:
 
     rows = []
     for dtype in args.dtype:
-        llm = LLM(args.model, dtype=dtype, max_model_len=args.prompt_tokens + args.output_tokens + 16,
-                  kv_cache_memory=1 << 30, max_num_seqs=max(args.concurrency))
+        llm = LLM(
+            args.model,
+            dtype=dtype,
+            max_model_len=args.prompt_tokens + args.output_tokens + 16,
+            kv_cache_memory=1 << 30,
+            max_num_seqs=max(args.concurrency),
+        )
         params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
         llm.generate(random_prompts(2, 32, llm.config.vocab_size, seed=99), params)  # warm-up
         for n in tqdm(args.concurrency, desc=f"throughput {dtype}", disable=None):
@@ -40,8 +45,14 @@ def main() -> None:
             outs = llm.generate(prompts, params)
             seconds = time.perf_counter() - t
             produced = sum(len(o.token_ids) for o in outs)
-            rows.append({"engine": f"tessera ({dtype})", "concurrency": n, "output_tok_s": produced / seconds,
-                         "seconds": seconds})
+            rows.append(
+                {
+                    "engine": f"tessera ({dtype})",
+                    "concurrency": n,
+                    "output_tok_s": produced / seconds,
+                    "seconds": seconds,
+                }
+            )
         del llm
     if args.json:
         for r in rows:

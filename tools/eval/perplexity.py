@@ -50,15 +50,27 @@ def main() -> None:
     if not args.file.is_file():
         raise SystemExit(f"perplexity: {args.file}: no such file")
     ck = open_checkpoint(resolve_model(args.model))
-    tokens = ck.tokenizer().encode(args.file.read_text(encoding="utf-8"), add_special_tokens=False)[: args.tokens]
+    tokens = ck.tokenizer().encode(args.file.read_text(encoding="utf-8"), add_special_tokens=False)[
+        : args.tokens
+    ]
     rows = []
     for dtype_name in args.dtype:
         dtype = getattr(torch, dtype_name)
         model = load_model(ck, dtype=dtype)
         for kv in args.kv_cache_dtype:
-            ppl = perplexity(model, tokens, args.window, kv_storage_dtype(kv, dtype), f"{dtype_name} / KV {kv}")
-            rows.append({"dtype": dtype_name, "kv_cache_dtype": kv, "perplexity": ppl, "tokens": len(tokens),
-                         "window": args.window, "file": str(args.file)})
+            ppl = perplexity(
+                model, tokens, args.window, kv_storage_dtype(kv, dtype), f"{dtype_name} / KV {kv}"
+            )
+            rows.append(
+                {
+                    "dtype": dtype_name,
+                    "kv_cache_dtype": kv,
+                    "perplexity": ppl,
+                    "tokens": len(tokens),
+                    "window": args.window,
+                    "file": str(args.file),
+                }
+            )
     if args.json:
         for r in rows:
             print(json.dumps(r))

@@ -34,7 +34,9 @@ def step(s: Scheduler, rng: random.Random):
     caching=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
 )
-def test_random_arrivals_and_aborts_all_end_and_free_everything(seed, num_blocks, block_size, budget, caching, policy):
+def test_random_arrivals_and_aborts_all_end_and_free_everything(
+    seed, num_blocks, block_size, budget, caching, policy
+):
     rng = random.Random(seed)
     max_len = min(num_blocks * block_size, 48)
     s = Scheduler(
@@ -44,7 +46,7 @@ def test_random_arrivals_and_aborts_all_end_and_free_everything(seed, num_blocks
     ended: dict[str, str] = {}
     produced: dict[str, int] = {}
     n_req = 0
-    for t in range(400):
+    for _ in range(400):
         if n_req < 30 and rng.random() < 0.3:
             rid = f"r{n_req}"
             n_req += 1
@@ -62,14 +64,15 @@ def test_random_arrivals_and_aborts_all_end_and_free_everything(seed, num_blocks
                 ended[o.request_id] = o.finish_reason
         if n_req == 30 and not s.has_unfinished_requests():
             break
+    extra_steps = 0
     while s.has_unfinished_requests():
         _, outs = step(s, rng)
         for o in outs:
             produced[o.request_id] += len(o.new_token_ids)
             if o.finish_reason:
                 ended[o.request_id] = o.finish_reason
-        t += 1
-        assert t < 5000, "requests starved"
+        extra_steps += 1
+        assert extra_steps < 5000, "requests starved"
     assert set(ended) == set(produced)  # every request finished or was aborted
     assert s.kv.num_free_blocks == num_blocks and s.kv.usage() == 0.0
 

@@ -139,8 +139,12 @@ def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, wi
     if first_q == 0 and window is None:
         # a whole prompt at once: the fused kernel's own causal mask skips the upper triangle
         out = F.scaled_dot_product_attention(
-            query.transpose(0, 1)[None], k.to(query.dtype).transpose(0, 1)[None],
-            v.to(query.dtype).transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True,
+            query.transpose(0, 1)[None],
+            k.to(query.dtype).transpose(0, 1)[None],
+            v.to(query.dtype).transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
         )
         return out[0].transpose(0, 1).reshape(nq, -1, d)
     q_pos = torch.arange(first_q, seq_len)[:, None]
@@ -187,7 +191,12 @@ def paged_attention(
             mode, k_c, v_c = MODE_TABLE, raw[0].numpy(), raw[1].numpy()
         elif kv_cache.dtype == torch.bfloat16:
             raw = kv_cache.view(torch.int16)
-            mode, k_c, v_c, table = MODE_TABLE, raw[0].numpy().view(np.uint16), raw[1].numpy().view(np.uint16), BF16_TABLE
+            mode, k_c, v_c, table = (
+                MODE_TABLE,
+                raw[0].numpy().view(np.uint16),
+                raw[1].numpy().view(np.uint16),
+                BF16_TABLE,
+            )
         else:
             mode, k_c, v_c = MODE_FLOAT, kv_cache[0].numpy(), kv_cache[1].numpy()
         if mode == MODE_FLOAT:
@@ -199,8 +208,20 @@ def paged_attention(
         q_np = query.float().contiguous().numpy()
         out_np = out.numpy() if out.dtype == torch.float32 else np.empty(q_np.shape, dtype=np.float32)
         _decode_attention(
-            q_np, k_c, v_c, k_s, v_s, table, mode, qsl, lens,
-            block_tables.numpy(), ~long_runs, np.float32(scale), sliding_window or 0, out_np,
+            q_np,
+            k_c,
+            v_c,
+            k_s,
+            v_s,
+            table,
+            mode,
+            qsl,
+            lens,
+            block_tables.numpy(),
+            ~long_runs,
+            np.float32(scale),
+            sliding_window or 0,
+            out_np,
         )
         if out.dtype != torch.float32:
             out.copy_(torch.from_numpy(out_np))

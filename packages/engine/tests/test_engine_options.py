@@ -1,0 +1,63 @@
+"""Engine options as a user sets them, and refusals at start-up that name the numbers."""
+
+import pytest
+
+from tessera.engine import LLM, parse_size
+from tessera.engine.cli import build_parser
+
+
+def test_sizes_parse_with_binary_and_decimal_units():
+    assert parse_size("64MiB") == 64 * 2**20
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size("4096") == 4096
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_cli_engine_options_are_named_as_vllm_names_them():
+    ns = build_parser().parse_args(
+        [
+            "generate",
+            "hi",
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "8",
+            "--max-num-batched-tokens",
+            "256",
+            "--block-size",
+            "32",
+            "--no-enable-prefix-caching",
+            "--kv-cache-dtype",
+            "int8",
+            "--kv-cache-memory",
+            "64MiB",
+            "--no-enable-chunked-prefill",
+            "--scheduling-policy",
+            "priority",
+        ]
+    )
+    assert (ns.max_model_len, ns.max_num_seqs, ns.max_num_batched_tokens, ns.block_size) == (512, 8, 256, 32)
+    assert ns.enable_prefix_caching is False and ns.enable_chunked_prefill is False
+    assert (
+        ns.kv_cache_dtype == "int8"
+        and ns.kv_cache_memory == 64 * 2**20
+        and ns.scheduling_policy == "priority"
+    )
+    assert build_parser().parse_args(["generate", "hi"]).enable_prefix_caching is True
+
+
+def test_a_context_that_cannot_fit_in_the_kv_cache_is_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"cannot hold one request of max_model_len 8192 \(360.0 MiB\)"):
+        LLM(max_model_len=8192, kv_cache_memory=2**20)
+
+
+def test_int8_kv_cache_fits_about_four_times_the_tokens_of_fp32():
+    fp32 = LLM(kv_cache_memory=64 * 2**20, max_model_len=512)
+    int8 = LLM(kv_cache_memory=64 * 2**20, max_model_len=512, kv_cache_dtype="int8")
+    n32 = fp32.engine.scheduler.kv.num_blocks
+    n8 = int8.engine.scheduler.kv.num_blocks
+    assert n8 / n32 == pytest.approx(256 / 68, rel=0.02)
+    out = int8.generate("The capital of France is", None)[0]
+    assert out.token_ids
