@@ -21,7 +21,9 @@ COMMON = dict(
     rms_norm_eps=1e-5,
 )
 # max abs logit difference allowed: fp32 with a different summation order than transformers
-ATOL = 2e-5
+# (the CPU backend's attention differs from the reference's; logits here are of size ~5-10,
+# measured differences up to 3e-5)
+ATOL = 1e-4
 
 
 def build_hf(tmp_path, config_cls, max_shard_size=None, **overrides):
