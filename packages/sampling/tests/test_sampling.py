@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tessera.sampling import Sampler, SamplingParams, filter_logits, make_generator
+from tessera.sampling import Sampler, SamplingParams, SamplingRow, filter_logits, make_generator
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,8 @@ def test_invalid_values_are_refused_by_name(kwargs, field):
 
 def test_greedy_rows_take_the_argmax():
     logits = torch.randn(3, 50)
-    out = Sampler()(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
-    assert out.tolist() == logits.argmax(-1).tolist()
+    out = Sampler()(logits, [SamplingRow(SamplingParams(temperature=0))] * 3)
+    assert out.token_ids == logits.argmax(-1).tolist()
 
 
 def test_a_seeded_row_does_not_depend_on_the_rest_of_the_batch():
@@ -39,11 +39,11 @@ def test_a_seeded_row_does_not_depend_on_the_rest_of_the_batch():
     p = SamplingParams(temperature=1.0, seed=1234)
 
     def draw(batch_rows):
-        gens = [make_generator(1234, torch.device("cpu")) if i == 0 else None for i in range(len(batch_rows))]
-        params = [p] + [SamplingParams(temperature=0.7)] * (len(batch_rows) - 1)
-        return [int(Sampler()(logits[batch_rows], params, gens)[0]) for _ in range(1)]
+        rows = [SamplingRow(p, make_generator(1234, torch.device("cpu")))]
+        rows += [SamplingRow(SamplingParams(temperature=0.7))] * (len(batch_rows) - 1)
+        return Sampler()(logits[batch_rows], rows).token_ids[:1]
 
-    alone = [int(Sampler()(logits[:1], [p], [make_generator(1234, torch.device("cpu"))])[0])]
+    alone = Sampler()(logits[:1], [SamplingRow(p, make_generator(1234, torch.device("cpu")))]).token_ids
     assert draw([0, 1, 2, 3]) == alone == draw([0, 3])
 
 
@@ -83,7 +83,7 @@ def test_samples_follow_the_filtered_softmax(params):
     torch.manual_seed(3)
     logits = torch.randn(12) * 2
     n = 50000
-    samples = Sampler()(logits.expand(n, -1).contiguous(), [params] * n, [None] * n)
+    samples = torch.tensor(Sampler()(logits.expand(n, -1).contiguous(), [SamplingRow(params)] * n).token_ids)
     x = logits / params.temperature
     keep = kept_set(x, params)
     assert keep[samples].all(), "sampled a token outside the kept set"
@@ -98,3 +98,68 @@ def test_filter_logits_keeps_the_top_token_even_when_top_p_is_tiny():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     out = filter_logits(logits, torch.tensor([0]), torch.tensor([1e-6]), torch.tensor([0.0]))
     assert torch.isfinite(out).tolist() == [[False, True, False]]
+
+
+def greedy_after(logits, **kw):
+    row = SamplingRow(
+        SamplingParams(temperature=0, **{k: v for k, v in kw.items() if k not in ("out", "prompt")}),
+        None,
+        kw.get("prompt", []),
+        kw.get("out", []),
+    )
+    return Sampler(eos_token_ids=(0,))(logits.clone()[None], [row]).token_ids[0]
+
+
+def test_logit_bias_allowed_and_banned_tokens():
+    logits = torch.tensor([0.0, 1.0, 5.0, 2.0])
+    assert greedy_after(logits, logit_bias={3: 10.0}) == 3
+    assert greedy_after(logits, banned_token_ids=[2]) == 3
+    assert greedy_after(logits, allowed_token_ids=[0, 1]) == 1
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.tensor([9.0, 1.0, 5.0, 2.0])  # eos (0) is the favourite
+    assert greedy_after(logits, min_tokens=2, out=[3]) == 2
+    assert greedy_after(logits, min_tokens=2, stop_token_ids=[2], out=[3]) == 3
+    assert greedy_after(logits, min_tokens=2, out=[3, 3]) == 0
+
+
+def test_penalties_follow_their_definitions():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    # OpenAI: logit -= frequency * count + presence * (count > 0), over output tokens
+    assert greedy_after(logits, frequency_penalty=0.06, out=[1, 1]) == 2  # 3 - 0.12 < 2.9
+    assert greedy_after(logits, frequency_penalty=0.04, out=[1, 1]) == 1
+    assert greedy_after(logits, presence_penalty=0.2, out=[1]) == 2
+    # HF repetition penalty over prompt and output: positive logits divided, negative multiplied
+    assert greedy_after(logits, repetition_penalty=1.2, prompt=[1]) == 2  # 3 / 1.2 = 2.5
+    row = SamplingRow(SamplingParams(temperature=0, repetition_penalty=2.0), None, [3], [])
+    s = Sampler()
+    processed = s._process(torch.tensor([[0.0, 3.0, 2.9, -1.0]]), [row])
+    assert processed[0, 3].item() == -2.0
+
+
+def test_logprobs_are_of_the_models_distribution_with_the_sampled_token_first():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    row = SamplingRow(SamplingParams(temperature=0, logprobs=2, logit_bias={0: 50.0}))
+    out = Sampler()(logits, [row])
+    lp = torch.log_softmax(logits[0], -1)
+    assert out.token_ids == [0]
+    (entry,) = out.logprobs
+    assert entry[0] == (0, pytest.approx(lp[0].item()))
+    assert [t for t, _ in entry[1:]] == [1, 2]
+    assert entry[1][1] == pytest.approx(lp[1].item())
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {5: 200.0}}, "logit_bias"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"n": 0}, "n"),
+    ],
+)
+def test_invalid_processor_values_are_refused_by_name(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        SamplingParams(**kwargs)

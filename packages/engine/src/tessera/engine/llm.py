@@ -83,15 +83,15 @@ class LLM:
             sliding_window=c.sliding_window if all_sliding else None,
         )
         scheduler = Scheduler(sched_config, kv)
-        runner = ModelRunner(self.model, num_blocks, args.block_size, kv_dtype)
-        self.engine = EngineCore(scheduler, runner)
-        self.output_processor = OutputProcessor(self.tokenizer)
         eos = (
             *self.tokenizer.eos_token_ids,
             *c.eos_token_ids,
             *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
+        runner = ModelRunner(self.model, num_blocks, args.block_size, kv_dtype, self.eos_token_ids)
+        self.engine = EngineCore(scheduler, runner)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
@@ -115,6 +115,7 @@ class LLM:
                 f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
         params.validate()
+        params.check_vocab(self.config.vocab_size)
         return text, ids
 
     def add_request(

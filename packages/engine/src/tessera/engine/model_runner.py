@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.models import AttentionMetadata, LayerKVCache, LlamaForCausalLM
-from tessera.sampling import Sampler, SamplingParams, make_generator
+from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 
 
@@ -22,6 +22,15 @@ class CachedRequestState:
     num_computed_tokens: int
     params: SamplingParams
     generator: torch.Generator | None
+    num_prompt_tokens: int
+
+    def sampling_row(self) -> SamplingRow:
+        return SamplingRow(
+            self.params,
+            self.generator,
+            self.token_ids[: self.num_prompt_tokens],
+            self.token_ids[self.num_prompt_tokens :],
+        )
 
 
 class ModelRunner:
@@ -31,6 +40,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         kv_dtype: torch.dtype,
+        eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.model = model
         self.device = model.device
@@ -44,7 +54,7 @@ class ModelRunner:
             )
             for _ in range(c.num_hidden_layers)
         ]
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids)
         self.requests: dict[str, CachedRequestState] = {}
 
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -60,6 +70,7 @@ class ModelRunner:
                 nr.num_computed_tokens,
                 params,
                 make_generator(params.seed, self.device),
+                nr.num_prompt_tokens or len(nr.token_ids),
             )
         for cr in so.cached_requests:
             self.requests[cr.request_id].block_ids.extend(cr.new_block_ids)
@@ -119,7 +130,12 @@ class ModelRunner:
             return ModelRunnerOutput({})
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         states = [self.requests[r] for r in sample_reqs]
-        tokens = self.sampler(logits, [s.params for s in states], [s.generator for s in states]).tolist()
-        for st, tok in zip(states, tokens, strict=True):
+        sampled = self.sampler(logits, [s.sampling_row() for s in states])
+        for st, tok in zip(states, sampled.token_ids, strict=True):
             st.token_ids.append(tok)
-        return ModelRunnerOutput({rid: [tok] for rid, tok in zip(sample_reqs, tokens, strict=True)})
+        logprobs = {
+            rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
+        }
+        return ModelRunnerOutput(
+            {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)}, logprobs
+        )

@@ -15,6 +15,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     delta_text: str = ""  # text added by the latest step (streaming)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # per output token: [(token, logprob), (top token, logprob), ...] when params.logprobs is set
+    logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,13 @@
 """SamplingParams (plain data) and the batched sampler."""
 
 from .params import SamplingParams
-from .sampler import Sampler, filter_logits, make_generator
+from .sampler import Sampler, SamplerOutput, SamplingRow, filter_logits, make_generator
 
-__all__ = ["Sampler", "SamplingParams", "filter_logits", "make_generator"]
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingParams",
+    "SamplingRow",
+    "filter_logits",
+    "make_generator",
+]

@@ -10,6 +10,7 @@ GREEDY_EPSILON = 1e-5
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    n: int = 1  # completions per prompt (the engine runs n requests)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: all tokens
@@ -22,6 +23,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has appeared in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per appearance in the output
+    repetition_penalty: float = 1.0  # HF's: divides positive / multiplies negative logits of seen tokens
+    logit_bias: dict[int, float] = {}
+    allowed_token_ids: list[int] | None = None
+    banned_token_ids: list[int] = []
+    logprobs: int | None = None  # return the sampled token's logprob and this many top ones
 
     def __post_init__(self) -> None:
         self.validate()
@@ -32,6 +40,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         def bad(field: str, value, rule: str) -> ValueError:
             return ValueError(f"{field} must be {rule}, got {value!r}")
 
+        if self.n < 1:
+            raise bad("n", self.n, "at least 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise bad("temperature", self.temperature, "a finite number >= 0")
         if not (0.0 < self.top_p <= 1.0):
@@ -52,6 +62,39 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise bad("stop", self.stop, "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (-2.0 <= v <= 2.0):
+                raise bad(name, v, "in [-2, 2]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise bad("repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        for tok, bias in self.logit_bias.items():
+            if tok < 0 or not (-100.0 <= bias <= 100.0):
+                raise bad("logit_bias", {tok: bias}, "token ids >= 0 mapped to values in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids >= 0")
+        if any(t < 0 for t in self.banned_token_ids):
+            raise bad("banned_token_ids", self.banned_token_ids, "a list of token ids >= 0")
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise bad("logprobs", self.logprobs, "between 0 and 20")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if a token id named here is outside a vocabulary of ``vocab_size``."""
+        named = [
+            *self.stop_token_ids,
+            *self.logit_bias,
+            *(self.allowed_token_ids or ()),
+            *self.banned_token_ids,
+        ]
+        bad = [t for t in named if t >= vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,9 @@
-"""The batched sampler: every row its own temperature, top-k, top-p, min-p and seed."""
+"""The batched sampler: every row its own logit processors, temperature, top-k, top-p, min-p
+and seed, and the logprobs of what it picked."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,23 +41,102 @@ def filter_logits(
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+@dataclass
+class SamplingRow:
+    """What the sampler needs of one request this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: None, or [(sampled id, logprob), (top id, logprob), ...] from the model's own
+    # distribution (before any processing), as OpenAI reports them
+    logprobs: list[list[tuple[int, float]] | None]
+
+
 class Sampler:
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> torch.Tensor:
-        """Token ids ``[B]`` from float logits ``[B, V]``."""
+    def __init__(self, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Apply each row's allowed/banned tokens, logit bias, min-tokens and penalties."""
+        vocab = logits.shape[-1]
+        for i, row in enumerate(rows):
+            p = row.params
+            x = logits[i]
+            if p.allowed_token_ids is not None:
+                keep = torch.zeros(vocab, dtype=torch.bool, device=x.device)
+                keep[torch.tensor(p.allowed_token_ids, device=x.device)] = True
+                x.masked_fill_(~keep, float("-inf"))
+            if p.banned_token_ids:
+                x[torch.tensor(p.banned_token_ids, device=x.device)] = float("-inf")
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=x.device)
+                x[ids] += torch.tensor(list(p.logit_bias.values()), device=x.device, dtype=x.dtype)
+            if len(row.output_token_ids) < p.min_tokens:
+                stop = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
+                if stop:
+                    x[torch.tensor(stop, device=x.device)] = float("-inf")
+            if p.uses_penalties:
+                out = torch.tensor(row.output_token_ids, dtype=torch.long, device=x.device)
+                if p.repetition_penalty != 1.0:
+                    seen = torch.tensor(
+                        row.prompt_token_ids + row.output_token_ids, dtype=torch.long, device=x.device
+                    )
+                    seen = seen.unique()
+                    vals = x[seen]
+                    x[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+                if out.numel() and (p.presence_penalty or p.frequency_penalty):
+                    counts = torch.bincount(out, minlength=vocab)[:vocab].to(x.dtype)
+                    x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+        return logits
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Token ids from float logits ``[B, V]`` (one row per request)."""
+        logits = logits.float()
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        if any(
+            r.params.allowed_token_ids is not None
+            or r.params.banned_token_ids
+            or r.params.logit_bias
+            or r.params.uses_penalties
+            or len(r.output_token_ids) < r.params.min_tokens
+            for r in rows
+        ):
+            logits = self._process(logits.clone(), rows)
+        tokens = self._sample(logits, rows)
+        logprobs: list[list[tuple[int, float]] | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            token_list = tokens.tolist()
+            for i, row in enumerate(rows):
+                if not want_logprobs[i]:
+                    continue
+                lp = raw_logprobs[i]
+                entry = [(token_list[i], float(lp[token_list[i]]))]
+                k = row.params.logprobs
+                if k:
+                    top = lp.topk(k)
+                    entry += list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                logprobs[i] = entry
+        return SamplerOutput(tokens.tolist(), logprobs)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        params = [r.params for r in rows]
         greedy_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
             return greedy_ids
         dev = logits.device
-        rows = torch.tensor(random_rows, device=dev)
+        idx_rows = torch.tensor(random_rows, device=dev)
         sub = [params[i] for i in random_rows]
         temp = torch.tensor([p.temperature for p in sub], device=dev, dtype=torch.float32)
-        x = logits[rows].float() / temp[:, None]
+        x = logits[idx_rows] / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):
             x = filter_logits(
                 x,
@@ -68,7 +150,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         unseeded = []
         for j, i in enumerate(random_rows):
-            g = generators[i]
+            g = rows[i].generator
             if g is None:
                 unseeded.append(j)
             else:
@@ -78,5 +160,5 @@ class Sampler:
             noise[idx] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_()
         sampled = (probs / noise).argmax(dim=-1)
         out = greedy_ids.clone()
-        out[rows] = sampled
+        out[idx_rows] = sampled
         return out

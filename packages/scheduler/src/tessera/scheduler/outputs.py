@@ -15,6 +15,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     block_ids: list[int]
     num_computed_tokens: int
     sampling_params: Any = None
+    num_prompt_tokens: int = 0  # token_ids beyond this are output tokens (a resumed request)
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -39,6 +40,8 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     """Tokens sampled this step; a request still in (chunked) prefill samples none."""
 
     sampled_token_ids: dict[str, list[int]]
+    # request id -> per sampled token [(token, logprob), (top token, logprob), ...], if asked
+    logprobs: dict[str, list[list[tuple[int, float]]]] = {}
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
@@ -47,6 +50,7 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class SchedulerStats(msgspec.Struct):

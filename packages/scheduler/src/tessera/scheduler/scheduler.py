@@ -155,6 +155,7 @@ class Scheduler:
                     self.kv.block_ids(req.request_id),
                     num_hit,
                     req.sampling_params,
+                    req.num_prompt_tokens,
                 )
             )
             num_scheduled[req.request_id] = n
@@ -200,6 +201,7 @@ class Scheduler:
             if status is not None:
                 self._finish(req, status)
             if appended or status is not None:
+                lp = runner_output.logprobs.get(rid)
                 outputs.append(
                     EngineCoreOutput(
                         rid,
@@ -207,6 +209,7 @@ class Scheduler:
                         finish_reason=status.finish_reason if status is not None else None,
                         stop_reason=req.stop_reason,
                         num_cached_tokens=req.num_cached_tokens,
+                        logprobs=lp[: len(appended)] if lp else None,
                     )
                 )
         return outputs
