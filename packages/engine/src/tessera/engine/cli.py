@@ -134,6 +134,28 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .async_llm import AsyncLLM
+    from .server import build_app
+
+    if ns.model_positional:
+        ns.model = ns.model_positional
+    llm = _build_llm(ns)
+    url = f"http://{ns.host}:{ns.port}"
+
+    def ready() -> None:
+        print(f"tessera: serving {ns.model} at {url}/v1 (health: {url}/health)", file=sys.stderr, flush=True)
+
+    app = build_app(AsyncLLM(llm), ns.served_model_name or ns.model, ns.api_key, on_ready=ready)
+    config = uvicorn.Config(
+        app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=False, timeout_graceful_shutdown=2
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Run language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(chat)
     _add_sampling_args(chat, default_temperature=0.7)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    serve.add_argument(
+        "model_positional",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="same as --model (default: smollm2-135m-instruct)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 routes")
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
+    )
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    EngineArgs.add_cli_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

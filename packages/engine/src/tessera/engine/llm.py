@@ -139,8 +139,9 @@ class LLM:
         *,
         priority: int = 0,
         cache_salt: str | None = None,
+        request_id: str | None = None,
     ) -> str:
-        rid = str(next(self._ids))
+        rid = request_id if request_id is not None else str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
         self.engine.add_request(
             Request(

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the server: outcomes, latencies, and the scheduler's state at scrape."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _SchedulerCollector:
+    def __init__(self, stats) -> None:
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        yield GaugeMetricFamily(
+            "tessera_num_requests_running", "Requests in the running batch", value=s.num_running
+        )
+        yield GaugeMetricFamily(
+            "tessera_num_requests_waiting", "Requests waiting to run", value=s.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "tessera_kv_cache_usage_ratio", "Share of KV blocks held by requests", value=s.kv_cache_usage
+        )
+        yield GaugeMetricFamily(
+            "tessera_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / looked up",
+            value=s.prefix_cache_hit_rate,
+        )
+        yield CounterMetricFamily(
+            "tessera_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            value=s.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "tessera_prefix_cache_hits", "Prompt tokens found in the prefix cache", value=s.prefix_cache_hits
+        )
+        yield CounterMetricFamily(
+            "tessera_num_preemptions", "Requests preempted since start", value=s.num_preemptions
+        )
+
+
+class Metrics:
+    def __init__(self, stats) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tessera_requests", "Finished requests by outcome", ["finish_reason"], registry=self.registry
+        )
+        self.ttft = Histogram(
+            "tessera_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "tessera_inter_token_latency_seconds",
+            "Time between output tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "tessera_rejected_requests", "Requests refused before running", ["status"], registry=self.registry
+        )
+        self.registry.register(_SchedulerCollector(stats))
+
+    def on_finish(self, out, track) -> None:
+        self.requests.labels(out.finish_reason or "unknown").inc()
+        if track.first_token is not None:
+            self.ttft.observe(track.first_token - track.arrival)
+        for gap in track.itl:
+            self.itl.observe(gap)
