@@ -116,7 +116,19 @@ class LLM:
             )
         params.validate()
         params.check_vocab(self.config.vocab_size)
+        if params.structured is not None:
+            self.grammars().validate(params.structured)
         return text, ids
+
+    def grammars(self):
+        """The structured-output compiler for this tokenizer, built on first use."""
+        if self.engine.runner.grammars is None:
+            from tessera.sampling import GrammarCompiler
+
+            self.engine.runner.grammars = GrammarCompiler(
+                self.tokenizer.hf.to_str(), self.tokenizer.vocab_size, self.eos_token_ids
+            )
+        return self.engine.runner.grammars
 
     def add_request(
         self,

@@ -23,6 +23,8 @@ class CachedRequestState:
     params: SamplingParams
     generator: torch.Generator | None
     num_prompt_tokens: int
+    matcher: object | None = None
+    matcher_vocab: int = 0
 
     def sampling_row(self) -> SamplingRow:
         return SamplingRow(
@@ -30,6 +32,8 @@ class CachedRequestState:
             self.generator,
             self.token_ids[: self.num_prompt_tokens],
             self.token_ids[self.num_prompt_tokens :],
+            self.matcher,
+            self.matcher_vocab,
         )
 
 
@@ -55,6 +59,7 @@ class ModelRunner:
             for _ in range(c.num_hidden_layers)
         ]
         self.sampler = Sampler(eos_token_ids)
+        self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
         self.requests: dict[str, CachedRequestState] = {}
 
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -64,7 +69,7 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for nr in so.new_requests:
             params = nr.sampling_params or SamplingParams()
-            self.requests[nr.request_id] = CachedRequestState(
+            state = CachedRequestState(
                 list(nr.token_ids),
                 list(nr.block_ids),
                 nr.num_computed_tokens,
@@ -72,6 +77,12 @@ class ModelRunner:
                 make_generator(params.seed, self.device),
                 nr.num_prompt_tokens or len(nr.token_ids),
             )
+            if params.structured is not None:
+                state.matcher = self.grammars.matcher(params.structured)
+                state.matcher_vocab = self.grammars.vocab_size
+                # a request resumed after preemption replays the output it already has
+                state.matcher.consume_tokens(state.token_ids[state.num_prompt_tokens :])
+            self.requests[nr.request_id] = state
         for cr in so.cached_requests:
             self.requests[cr.request_id].block_ids.extend(cr.new_block_ids)
 

@@ -6,6 +6,8 @@ import math
 
 import msgspec
 
+from .structured_output import StructuredOutput
+
 GREEDY_EPSILON = 1e-5
 
 
@@ -30,6 +32,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] = []
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
+    structured: StructuredOutput | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
         self.validate()

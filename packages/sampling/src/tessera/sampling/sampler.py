@@ -49,6 +49,8 @@ class SamplingRow:
     generator: torch.Generator | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    matcher: object | None = None  # an llguidance matcher when the output is constrained
+    matcher_vocab: int = 0  # the tokenizer's vocabulary size the matcher masks over
 
 
 @dataclass
@@ -110,7 +112,14 @@ class Sampler:
             for r in rows
         ):
             logits = self._process(logits.clone(), rows)
+        constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+        if constrained:
+            logits = self._apply_grammars(
+                logits if raw_logprobs is None else logits.clone(), rows, constrained
+            )
         tokens = self._sample(logits, rows)
+        for i in constrained:
+            rows[i].matcher.consume_token(int(tokens[i]))
         logprobs: list[list[tuple[int, float]] | None] = [None] * len(rows)
         if raw_logprobs is not None:
             token_list = tokens.tolist()
@@ -125,6 +134,28 @@ class Sampler:
                     entry += list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
                 logprobs[i] = entry
         return SamplerOutput(tokens.tolist(), logprobs)
+
+    @staticmethod
+    def _apply_grammars(
+        logits: torch.Tensor, rows: list[SamplingRow], constrained: list[int]
+    ) -> torch.Tensor:
+        """Mask, in place, every token the row's grammar forbids next."""
+        from llguidance.torch import (
+            allocate_token_bitmask,
+            apply_token_bitmask_inplace,
+            fill_next_token_bitmask,
+        )
+
+        vocab = rows[constrained[0]].matcher_vocab
+        sub = logits[constrained, :vocab].contiguous()
+        mask = allocate_token_bitmask(len(constrained), vocab)
+        for j, i in enumerate(constrained):
+            fill_next_token_bitmask(rows[i].matcher, mask, j)
+        apply_token_bitmask_inplace(sub, mask)
+        logits[constrained, :vocab] = sub
+        if logits.shape[1] > vocab:  # padding rows of the embedding past the tokenizer's vocab
+            logits[constrained, vocab:] = float("-inf")
+        return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         params = [r.params for r in rows]

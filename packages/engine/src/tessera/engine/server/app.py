@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tessera.sampling import SamplingParams
+from tessera.sampling import SamplingParams, StructuredOutput
 
 from ..async_llm import AsyncLLM
 from ..outputs import RequestOutput
@@ -106,17 +107,7 @@ class Server:
             )
 
     def sampling_params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        if (
-            req.response_format is not None
-            and req.response_format.type != "text"
-            or (req.guided_regex or req.guided_choice or req.guided_json is not None)
-        ):
-            raise APIError(
-                400,
-                "structured output (response_format json_object/json_schema, guided_regex, "
-                "guided_choice, guided_json) is not supported by this server yet",
-                param="response_format",
-            )
+        structured = self.structured_output(req)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
@@ -136,6 +127,7 @@ class Server:
             ignore_eos=req.ignore_eos,
             skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs,
+            structured=structured,
         )
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
             if getattr(req, name) is not None:
@@ -148,18 +140,57 @@ class Server:
             raise APIError(400, str(e), param=m.group(1) if m else None) from e
         return params
 
-    def prepare(self, prompt, params: SamplingParams, max_tokens_given: bool):
+    @staticmethod
+    def structured_output(req) -> StructuredOutput | None:
+        """OpenAI's response_format, or vLLM's guided_* extras, as one constraint."""
+        specs = []
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            specs.append(("response_format", StructuredOutput(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            schema = (rf.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise APIError(
+                    400,
+                    "response_format.json_schema.schema must be a JSON schema object",
+                    param="response_format",
+                )
+            specs.append(("response_format", StructuredOutput(json_schema=json.dumps(schema))))
+        elif rf is not None and rf.type != "text":
+            raise APIError(
+                400,
+                f"response_format type {rf.type!r} is not one of text, json_object, json_schema",
+                param="response_format",
+            )
+        if req.guided_json is not None:
+            schema = req.guided_json if isinstance(req.guided_json, str) else json.dumps(req.guided_json)
+            specs.append(("guided_json", StructuredOutput(json_schema=schema)))
+        if req.guided_regex is not None:
+            specs.append(("guided_regex", StructuredOutput(regex=req.guided_regex)))
+        if req.guided_choice is not None:
+            specs.append(("guided_choice", StructuredOutput(choice=req.guided_choice)))
+        if len(specs) > 1:
+            raise APIError(
+                400,
+                f"give one structured output constraint, not {', '.join(n for n, _ in specs)}",
+                param=specs[1][0],
+            )
+        return specs[0][1] if specs else None
+
+    def prepare(self, prompt, params: SamplingParams, max_tokens_given: bool, param: str):
         try:
             text, ids = self.llm.prepare(prompt, params)
         except ValueError as e:
-            raise APIError(400, str(e), param="messages" if isinstance(prompt, str) else "prompt") from e
+            is_grammar = params.structured is not None and "structured output" in str(e)
+            raise APIError(400, str(e), param="response_format" if is_grammar else param) from e
         limit = self.llm.max_model_len
         if max_tokens_given and len(ids) + params.max_tokens > limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the messages, {params.max_tokens} in the "
-                "completion). Please reduce the length of the messages or completion.",
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the messages, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the messages or "
+                "completion.",
                 param="max_tokens",
             )
         return text, ids
@@ -282,7 +313,7 @@ class Server:
         params = self.sampling_params(
             req, max_tokens if max_tokens is not None else self._room(ids), logprobs
         )
-        prepared = self.prepare(ids, params, max_tokens is not None)
+        prepared = self.prepare(ids, params, max_tokens is not None, "messages")
         rid = request.state.request_id
         gens = self._choices(ids, prepared, params, rid, req)
         name = f"chatcmpl-{rid}"
@@ -442,7 +473,7 @@ class Server:
         jobs = []
         for k, prompt in enumerate(prompts):
             params = self.sampling_params(req, max_tokens, req.logprobs)
-            prepared = self.prepare(prompt, params, True)
+            prepared = self.prepare(prompt, params, True, "prompt")
             jobs.append((prompt, prepared, params, f"{rid}-{k}"))
         gens, meta = [], []
         for prompt, prepared, params, sub in jobs:
