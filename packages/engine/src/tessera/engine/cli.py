@@ -191,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from . import bench_serve
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bs = bench_sub.add_parser("serve", help="TTFT, inter-token latency and throughput of a running server")
+    bench_serve.add_args(bs)
+    bs.set_defaults(func=bench_serve.run)
     return parser
 
 
