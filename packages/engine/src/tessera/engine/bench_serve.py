@@ -132,8 +132,16 @@ def run(ns: argparse.Namespace) -> int:
         for r in rows:
             print(json.dumps({**r, "model": info["id"], "url": ns.url}))
         return 0
-    cols = ["concurrency", "output_tok_s", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90",
-            "itl_ms_p99"]
+    cols = [
+        "concurrency",
+        "output_tok_s",
+        "ttft_ms_p50",
+        "ttft_ms_p90",
+        "ttft_ms_p99",
+        "itl_ms_p50",
+        "itl_ms_p90",
+        "itl_ms_p99",
+    ]
     print(" ".join(f"{c:>12}" for c in cols))
     for r in rows:
         print(" ".join(f"{r[c]:12.1f}" if isinstance(r[c], float) else f"{r[c]:12d}" for c in cols))
