@@ -430,3 +430,31 @@ def test_json_object_regex_and_choice(client):
         extra_body={"guided_choice": ["Paris", "London", "Berlin"]},
     )
     assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == r.choices[0].message.content
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_transformers(
+    client, hf_default_model, hf_default_tokenizer
+):
+    import torch
+
+    prompt = "The quick brown fox jumps over the lazy dog"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1
+    )
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    ids = hf_default_tokenizer.encode(prompt)
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_default_model(torch.tensor([ids])).logits[0].float(), -1)
+    expected = [ref[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=2e-3)
+    assert "".join(lp.tokens) == r.choices[0].text
+    s = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1, stream=True
+        )
+    )
+    assert s[0].choices[0].text == prompt and s[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1 : len(ids)], abs=1e-5
+    )

@@ -168,6 +168,7 @@ class LLM:
                 arrival_time=time.monotonic(),
                 priority=priority,
                 cache_salt=cache_salt,
+                skip_prefix_cache=params.prompt_logprobs is not None,
             )
         )
         self.output_processor.add_request(rid, text, ids, params)

@@ -25,6 +25,7 @@ class CachedRequestState:
     num_prompt_tokens: int
     matcher: object | None = None
     matcher_vocab: int = 0
+    prompt_logprobs: list | None = None  # accumulated across prefill chunks when asked for
 
     def sampling_row(self) -> SamplingRow:
         return SamplingRow(
@@ -77,6 +78,8 @@ class ModelRunner:
                 make_generator(params.seed, self.device),
                 nr.num_prompt_tokens or len(nr.token_ids),
             )
+            if params.prompt_logprobs is not None:
+                state.prompt_logprobs = []
             if params.structured is not None:
                 state.matcher = self.grammars.matcher(params.structured)
                 state.matcher_vocab = self.grammars.vocab_size
@@ -135,10 +138,11 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
+        prompt_lps = self._prompt_logprobs(so, hidden, qsl)
         for rid, n in so.num_scheduled_tokens.items():
             self.requests[rid].num_computed_tokens += n
         if not sample_rows:
-            return ModelRunnerOutput({})
+            return ModelRunnerOutput({}, prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         states = [self.requests[r] for r in sample_reqs]
         sampled = self.sampler(logits, [s.sampling_row() for s in states])
@@ -148,5 +152,34 @@ class ModelRunner:
             rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
         }
         return ModelRunnerOutput(
-            {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)}, logprobs
+            {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)},
+            logprobs,
+            prompt_lps,
         )
+
+    def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> dict:
+        """Logprobs of each prompt token given the ones before it, for requests that asked; a
+        request's list is returned in the step that computes its last prompt token."""
+        done = {}
+        for i, (rid, n) in enumerate(so.num_scheduled_tokens.items()):
+            st = self.requests[rid]
+            if st.prompt_logprobs is None:
+                continue
+            start = st.num_computed_tokens
+            last = min(start + n, st.num_prompt_tokens - 1)  # position p predicts prompt token p + 1
+            if last > start:
+                rows = hidden[qsl[i] : qsl[i] + (last - start)]
+                lp = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+                targets = torch.tensor(st.token_ids[start + 1 : last + 1], device=lp.device)
+                chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+                k = st.params.prompt_logprobs
+                top = lp.topk(k) if k else None
+                for j, (tok, v) in enumerate(zip(targets.tolist(), chosen, strict=True)):
+                    entry = [(tok, v)]
+                    if top is not None:
+                        entry += list(zip(top.indices[j].tolist(), top.values[j].tolist(), strict=True))
+                    st.prompt_logprobs.append(entry)
+            if start + n >= st.num_prompt_tokens:
+                done[rid] = st.prompt_logprobs
+                st.prompt_logprobs = None
+        return done

@@ -52,6 +52,8 @@ class OutputProcessor:
             out = st.out
             out.token_ids.extend(eco.new_token_ids)
             out.num_cached_tokens = eco.num_cached_tokens
+            if eco.prompt_logprobs is not None:
+                out.prompt_logprobs = list(eco.prompt_logprobs)
             if eco.logprobs is not None:
                 out.logprobs = (out.logprobs or []) + list(eco.logprobs)
             out.delta_text = st.detok.add_tokens(eco.new_token_ids)

@@ -17,6 +17,8 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # per output token: [(token, logprob), (top token, logprob), ...] when params.logprobs is set
     logprobs: list[list[tuple[int, float]]] | None = None
+    # per prompt token after the first, when params.prompt_logprobs is set
+    prompt_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:

@@ -32,6 +32,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] = []
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
+    prompt_logprobs: int | None = None  # logprobs of each prompt token (and this many top ones)
     structured: StructuredOutput | None = None  # constrain the output to a grammar
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise bad("banned_token_ids", self.banned_token_ids, "a list of token ids >= 0")
         if self.logprobs is not None and not (0 <= self.logprobs <= 20):
             raise bad("logprobs", self.logprobs, "between 0 and 20")
+        if self.prompt_logprobs is not None and not (0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", self.prompt_logprobs, "between 0 and 20")
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a token id named here is outside a vocabulary of ``vocab_size``."""

@@ -42,6 +42,9 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     sampled_token_ids: dict[str, list[int]]
     # request id -> per sampled token [(token, logprob), (top token, logprob), ...], if asked
     logprobs: dict[str, list[list[tuple[int, float]]]] = {}
+    # request id -> per prompt token after the first [(token, logprob), (top, logprob), ...],
+    # sent once, in the step that finishes the prompt
+    prompt_logprobs: dict[str, list[list[tuple[int, float]]]] = {}
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
@@ -51,6 +54,7 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class SchedulerStats(msgspec.Struct):

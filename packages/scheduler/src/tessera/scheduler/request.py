@@ -74,6 +74,7 @@ class Request:
         arrival_time: float = 0.0,
         priority: int = 0,
         cache_salt: str | None = None,
+        skip_prefix_cache: bool = False,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: the prompt is empty")
@@ -92,6 +93,8 @@ class Request:
         self.arrival_time = arrival_time
         self.priority = priority  # lower runs first under the priority policy
         self.cache_salt = cache_salt
+        # compute every prompt token even if cached (e.g. their logprobs are wanted)
+        self.skip_prefix_cache = skip_prefix_cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING

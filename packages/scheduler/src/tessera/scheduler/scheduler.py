@@ -134,6 +134,8 @@ class Scheduler:
             hits, num_hit = self.kv.get_computed_blocks(
                 req.request_id, req.all_token_ids, cache_salt=req.cache_salt
             )
+            if req.skip_prefix_cache:
+                hits, num_hit = [], 0
             n = req.num_tokens - num_hit
             if n > budget:
                 if not self.config.enable_chunked_prefill:
@@ -210,6 +212,7 @@ class Scheduler:
                         stop_reason=req.stop_reason,
                         num_cached_tokens=req.num_cached_tokens,
                         logprobs=lp[: len(appended)] if lp else None,
+                        prompt_logprobs=runner_output.prompt_logprobs.get(rid),
                     )
                 )
         return outputs

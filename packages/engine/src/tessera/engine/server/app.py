@@ -450,12 +450,6 @@ class Server:
         self.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400,
-                "echo together with logprobs needs prompt logprobs, which this server does not compute yet",
-                param="echo",
-            )
         prompts = req.prompt
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
@@ -473,6 +467,8 @@ class Server:
         jobs = []
         for k, prompt in enumerate(prompts):
             params = self.sampling_params(req, max_tokens, req.logprobs)
+            if req.echo and req.logprobs is not None:
+                params = msgspec.structs.replace(params, prompt_logprobs=req.logprobs)
             prepared = self.prepare(prompt, params, True, "prompt")
             jobs.append((prompt, prepared, params, f"{rid}-{k}"))
         gens, meta = [], []
@@ -495,7 +491,10 @@ class Server:
                 {
                     "index": i,
                     "text": prefix + f.text,
-                    "logprobs": self._completion_logprobs(f.logprobs or [], len(prefix))
+                    "logprobs": self._merge_logprobs(
+                        self._echo_logprobs(ids, f.prompt_logprobs) if req.echo else None,
+                        self._completion_logprobs(f.logprobs or [], len(prefix)),
+                    )
                     if req.logprobs is not None
                     else None,
                     "finish_reason": f.finish_reason,
@@ -513,6 +512,31 @@ class Server:
                 "usage": self._usage(prompt_tokens, finals, cached),
             }
         )
+
+    def _echo_logprobs(self, ids: list[int], prompt_logprobs) -> dict:
+        """The prompt's part of completions logprobs: the first token has none (nothing before it)."""
+        block = self._completion_logprobs(prompt_logprobs or [], 0)
+        first = self._token_text(ids[0])
+        return {
+            "tokens": [first, *block["tokens"]],
+            "token_logprobs": [None, *block["token_logprobs"]],
+            "top_logprobs": [None, *block["top_logprobs"]],
+            "text_offset": [0, *(o + len(first) for o in block["text_offset"])],
+        }
+
+    @staticmethod
+    def _merge_logprobs(head: dict | None, tail: dict) -> dict:
+        if head is None:
+            return tail
+        shift = head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0
+        tail = {
+            **tail,
+            "text_offset": [
+                o - (tail["text_offset"][0] if tail["text_offset"] else 0) + shift
+                for o in tail["text_offset"]
+            ],
+        }
+        return {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
     def _completion_logprobs(self, entries, offset: int) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
@@ -532,7 +556,8 @@ class Server:
         emitted = [0] * len(gens)
         lp_sent = [0] * len(gens)
         finals: list[RequestOutput | None] = [None] * len(gens)
-        if req.echo:
+        echo_pending = [req.echo and req.logprobs is not None] * len(gens)
+        if req.echo and req.logprobs is None:
             for i, (text, ids) in enumerate(meta):
                 yield {
                     "id": name,
@@ -559,6 +584,23 @@ class Server:
                     }
                 }
                 return
+            if echo_pending[i]:
+                echo_pending[i] = False
+                text, ids = meta[i]
+                yield {
+                    "id": name,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": i,
+                            "text": text if text is not None else self.llm.tokenizer.decode(ids),
+                            "logprobs": self._echo_logprobs(ids, out.prompt_logprobs),
+                            "finish_reason": None,
+                        }
+                    ],
+                }
             safe = out.text if out.finished else out.text[: max(emitted[i], len(out.text) - holdback)]
             delta = safe[emitted[i] :]
             emitted[i] = max(emitted[i], len(safe))
