@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tessera.kernels.reference import is_quantized_kv
+from tessera.kernels.reference import gather_kv
 from tessera.kernels.reference import paged_attention as reference_paged_attention
 
 # Sequences with at least this many new tokens this step go through SDPA (measured crossover
@@ -125,38 +125,23 @@ def _decode_attention(
 
 def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, window):
     """One long query run through torch's fused attention over its gathered blocks."""
-    hk, bs, d = kv_cache.shape[3], kv_cache.shape[2], kv_cache.shape[4]
+    d = kv_cache.shape[4]
     lo = 0 if window is None else max(0, first_q - window + 1)
-    b0, b1 = lo // bs, (seq_len + bs - 1) // bs
-    blocks = table_row[b0:b1].long()
-    sl = slice(lo - b0 * bs, seq_len - b0 * bs)
-    k = kv_cache[0, blocks].reshape(-1, hk, d)[sl]
-    v = kv_cache[1, blocks].reshape(-1, hk, d)[sl]
-    if is_quantized_kv(kv_cache.dtype):
-        k = k.float() * kv_scales[0, blocks].reshape(-1, hk)[sl][..., None]
-        v = v.float() * kv_scales[1, blocks].reshape(-1, hk)[sl][..., None]
+    k, v = gather_kv(kv_cache, kv_scales, table_row, lo, seq_len, query.dtype)
     nq = query.shape[0]
-    if first_q == 0 and window is None:
-        # a whole prompt at once: the fused kernel's own causal mask skips the upper triangle
-        out = F.scaled_dot_product_attention(
-            query.transpose(0, 1)[None],
-            k.to(query.dtype).transpose(0, 1)[None],
-            v.to(query.dtype).transpose(0, 1)[None],
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1).reshape(nq, -1, d)
-    q_pos = torch.arange(first_q, seq_len)[:, None]
-    k_pos = torch.arange(lo, seq_len)[None, :]
-    mask = k_pos <= q_pos
-    if window is not None:
-        mask &= k_pos > q_pos - window
+    mask = None  # a whole prompt at once: the fused kernel's own causal mask skips the upper triangle
+    if first_q > 0 or window is not None:
+        q_pos = torch.arange(first_q, seq_len)[:, None]
+        k_pos = torch.arange(lo, seq_len)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None],
-        k.to(query.dtype).transpose(0, 1)[None],
-        v.to(query.dtype).transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=mask,
+        is_causal=mask is None,
         scale=scale,
         enable_gqa=True,
     )

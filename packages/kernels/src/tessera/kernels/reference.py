@@ -105,6 +105,28 @@ def reshape_and_cache(
         flat[1][slot_mapping] = value.to(kv_cache.dtype)
 
 
+def gather_kv(
+    kv_cache: torch.Tensor,
+    kv_scales: torch.Tensor | None,
+    table_row: torch.Tensor,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions ``lo..hi-1`` of one sequence as ``[hi - lo, Hk, D]`` of ``dtype``,
+    dequantized; reads only the blocks that hold them."""
+    bs, hk, d = kv_cache.shape[2], kv_cache.shape[3], kv_cache.shape[4]
+    b0, b1 = lo // bs, (hi + bs - 1) // bs
+    blocks = table_row[b0:b1].long()
+    rows = slice(lo - b0 * bs, hi - b0 * bs)
+    k = kv_cache[0, blocks].reshape(-1, hk, d)[rows]
+    v = kv_cache[1, blocks].reshape(-1, hk, d)[rows]
+    if is_quantized_kv(kv_cache.dtype):
+        k = k.float() * kv_scales[0, blocks].reshape(-1, hk)[rows][..., None]
+        v = v.float() * kv_scales[1, blocks].reshape(-1, hk)[rows][..., None]
+    return k.to(dtype), v.to(dtype)
+
+
 @reference("paged_attention")
 def paged_attention(
     query: torch.Tensor,
@@ -124,24 +146,16 @@ def paged_attention(
     read (blocks out of every query's window may have been given back).
     """
     t, hq, d = query.shape
-    hk, bs = kv_cache.shape[3], kv_cache.shape[2]
+    hk = kv_cache.shape[3]
     out = torch.empty_like(query)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
-    quantized = is_quantized_kv(kv_cache.dtype)
     for i, seq_len in enumerate(lens):
         q0, q1 = starts[i], starts[i + 1]
         if q1 == q0:
             continue
         first_q = seq_len - (q1 - q0)
         lo = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)
-        b0, b1 = lo // bs, (seq_len + bs - 1) // bs
-        blocks = block_tables[i, b0:b1].long()
-        k = kv_cache[0, blocks].reshape(-1, hk, d)[lo - b0 * bs : seq_len - b0 * bs].float()
-        v = kv_cache[1, blocks].reshape(-1, hk, d)[lo - b0 * bs : seq_len - b0 * bs].float()
-        if quantized:
-            ks = kv_scales[0, blocks].reshape(-1, hk)[lo - b0 * bs : seq_len - b0 * bs]
-            vs = kv_scales[1, blocks].reshape(-1, hk)[lo - b0 * bs : seq_len - b0 * bs]
-            k, v = k * ks[..., None], v * vs[..., None]
+        k, v = gather_kv(kv_cache, kv_scales, block_tables[i], lo, seq_len)
         k = k.repeat_interleave(hq // hk, dim=1)
         v = v.repeat_interleave(hq // hk, dim=1)
         q = query[q0:q1].float()

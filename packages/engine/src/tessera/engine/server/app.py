@@ -36,6 +36,25 @@ _encode = msgspec.json.Encoder().encode
 logger = logging.getLogger(__name__)
 
 
+_ENGINE_FAILED = {
+    "error": {
+        "message": "the engine failed on this request",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+}
+
+
+def _safe_delta(out: RequestOutput, emitted: list[int], i: int, holdback: int) -> str:
+    """New text of choice i that can't be taken back: while the request runs, the last
+    ``holdback`` characters may yet turn out to start a stop string and be cut."""
+    safe = out.text if out.finished else out.text[: max(emitted[i], len(out.text) - holdback)]
+    delta = safe[emitted[i] :]
+    emitted[i] = max(emitted[i], len(safe))
+    return delta
+
+
 class APIError(Exception):
     def __init__(
         self,
@@ -392,18 +411,9 @@ class Server:
             yield chunk(i, {"role": "assistant", "content": ""})
         async for i, out in self._merged(gens):
             if out.finish_reason == "error":
-                yield {
-                    "error": {
-                        "message": "the engine failed on this request",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
+                yield _ENGINE_FAILED
                 return
-            safe = out.text if out.finished else out.text[: max(emitted[i], len(out.text) - holdback)]
-            delta = safe[emitted[i] :]
-            emitted[i] = max(emitted[i], len(safe))
+            delta = _safe_delta(out, emitted, i, holdback)
             logprobs = None
             if params.logprobs is not None and out.logprobs:
                 logprobs = {"content": self._chat_logprobs(out.logprobs[lp_sent[i] :])}
@@ -575,14 +585,7 @@ class Server:
                 }
         async for i, out in self._merged(gens):
             if out.finish_reason == "error":
-                yield {
-                    "error": {
-                        "message": "the engine failed on this request",
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
+                yield _ENGINE_FAILED
                 return
             if echo_pending[i]:
                 echo_pending[i] = False
@@ -601,9 +604,7 @@ class Server:
                         }
                     ],
                 }
-            safe = out.text if out.finished else out.text[: max(emitted[i], len(out.text) - holdback)]
-            delta = safe[emitted[i] :]
-            emitted[i] = max(emitted[i], len(safe))
+            delta = _safe_delta(out, emitted, i, holdback)
             logprobs = None
             if req.logprobs is not None and out.logprobs:
                 logprobs = self._completion_logprobs(out.logprobs[lp_sent[i] :], emitted[i] - len(delta))
