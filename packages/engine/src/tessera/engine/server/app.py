@@ -24,12 +24,30 @@ from ..async_llm import AsyncLLM
 from ..outputs import RequestOutput
 from .metrics import Metrics
 from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -298,14 +316,14 @@ class Server:
     def _token_text(self, token: int) -> str:
         return self.llm.tokenizer.hf.decode([token], skip_special_tokens=False)
 
-    def _usage(self, prompt_len: int, finals: list[RequestOutput], cached: int) -> dict:
+    def _usage(self, prompt_len: int, finals: list[RequestOutput], cached: int) -> Usage:
         completion = sum(len(f.token_ids) for f in finals)
-        return {
-            "prompt_tokens": prompt_len,
-            "completion_tokens": completion,
-            "total_tokens": prompt_len + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
+        return Usage(
+            prompt_tokens=prompt_len,
+            completion_tokens=completion,
+            total_tokens=prompt_len + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -340,47 +358,41 @@ class Server:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._sse(self._chat_stream(name, gens, params, len(ids), include_usage))
         finals = await self._finals(request, gens)
-        choices = []
-        for i, f in enumerate(finals):
-            choices.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": f.text},
-                    "logprobs": {"content": self._chat_logprobs(f.logprobs or [])} if req.logprobs else None,
-                    "finish_reason": f.finish_reason,
-                    "stop_reason": f.stop_reason,
-                }
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=f.text),
+                logprobs=ChatLogprobs(content=self._chat_logprobs(f.logprobs or []))
+                if req.logprobs
+                else None,
+                finish_reason=f.finish_reason,
+                stop_reason=f.stop_reason,
             )
+            for i, f in enumerate(finals)
+        ]
         return json_response(
-            {
-                "id": name,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": self.model,
-                "choices": choices,
-                "usage": self._usage(len(ids), finals, finals[0].num_cached_tokens),
-            }
+            ChatCompletionResponse(
+                id=name,
+                created=int(time.time()),
+                model=self.model,
+                choices=choices,
+                usage=self._usage(len(ids), finals, finals[0].num_cached_tokens),
+            )
         )
 
     def _room(self, ids: list[int]) -> int:
         return max(1, self.llm.max_model_len - len(ids))
 
-    def _chat_logprobs(self, entries) -> list[dict]:
+    def _chat_logprobs(self, entries) -> list[TokenLogprob]:
         out = []
         for entry in entries:
             tok, lp = entry[0]
             text = self._token_text(tok)
-            out.append(
-                {
-                    "token": text,
-                    "logprob": lp,
-                    "bytes": list(text.encode()),
-                    "top_logprobs": [
-                        {"token": (t := self._token_text(i)), "logprob": v, "bytes": list(t.encode())}
-                        for i, v in entry[1:]
-                    ],
-                }
-            )
+            tops = []
+            for i, v in entry[1:]:
+                t = self._token_text(i)
+                tops.append(TopLogprob(token=t, logprob=v, bytes=list(t.encode())))
+            out.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=tops))
         return out
 
     async def _chat_stream(self, name, gens, params, prompt_len, include_usage):
@@ -391,24 +403,13 @@ class Server:
         finals: list[RequestOutput | None] = [None] * len(gens)
 
         def chunk(i, delta, finish=None, logprobs=None, stop_reason=None):
-            return {
-                "id": name,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model,
-                "choices": [
-                    {
-                        "index": i,
-                        "delta": delta,
-                        "logprobs": logprobs,
-                        "finish_reason": finish,
-                        **({"stop_reason": stop_reason} if finish else {}),
-                    }
-                ],
-            }
+            choice = ChatChunkChoice(
+                index=i, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason
+            )
+            return ChatCompletionChunk(id=name, created=created, model=self.model, choices=[choice])
 
         for i in range(len(gens)):
-            yield chunk(i, {"role": "assistant", "content": ""})
+            yield chunk(i, ChatDelta(role="assistant", content=""))
         async for i, out in self._merged(gens):
             if out.finish_reason == "error":
                 yield _ENGINE_FAILED
@@ -416,25 +417,22 @@ class Server:
             delta = _safe_delta(out, emitted, i, holdback)
             logprobs = None
             if params.logprobs is not None and out.logprobs:
-                logprobs = {"content": self._chat_logprobs(out.logprobs[lp_sent[i] :])}
+                logprobs = ChatLogprobs(content=self._chat_logprobs(out.logprobs[lp_sent[i] :]))
                 lp_sent[i] = len(out.logprobs)
             if out.finished:
                 finals[i] = out
-                yield chunk(
-                    i, {"content": delta} if delta else {}, out.finish_reason, logprobs, out.stop_reason
-                )
+                yield chunk(i, ChatDelta(content=delta or None), out.finish_reason, logprobs, out.stop_reason)
             elif delta or logprobs:
-                yield chunk(i, {"content": delta}, None, logprobs)
+                yield chunk(i, ChatDelta(content=delta), None, logprobs)
         if include_usage:
             done = [f for f in finals if f is not None]
-            yield {
-                "id": name,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model,
-                "choices": [],
-                "usage": self._usage(prompt_len, done, done[0].num_cached_tokens if done else 0),
-            }
+            yield ChatCompletionChunk(
+                id=name,
+                created=created,
+                model=self.model,
+                choices=[],
+                usage=self._usage(prompt_len, done, done[0].num_cached_tokens if done else 0),
+            )
 
     def _sse(self, events) -> StreamingResponse:
         async def body():
@@ -496,59 +494,57 @@ class Server:
         finals = await self._finals(request, gens)
         choices = []
         for i, (f, (text, ids)) in enumerate(zip(finals, meta, strict=True)):
-            prefix = (text if text is not None else self.llm.tokenizer.decode(ids)) if req.echo else ""
+            prefix = self._prompt_text(text, ids) if req.echo else ""
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = self._completion_logprobs(f.logprobs or [], len(prefix))
+                if req.echo:
+                    logprobs = self._merge_logprobs(self._echo_logprobs(ids, f.prompt_logprobs), logprobs)
             choices.append(
-                {
-                    "index": i,
-                    "text": prefix + f.text,
-                    "logprobs": self._merge_logprobs(
-                        self._echo_logprobs(ids, f.prompt_logprobs) if req.echo else None,
-                        self._completion_logprobs(f.logprobs or [], len(prefix)),
-                    )
-                    if req.logprobs is not None
-                    else None,
-                    "finish_reason": f.finish_reason,
-                    "stop_reason": f.stop_reason,
-                }
+                CompletionChoice(
+                    index=i,
+                    text=prefix + f.text,
+                    logprobs=logprobs,
+                    finish_reason=f.finish_reason,
+                    stop_reason=f.stop_reason,
+                )
             )
         cached = sum(f.num_cached_tokens for f in finals[:: max(1, req.n)])
         return json_response(
-            {
-                "id": name,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.model,
-                "choices": choices,
-                "usage": self._usage(prompt_tokens, finals, cached),
-            }
+            CompletionResponse(
+                id=name,
+                created=int(time.time()),
+                model=self.model,
+                choices=choices,
+                usage=self._usage(prompt_tokens, finals, cached),
+            )
         )
 
-    def _echo_logprobs(self, ids: list[int], prompt_logprobs) -> dict:
+    def _prompt_text(self, text: str | None, ids: list[int]) -> str:
+        return text if text is not None else self.llm.tokenizer.decode(ids)
+
+    def _echo_logprobs(self, ids: list[int], prompt_logprobs) -> CompletionLogprobs:
         """The prompt's part of completions logprobs: the first token has none (nothing before it)."""
-        block = self._completion_logprobs(prompt_logprobs or [], 0)
         first = self._token_text(ids[0])
-        return {
-            "tokens": [first, *block["tokens"]],
-            "token_logprobs": [None, *block["token_logprobs"]],
-            "top_logprobs": [None, *block["top_logprobs"]],
-            "text_offset": [0, *(o + len(first) for o in block["text_offset"])],
-        }
+        block = self._completion_logprobs(prompt_logprobs or [], len(first))
+        return CompletionLogprobs(
+            tokens=[first, *block.tokens],
+            token_logprobs=[None, *block.token_logprobs],
+            top_logprobs=[None, *block.top_logprobs],
+            text_offset=[0, *block.text_offset],
+        )
 
     @staticmethod
-    def _merge_logprobs(head: dict | None, tail: dict) -> dict:
-        if head is None:
-            return tail
-        shift = head["text_offset"][-1] + len(head["tokens"][-1]) if head["tokens"] else 0
-        tail = {
-            **tail,
-            "text_offset": [
-                o - (tail["text_offset"][0] if tail["text_offset"] else 0) + shift
-                for o in tail["text_offset"]
-            ],
-        }
-        return {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    def _merge_logprobs(head: CompletionLogprobs, tail: CompletionLogprobs) -> CompletionLogprobs:
+        """The prompt's logprobs then the completion's (whose offsets already count the prompt)."""
+        return CompletionLogprobs(
+            tokens=head.tokens + tail.tokens,
+            token_logprobs=head.token_logprobs + tail.token_logprobs,
+            top_logprobs=head.top_logprobs + tail.top_logprobs,
+            text_offset=head.text_offset + tail.text_offset,
+        )
 
-    def _completion_logprobs(self, entries, offset: int) -> dict:
+    def _completion_logprobs(self, entries, offset: int) -> CompletionLogprobs:
         tokens, token_lps, tops, offsets = [], [], [], []
         for entry in entries:
             tok, lp = entry[0]
@@ -558,7 +554,9 @@ class Server:
             tops.append({self._token_text(i): v for i, v in entry[1:]} if len(entry) > 1 else None)
             offsets.append(offset)
             offset += len(text)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=token_lps, top_logprobs=tops, text_offset=offsets
+        )
 
     async def _completion_stream(self, name, gens, meta, params, req, prompt_tokens, include_usage):
         created = int(time.time())
@@ -566,23 +564,15 @@ class Server:
         emitted = [0] * len(gens)
         lp_sent = [0] * len(gens)
         finals: list[RequestOutput | None] = [None] * len(gens)
+
+        def chunk(choice: CompletionChoice) -> CompletionResponse:
+            return CompletionResponse(id=name, created=created, model=self.model, choices=[choice])
+
+        # the echoed prompt goes first; with logprobs it waits for the prompt's logprobs
         echo_pending = [req.echo and req.logprobs is not None] * len(gens)
         if req.echo and req.logprobs is None:
             for i, (text, ids) in enumerate(meta):
-                yield {
-                    "id": name,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model,
-                    "choices": [
-                        {
-                            "index": i,
-                            "text": text if text is not None else self.llm.tokenizer.decode(ids),
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
+                yield chunk(CompletionChoice(index=i, text=self._prompt_text(text, ids)))
         async for i, out in self._merged(gens):
             if out.finish_reason == "error":
                 yield _ENGINE_FAILED
@@ -590,20 +580,13 @@ class Server:
             if echo_pending[i]:
                 echo_pending[i] = False
                 text, ids = meta[i]
-                yield {
-                    "id": name,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model,
-                    "choices": [
-                        {
-                            "index": i,
-                            "text": text if text is not None else self.llm.tokenizer.decode(ids),
-                            "logprobs": self._echo_logprobs(ids, out.prompt_logprobs),
-                            "finish_reason": None,
-                        }
-                    ],
-                }
+                yield chunk(
+                    CompletionChoice(
+                        index=i,
+                        text=self._prompt_text(text, ids),
+                        logprobs=self._echo_logprobs(ids, out.prompt_logprobs),
+                    )
+                )
             delta = _safe_delta(out, emitted, i, holdback)
             logprobs = None
             if req.logprobs is not None and out.logprobs:
@@ -612,49 +595,29 @@ class Server:
             if out.finished:
                 finals[i] = out
             if delta or out.finished or logprobs:
-                yield {
-                    "id": name,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model,
-                    "choices": [
-                        {
-                            "index": i,
-                            "text": delta,
-                            "logprobs": logprobs,
-                            "finish_reason": out.finish_reason,
-                            **({"stop_reason": out.stop_reason} if out.finished else {}),
-                        }
-                    ],
-                }
+                yield chunk(
+                    CompletionChoice(
+                        index=i,
+                        text=delta,
+                        logprobs=logprobs,
+                        finish_reason=out.finish_reason,
+                        stop_reason=out.stop_reason,
+                    )
+                )
         if include_usage:
             done = [f for f in finals if f is not None]
-            yield {
-                "id": name,
-                "object": "text_completion",
-                "created": created,
-                "model": self.model,
-                "choices": [],
-                "usage": self._usage(
-                    prompt_tokens, done, sum(f.num_cached_tokens for f in done[:: max(1, req.n)])
-                ),
-            }
+            cached = sum(f.num_cached_tokens for f in done[:: max(1, req.n)])
+            yield CompletionResponse(
+                id=name,
+                created=created,
+                model=self.model,
+                choices=[],
+                usage=self._usage(prompt_tokens, done, cached),
+            )
 
     async def models(self, request: Request) -> Response:
-        return json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "tessera",
-                        "max_model_len": self.llm.max_model_len,
-                    }
-                ],
-            }
-        )
+        card = ModelCard(id=self.model, created=self.created, max_model_len=self.llm.max_model_len)
+        return json_response(ModelList(data=[card]))
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200)
@@ -684,7 +647,9 @@ class Server:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
             raise APIError(400, "give prompt or messages", param="prompt")
-        return json_response({"tokens": ids, "count": len(ids), "max_model_len": self.llm.max_model_len})
+        return json_response(
+            TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.llm.max_model_len)
+        )
 
     async def detokenize(self, request: Request) -> Response:
         req: DetokenizeRequest = await parse(request, DetokenizeRequest)
@@ -695,7 +660,9 @@ class Server:
             raise APIError(
                 400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens"
             )
-        return json_response({"prompt": self.llm.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+        return json_response(
+            DetokenizeResponse(prompt=self.llm.tokenizer.decode(req.tokens, skip_special_tokens=False))
+        )
 
 
 def build_app(llm: AsyncLLM, served_model: str, api_key: str | None = None, on_ready=None) -> Starlette:
