@@ -11,7 +11,7 @@ import torch
 from tessera.formats import open_checkpoint
 from tessera.kvcache import KVCacheManager, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
 from tessera.models import kv_storage_dtype, load_model
-from tessera.platform import current_platform
+from tessera.platform import current_platform, platform_for
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
@@ -57,7 +57,7 @@ class LLM:
         per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_name)
         budget = args.kv_cache_memory
         if budget is None:
-            budget = min(int(_free_memory(device) * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
+            budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
         max_model_len = args.max_model_len
         if max_model_len is None:
             fits = num_blocks_for_budget(budget, args.block_size, per_token) * args.block_size
@@ -243,17 +243,6 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.generate([ids], params)[0]
-
-
-def _free_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    platform = current_platform()
-    if platform.device.type == device.type:
-        return platform.free_memory()
-    from tessera.platform.device import _make
-
-    return _make("cpu").free_memory()
 
 
 def _as_tuple(x) -> tuple[int, ...]:

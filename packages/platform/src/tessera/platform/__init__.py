@@ -1,5 +1,5 @@
 """Which device tessera runs on, and how much memory it has."""
 
-from .device import KNOWN_DEVICES, Platform, current_platform
+from .device import KNOWN_DEVICES, Platform, current_platform, platform_for
 
-__all__ = ["KNOWN_DEVICES", "Platform", "current_platform"]
+__all__ = ["KNOWN_DEVICES", "Platform", "current_platform", "platform_for"]

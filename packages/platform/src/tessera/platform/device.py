@@ -60,6 +60,14 @@ def _available(name: str) -> bool:
     return hasattr(torch, "xpu") and torch.xpu.is_available()
 
 
+def platform_for(device: torch.device | str) -> Platform:
+    """The Platform of a torch device (``cuda`` is ROCm where torch is a HIP build)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return _make("rocm" if torch.version.hip is not None else "cuda")
+    return _make("xpu" if kind == "xpu" else "cpu")
+
+
 @lru_cache(maxsize=1)
 def current_platform() -> Platform:
     """The platform named by TESSERA_DEVICE, else the first available of rocm/cuda/xpu/cpu."""
