@@ -105,3 +105,29 @@ def test_the_cpu_backend_is_registered_through_the_entry_point():
 
     assert lookup("paged_attention", "cpu") is paged_attention
     assert lookup("reshape_and_cache", "cpu") is reshape_and_cache
+
+
+@pytest.mark.parametrize("n_tokens", [1, 17, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_rotary_and_silu_match_the_reference(n_tokens, dtype):
+    from tessera.kernels_cpu import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+
+    torch.manual_seed(n_tokens)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    x, r = torch.randn(n_tokens, 576, dtype=dtype), torch.randn(n_tokens, 576, dtype=dtype)
+    w = torch.randn(576, dtype=dtype)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), **tol)
+    out, res = fused_add_rms_norm(x, r, w, 1e-6)
+    ref_out, ref_res = reference.fused_add_rms_norm(x, r, w, 1e-6)
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(res, ref_res, **tol)
+    # q and k as views into one fused projection, as the model hands them over
+    qkv = torch.randn(n_tokens, 9 * 64 + 2 * 3 * 64, dtype=dtype)
+    q, k, _ = qkv.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    ang = torch.rand(n_tokens, 32) * 100
+    got_q, got_k = rotary_embedding(q, k, ang.cos(), ang.sin(), 64)
+    ref_q, ref_k = reference.rotary_embedding(q, k, ang.cos(), ang.sin(), 64)
+    torch.testing.assert_close(got_q, ref_q, **tol)
+    torch.testing.assert_close(got_k, ref_k, **tol)
+    g = torch.randn(n_tokens, 2 * 1536, dtype=dtype)
+    torch.testing.assert_close(silu_and_mul(g), reference.silu_and_mul(g), **tol)

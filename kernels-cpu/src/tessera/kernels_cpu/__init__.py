@@ -4,6 +4,7 @@ from tessera.kernels import register
 
 from .attention import paged_attention
 from .cache_write import reshape_and_cache
+from .elementwise import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 _registered = False
 
@@ -14,7 +15,19 @@ def register_all() -> None:
         return
     register("paged_attention", "cpu")(paged_attention)
     register("reshape_and_cache", "cpu")(reshape_and_cache)
+    register("rms_norm", "cpu")(rms_norm)
+    register("fused_add_rms_norm", "cpu")(fused_add_rms_norm)
+    register("rotary_embedding", "cpu")(rotary_embedding)
+    register("silu_and_mul", "cpu")(silu_and_mul)
     _registered = True
 
 
-__all__ = ["paged_attention", "register_all", "reshape_and_cache"]
+__all__ = [
+    "fused_add_rms_norm",
+    "paged_attention",
+    "register_all",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+]
