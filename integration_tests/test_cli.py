@@ -53,6 +53,7 @@ def test_prompts_file_runs_as_one_batch_and_prints_in_input_order(tmp_path, defa
         (["generate", "--prompts-file", "/nonexistent.jsonl"], "cannot read"),
         (["generate", "hi", "--temperature", "-1"], "temperature must be"),
         (["generate", "hi", "--kv-cache-memory", "lots"], None),
+        (["generate", "hi", "--device", "tpu", *SMALL], "device 'tpu' is not one of"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_exit_code_2(args, message):

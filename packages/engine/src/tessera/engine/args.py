@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -109,18 +109,5 @@ class EngineArgs:
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
-        return cls(
-            model=ns.model,
-            dtype=ns.dtype,
-            max_model_len=ns.max_model_len,
-            max_num_seqs=ns.max_num_seqs,
-            max_num_batched_tokens=ns.max_num_batched_tokens,
-            block_size=ns.block_size,
-            kv_cache_memory=ns.kv_cache_memory,
-            device=ns.device,
-            seed=getattr(ns, "seed", None),
-            enable_prefix_caching=ns.enable_prefix_caching,
-            enable_chunked_prefill=ns.enable_chunked_prefill,
-            kv_cache_dtype=ns.kv_cache_dtype,
-            scheduling_policy=ns.scheduling_policy,
-        )
+        """The engine options of a parsed command line (each is an attribute of the same name)."""
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})

@@ -121,8 +121,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         if not line or not line.strip():
             return 0
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = llm.tokenizer.encode_chat(messages)
         reply = ""
         try:
             for out in llm.stream(ids, params):

@@ -11,7 +11,7 @@ import torch
 from tessera.formats import open_checkpoint
 from tessera.kvcache import KVCacheManager, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
 from tessera.models import kv_storage_dtype, load_model
-from tessera.platform import current_platform, platform_for
+from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
@@ -44,7 +44,7 @@ class LLM:
         checkpoint = open_checkpoint(resolve_model(args.model))
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer()
-        device = torch.device(args.device) if args.device else current_platform().device
+        device = _device(args.device) if args.device else current_platform().device
         if args.dtype == "auto":
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         else:
@@ -240,9 +240,13 @@ class LLM:
                 self.abort(rid)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate([ids], params)[0]
+        return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
+
+
+def _device(name: str) -> torch.device:
+    if name not in KNOWN_DEVICES:
+        raise ValueError(f"device {name!r} is not one of {', '.join(KNOWN_DEVICES)}")
+    return torch.device("cuda" if name == "rocm" else name)  # ROCm is "cuda" to torch
 
 
 def _as_tuple(x) -> tuple[int, ...]:

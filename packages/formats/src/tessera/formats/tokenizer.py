@@ -99,6 +99,11 @@ class Tokenizer:
             **context,
         )
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **context) -> list[int]:
+        """Token ids of ``messages`` through the chat template (which places any special tokens)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **context)
+        return self.encode(text, add_special_tokens=False)
+
     # -- constructors -------------------------------------------------------------------------
 
     @classmethod

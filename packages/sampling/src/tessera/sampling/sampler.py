@@ -103,20 +103,20 @@ class Sampler:
         logits = logits.float()
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        if any(
+        processed = any(
             r.params.allowed_token_ids is not None
             or r.params.banned_token_ids
             or r.params.logit_bias
             or r.params.uses_penalties
             or len(r.output_token_ids) < r.params.min_tokens
             for r in rows
-        ):
+        )
+        if processed:
             logits = self._process(logits.clone(), rows)
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
         if constrained:
-            logits = self._apply_grammars(
-                logits if raw_logprobs is None else logits.clone(), rows, constrained
-            )
+            # the caller's logits are never written: _process already copied, or copy now
+            logits = self._apply_grammars(logits if processed else logits.clone(), rows, constrained)
         tokens = self._sample(logits, rows)
         for i in constrained:
             rows[i].matcher.consume_token(int(tokens[i]))

@@ -334,19 +334,7 @@ class Server:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        messages = []
-        for m in req.messages:
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(p.text or "" for p in content if p.type == "text")
-            messages.append({"role": m.role, "content": content or ""})
-        try:
-            prompt_text = self.llm.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt
-            )
-        except ValueError as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        ids = self.llm.tokenizer.encode(prompt_text, add_special_tokens=False)
+        ids = self.chat_ids(req.messages, req.add_generation_prompt)
         params = self.sampling_params(
             req, max_tokens if max_tokens is not None else self._room(ids), logprobs
         )
@@ -379,6 +367,19 @@ class Server:
                 usage=self._usage(len(ids), finals, finals[0].num_cached_tokens),
             )
         )
+
+    def chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+        """Token ids of chat messages through the model's template (text parts joined)."""
+        plain = []
+        for m in messages:
+            content = m.content
+            if isinstance(content, list):
+                content = "".join(p.text or "" for p in content if p.type == "text")
+            plain.append({"role": m.role, "content": content or ""})
+        try:
+            return self.llm.tokenizer.encode_chat(plain, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     def _room(self, ids: list[int]) -> int:
         return max(1, self.llm.max_model_len - len(ids))
@@ -630,19 +631,7 @@ class Server:
         self.check_model(req.model)
         tok = self.llm.tokenizer
         if req.messages is not None:
-            messages = [
-                {
-                    "role": m.role,
-                    "content": m.content
-                    if isinstance(m.content, str)
-                    else "".join(p.text or "" for p in (m.content or [])),
-                }
-                for m in req.messages
-            ]
-            ids = tok.encode(
-                tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt),
-                add_special_tokens=False,
-            )
+            ids = self.chat_ids(req.messages, req.add_generation_prompt)
         elif req.prompt is not None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
