@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("default_model_path")  # skips where the model is absent
+
 
 def tessera(*args, timeout=300):
     return subprocess.run(

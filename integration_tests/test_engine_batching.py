@@ -79,18 +79,26 @@ def test_sixteen_mixed_requests_with_prefix_caching_match_each_alone(default_llm
     assert all(o.num_cached_tokens >= 160 for o in shared)
 
 
-def test_without_prefix_caching_the_tokens_are_the_same(reference):
-    llm = LLM(kv_cache_memory=256 * 2**20, max_model_len=2048, enable_prefix_caching=False)
+def test_without_prefix_caching_the_tokens_are_the_same(reference, default_model_path):
+    llm = LLM(
+        str(default_model_path),
+        dtype="float32",
+        kv_cache_memory=256 * 2**20,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+    )
     outs = run(llm)
     assert_same_as_alone(outs, reference)
     assert llm.stats().prefix_cache_hits == 0 and all(o.num_cached_tokens == 0 for o in outs)
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_chunked_prefill_on_or_off_gives_the_same_tokens(reference, chunked):
+def test_chunked_prefill_on_or_off_gives_the_same_tokens(reference, chunked, default_model_path):
     # a budget of 64 tokens splits every long prompt across steps when chunking is on
     budget = 64 if chunked else 1024
     llm = LLM(
+        str(default_model_path),
+        dtype="float32",
         kv_cache_memory=256 * 2**20,
         max_model_len=1024,
         max_num_batched_tokens=budget,
@@ -99,9 +107,15 @@ def test_chunked_prefill_on_or_off_gives_the_same_tokens(reference, chunked):
     assert_same_as_alone(run(llm), reference)
 
 
-def test_a_kv_pool_too_small_for_the_batch_preempts_and_still_matches(reference):
+def test_a_kv_pool_too_small_for_the_batch_preempts_and_still_matches(reference, default_model_path):
     # room for 1024 tokens: the 16 requests need about 2,000, so some must wait or be preempted
-    llm = LLM(kv_cache_memory=1024 * 46080, max_model_len=1024, block_size=16)
+    llm = LLM(
+        str(default_model_path),
+        dtype="float32",
+        kv_cache_memory=1024 * 46080,
+        max_model_len=1024,
+        block_size=16,
+    )
     outs = run(llm)
     assert llm.stats().num_preemptions > 0
     assert_same_as_alone(outs, reference)

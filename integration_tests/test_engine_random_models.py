@@ -85,7 +85,12 @@ def test_engine_greedy_generation_equals_transformers(tmp_path, name, config_cls
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 47)]
     llm = LLM(
-        str(tmp_path), block_size=4, kv_cache_memory=256 * 1024, max_model_len=128, max_num_batched_tokens=16
+        str(tmp_path),
+        dtype="float32",  # the reference runs in fp32 (on a GPU "auto" would be bf16)
+        block_size=4,
+        kv_cache_memory=256 * 1024,
+        max_model_len=128,
+        max_num_batched_tokens=16,
     )
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     for ids, out in zip(prompts, outs, strict=True):
@@ -95,7 +100,7 @@ def test_engine_greedy_generation_equals_transformers(tmp_path, name, config_cls
 
 def test_sliding_window_requests_hold_only_the_blocks_in_their_window(tmp_path):
     build(tmp_path, transformers.MistralConfig, sliding_window=8)
-    llm = LLM(str(tmp_path), block_size=4, kv_cache_memory=256 * 1024, max_model_len=128)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, kv_cache_memory=256 * 1024, max_model_len=128)
     kv = llm.engine.scheduler.kv
     assert kv.sliding_window == 8
     held = []

@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+pytestmark = pytest.mark.usefixtures("default_model_path")  # skips where the model is absent
+
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"

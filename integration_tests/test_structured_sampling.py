@@ -6,14 +6,15 @@ import re
 import pytest
 import torch
 
-from tessera.engine import DEFAULT_MODEL, resolve_model
 from tessera.formats import open_checkpoint
 from tessera.sampling import GrammarCompiler, Sampler, SamplingParams, SamplingRow, StructuredOutput
 
+pytestmark = pytest.mark.usefixtures("default_model_path")  # skips where the model is absent
+
 
 @pytest.fixture(scope="module")
-def setup():
-    tok = open_checkpoint(resolve_model(DEFAULT_MODEL)).tokenizer()
+def setup(default_model_path):
+    tok = open_checkpoint(default_model_path).tokenizer()
     return tok, GrammarCompiler(tok.hf.to_str(), tok.vocab_size, tok.eos_token_ids)
 
 

@@ -2,14 +2,15 @@
 
 import pytest
 
-from tessera.engine import DEFAULT_MODEL, resolve_model
 from tessera.engine.detokenizer import IncrementalDetokenizer
 from tessera.formats import open_checkpoint
 
+pytestmark = pytest.mark.usefixtures("default_model_path")  # skips where the model is absent
+
 
 @pytest.fixture(scope="module")
-def tok():
-    return open_checkpoint(resolve_model(DEFAULT_MODEL)).tokenizer()
+def tok(default_model_path):
+    return open_checkpoint(default_model_path).tokenizer()
 
 
 TEXTS = [

@@ -48,14 +48,15 @@ def test_cli_engine_options_are_named_as_vllm_names_them():
     assert build_parser().parse_args(["generate", "hi"]).enable_prefix_caching is True
 
 
-def test_a_context_that_cannot_fit_in_the_kv_cache_is_refused_with_the_numbers():
+def test_a_context_that_cannot_fit_in_the_kv_cache_is_refused_with_the_numbers(default_model_path):
     with pytest.raises(ValueError, match=r"cannot hold one request of max_model_len 8192 \(360.0 MiB\)"):
-        LLM(max_model_len=8192, kv_cache_memory=2**20)
+        LLM(str(default_model_path), dtype="float32", max_model_len=8192, kv_cache_memory=2**20)
 
 
-def test_int8_kv_cache_fits_about_four_times_the_tokens_of_fp32():
-    fp32 = LLM(kv_cache_memory=64 * 2**20, max_model_len=512)
-    int8 = LLM(kv_cache_memory=64 * 2**20, max_model_len=512, kv_cache_dtype="int8")
+def test_int8_kv_cache_fits_about_four_times_the_tokens_of_fp32(default_model_path):
+    path = str(default_model_path)
+    fp32 = LLM(path, dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512)
+    int8 = LLM(path, dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=512, kv_cache_dtype="int8")
     n32 = fp32.engine.scheduler.kv.num_blocks
     n8 = int8.engine.scheduler.kv.num_blocks
     assert n8 / n32 == pytest.approx(256 / 68, rel=0.02)
