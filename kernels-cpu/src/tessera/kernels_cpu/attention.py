@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from tessera.kernels.reference import gather_kv
 from tessera.kernels.reference import paged_attention as reference_paged_attention
 
+from . import native
+
 # Sequences with at least this many new tokens this step go through SDPA (measured crossover
 # on a 2-core machine; see tools/bench/kernels.py).
 PREFILL_THRESHOLD = 24
@@ -148,6 +150,37 @@ def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, wi
     return out[0].transpose(0, 1).reshape(nq, -1, d)
 
 
+def _native_bf16(lib, query, kv_cache, qsl, lens, block_tables, seqs, scale, window, out) -> None:
+    """Every long run of the step in one call of the AVX512-BF16 flash-attention kernel."""
+    q = query.contiguous()
+    qsl32 = np.ascontiguousarray(qsl, dtype=np.int32)
+    lens32 = np.ascontiguousarray(lens, dtype=np.int32)
+    tables = np.ascontiguousarray(block_tables.numpy(), dtype=np.int32)
+    seqs32 = np.ascontiguousarray(seqs, dtype=np.int32)
+    _, _, block_size, kv_heads, head_size = kv_cache.shape
+    rc = lib.tessera_attention_bf16(
+        q.data_ptr(),
+        kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(),
+        qsl32.ctypes.data,
+        lens32.ctypes.data,
+        tables.ctypes.data,
+        tables.shape[1],
+        seqs32.ctypes.data,
+        len(seqs32),
+        q.shape[1],
+        kv_heads,
+        head_size,
+        block_size,
+        float(scale),
+        int(window or 0),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise ValueError(f"the bf16 attention kernel refused its arguments (code {rc})")
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -210,7 +243,20 @@ def paged_attention(
         )
         if out.dtype != torch.float32:
             out.copy_(torch.from_numpy(out_np))
-    for i in np.nonzero(long_runs)[0]:
+    long_idx = np.nonzero(long_runs)[0]
+    lib = native.library() if len(long_idx) else None
+    if (
+        lib is not None
+        and query.dtype == torch.bfloat16
+        and kv_cache.dtype == torch.bfloat16
+        and kv_cache.is_contiguous()
+        and kv_cache.shape[4] % 32 == 0
+        and kv_cache.shape[4] <= 256
+        and query.shape[1] // kv_cache.shape[3] <= 16
+    ):
+        _native_bf16(lib, query, kv_cache, qsl, lens, block_tables, long_idx, scale, sliding_window, out)
+        return out
+    for i in long_idx:
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
         seq_len = int(lens[i])
         out[q0:q1] = _sdpa_one(

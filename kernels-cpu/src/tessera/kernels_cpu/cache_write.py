@@ -86,7 +86,18 @@ def reshape_and_cache(
             slots,
         )
         return
-    if kv_cache.dtype in (torch.float32, torch.float16) and key.dtype == kv_cache.dtype:
+    if kv_cache.dtype in (torch.bfloat16, torch.float16) and key.dtype == kv_cache.dtype:
+        # numpy has no bf16: the same bytes moved as int16
+        raw = kv_cache.view(torch.int16)
+        _write(
+            key.contiguous().view(torch.int16).numpy(),
+            value.contiguous().view(torch.int16).numpy(),
+            raw[0].numpy(),
+            raw[1].numpy(),
+            slots,
+        )
+        return
+    if kv_cache.dtype == torch.float32 and key.dtype == kv_cache.dtype:
         _write(
             key.contiguous().numpy(),
             value.contiguous().numpy(),

@@ -1,0 +1,331 @@
+// Flash attention over a paged bf16 KV cache with AVX512-BF16 dot products.
+//
+// One call handles every long query run of a step. A work item is (sequence, KV head, tile of
+// query tokens); the rows of a tile are its tokens times the query heads that share the KV head
+// (GQA), so each key is read once per tile for all of them. Keys are visited in tiles of 64:
+// the tile is repacked from the paged cache into the pair-interleaved layout vdpbf16ps wants,
+// scores go to a small fp32 buffer, an online softmax updates each row's max and sum, and the
+// probabilities (bf16) multiply the repacked V tile into fp32 accumulators.
+//
+// Built at first use with the machine's C compiler (see native.py); without AVX512-BF16 the
+// library reports so and Python keeps its other path.
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define TESSERA_HAVE_BF16 1
+#include "simd.h"
+#else
+#define TESSERA_HAVE_BF16 0
+#endif
+
+int tessera_attention_bf16_supported(void) { return TESSERA_HAVE_BF16; }
+
+#if TESSERA_HAVE_BF16
+
+#ifndef BK
+#define BK 64        // keys per tile
+#endif
+#define NR 64        // query rows per tile: tokens x query heads of one KV head, padded
+#define MAX_RV (NR / 16)
+#define MAX_D 256    // head size
+
+typedef struct {
+    const uint16_t *q;           // [T, H, D]
+    const uint16_t *k_cache;     // [NB, BS, KH, D]
+    const uint16_t *v_cache;
+    const int32_t *qsl;          // [S + 1]
+    const int32_t *seq_lens;     // [S]
+    const int32_t *block_tables; // [S, bt_stride]
+    const int32_t *seqs;         // the sequences to run
+    int n_seqs, bt_stride, H, KH, D, BS, window;
+    float scale;
+    uint16_t *out;               // [T, H, D]
+    int64_t *items;              // packed (sequence index, kv head, first token of the tile)
+    int n_items;
+    int next;                    // atomic cursor over items
+} job_t;
+
+typedef struct {
+    uint32_t *qp;   // [D/2][NR]: dims 2j, 2j+1 of each row's query
+    float *st;      // [BK][NR]: scores, keys by rows
+    uint32_t *pp;   // [BK/2][NR]: probabilities of keys 2p, 2p+1 per row (bf16 pairs)
+    uint32_t *vp;   // [BK/2][D]: dim d of keys 2p, 2p+1 (bf16 pairs)
+    float *ot;      // [D][NR]: output accumulators, dims by rows
+    uint16_t *zero; // a zero key/value row
+} scratch_t;
+
+
+// Query tokens per tile for a run of nq tokens: as few tiles of at most NR rows as possible,
+// split evenly, so that a 32-token run of 3 heads per KV head makes two tiles of 48 rows.
+static inline int tile_tokens(int nq, int G) {
+    const int most = NR / G;  // whole tokens that fit in a tile
+    const int tiles = (nq + most - 1) / most;
+    return (nq + tiles - 1) / tiles;
+}
+
+static inline const uint16_t *kv_row(const job_t *jb, const uint16_t *cache, const int32_t *table, int kh,
+                                     int pos) {
+    return cache + (((int64_t)table[pos / jb->BS] * jb->BS + pos % jb->BS) * jb->KH + kh) * jb->D;
+}
+
+// RV (row vectors of 16) is a constant at each call site, so the loops over it unroll.
+static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, int64_t item, const scratch_t *sc,
+                                                              const int RV) {
+    const int si = (int)(item >> 40), kh = (int)((item >> 24) & 0xFFFF), t0 = (int)(item & 0xFFFFFF);
+    const int seq = jb->seqs[si];
+    const int D = jb->D, P = D / 2, H = jb->H, G = H / jb->KH, W = jb->window;
+    const int q_start = jb->qsl[seq], q_end = jb->qsl[seq + 1], seq_len = jb->seq_lens[seq];
+    const int first_pos = seq_len - (q_end - q_start);  // position of the run's first query
+    const int bq = tile_tokens(q_end - q_start, G);
+    const int nt = (q_end - q_start - t0) < bq ? (q_end - q_start - t0) : bq;
+    const int R = nt * G;
+    const int32_t *table = jb->block_tables + (int64_t)seq * jb->bt_stride;
+    const int p_lo = first_pos + t0, p_hi = first_pos + t0 + nt - 1;  // the tile's query positions
+    const int k_lo = W > 0 && p_lo - W + 1 > 0 ? p_lo - W + 1 : 0;
+    const int k_end = p_hi + 1;
+
+    // queries, pair-packed by rows; padding rows are zero and see every key of the tile
+    int32_t qpos_a[NR];
+    for (int r = 0; r < 16 * RV; r++) {
+        const uint32_t *src = r < R ? (const uint32_t *)(jb->q + ((int64_t)(q_start + t0 + r / G) * H + kh * G + r % G) * D)
+                                    : (const uint32_t *)sc->zero;
+        for (int j = 0; j < P; j++) sc->qp[j * NR + r] = src[j];
+        qpos_a[r] = r < R ? p_lo + r / G : p_hi;
+    }
+    __m512i qpos[MAX_RV], qlo[MAX_RV];
+    __m512 m[MAX_RV], l[MAX_RV];
+    for (int v = 0; v < RV; v++) {
+        qpos[v] = _mm512_loadu_si512(qpos_a + 16 * v);
+        qlo[v] = _mm512_sub_epi32(qpos[v], _mm512_set1_epi32(W > 0 ? W : 1 << 30));  // keys > qlo
+        m[v] = _mm512_set1_ps(-INFINITY);
+        l[v] = _mm512_setzero_ps();
+    }
+    memset(sc->ot, 0, sizeof(float) * D * NR);
+    const __m512 scale = _mm512_set1_ps(jb->scale);
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i lo_pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                              39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_pairs = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                              55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+
+    for (int k0 = k_lo; k0 < k_end; k0 += BK) {
+        const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
+        const int nk4 = (nk + 3) & ~3;
+        // S^T = K Q^T (unscaled): 4 keys x 64 rows per pass, keys broadcast straight from the
+        // paged cache; where no key of the tile is masked, the row maxima are taken here
+        const int need_mask = k0 + nk - 1 > p_lo || (W > 0 && k0 <= p_hi - W);
+        __m512 mx[MAX_RV];
+        for (int v = 0; v < RV; v++) mx[v] = neg_inf;
+        for (int kk = 0; kk < nk4; kk += 4) {
+            const uint32_t *kr[4];
+            for (int a = 0; a < 4; a++)
+                kr[a] = kk + a < nk ? (const uint32_t *)kv_row(jb, jb->k_cache, table, kh, k0 + kk + a)
+                                    : (const uint32_t *)sc->zero;
+            __m512 acc[4][MAX_RV];
+            for (int a = 0; a < 4; a++)
+                for (int v = 0; v < RV; v++) acc[a][v] = _mm512_setzero_ps();
+            for (int j = 0; j < P; j++) {
+                __m512bh qv[MAX_RV];
+                for (int v = 0; v < RV; v++) qv[v] = (__m512bh)_mm512_loadu_si512(sc->qp + j * NR + 16 * v);
+                for (int a = 0; a < 4; a++) {
+                    __m512bh b = (__m512bh)_mm512_set1_epi32((int)kr[a][j]);
+                    for (int v = 0; v < RV; v++) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], b, qv[v]);
+                }
+            }
+            for (int a = 0; a < 4 && kk + a < nk; a++)
+                for (int v = 0; v < RV; v++) {
+                    _mm512_storeu_ps(sc->st + (kk + a) * NR + 16 * v, acc[a][v]);
+                    if (!need_mask) mx[v] = _mm512_max_ps(mx[v], acc[a][v]);
+                }
+        }
+        // causal and window masks (-inf), on the tiles that cross them
+        if (need_mask) {
+            for (int kk = 0; kk < nk; kk++) {
+                __m512i kpos = _mm512_set1_epi32(k0 + kk);
+                for (int v = 0; v < RV; v++) {
+                    __m512 x = _mm512_loadu_ps(sc->st + kk * NR + 16 * v);
+                    __mmask16 ok = _mm512_cmple_epi32_mask(kpos, qpos[v]) & _mm512_cmpgt_epi32_mask(kpos, qlo[v]);
+                    x = _mm512_mask_blend_ps(ok, neg_inf, x);
+                    _mm512_storeu_ps(sc->st + kk * NR + 16 * v, x);
+                    mx[v] = _mm512_max_ps(mx[v], x);
+                }
+            }
+        }
+        // the online-softmax correction (maxima in scaled units; the scale is positive)
+        __m512 alpha[MAX_RV], msafe[MAX_RV];
+        int rescale = 0;
+        for (int v = 0; v < RV; v++) {
+            __m512 m_new = _mm512_max_ps(m[v], _mm512_mul_ps(mx[v], scale));
+            __mmask16 seen = _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ);
+            msafe[v] = _mm512_maskz_mov_ps(seen, m_new);  // rows with nothing visible yet: 0
+            alpha[v] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m[v], neg_inf, _CMP_NEQ_OQ),
+                                           exp_ps(_mm512_sub_ps(m[v], msafe[v])));
+            rescale |= _mm512_cmp_ps_mask(m[v], m_new, _CMP_NEQ_OQ) != 0;
+            m[v] = m_new;
+            l[v] = _mm512_mul_ps(l[v], alpha[v]);
+        }
+        // P^T, pair-packed: word (p, r) holds rows r's weights for keys 2p and 2p+1
+        const int np = (nk + 1) / 2;
+        for (int p = 0; p < np; p++) {
+            for (int v = 0; v < RV; v++) {
+                // masked scores (-inf) come out of exp_ps below 2^-126, and the bf16 conversion
+                // flushes such denormals to zero: they add nothing to the sum or to O
+                __m512 x0 = _mm512_loadu_ps(sc->st + (2 * p) * NR + 16 * v);
+                __m512 e0 = exp_ps(_mm512_fmsub_ps(x0, scale, msafe[v]));
+                __m512 e1 = _mm512_setzero_ps();
+                if (2 * p + 1 < nk) {
+                    __m512 x1 = _mm512_loadu_ps(sc->st + (2 * p + 1) * NR + 16 * v);
+                    e1 = exp_ps(_mm512_fmsub_ps(x1, scale, msafe[v]));
+                }
+                __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // [e0 x16 | e1 x16]
+                packed = _mm512_permutexvar_epi16(interleave, packed);
+                // the normaliser sums the rounded weights, the ones that multiply V
+                __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(packed, 16));
+                __m512 r1 = _mm512_castsi512_ps(_mm512_and_si512(packed, _mm512_set1_epi32((int)0xFFFF0000u)));
+                l[v] = _mm512_add_ps(l[v], _mm512_add_ps(r0, r1));
+                _mm512_storeu_si512(sc->pp + p * NR + 16 * v, packed);
+            }
+        }
+        // V, pair-packed by keys
+        for (int p = 0; p < np; p++) {
+            const uint16_t *v0 = kv_row(jb, jb->v_cache, table, kh, k0 + 2 * p);
+            const uint16_t *v1 = 2 * p + 1 < nk ? kv_row(jb, jb->v_cache, table, kh, k0 + 2 * p + 1) : sc->zero;
+            for (int d = 0; d < D; d += 32) {
+                __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
+                _mm512_storeu_si512(sc->vp + p * D + d, _mm512_permutex2var_epi16(a, lo_pairs, b));
+                _mm512_storeu_si512(sc->vp + p * D + d + 16, _mm512_permutex2var_epi16(a, hi_pairs, b));
+            }
+        }
+        // O^T = alpha O^T + V^T P^T: 4 dims x 64 rows per pass
+        for (int d = 0; d < D; d += 4) {
+            __m512 acc[4][MAX_RV];
+            for (int a = 0; a < 4; a++)
+                for (int v = 0; v < RV; v++) {
+                    acc[a][v] = _mm512_loadu_ps(sc->ot + (d + a) * NR + 16 * v);
+                    if (rescale) acc[a][v] = _mm512_mul_ps(acc[a][v], alpha[v]);
+                }
+            for (int p = 0; p < np; p++) {
+                __m512bh pv[MAX_RV];
+                for (int v = 0; v < RV; v++) pv[v] = (__m512bh)_mm512_loadu_si512(sc->pp + p * NR + 16 * v);
+                for (int a = 0; a < 4; a++) {
+                    __m512bh b = (__m512bh)_mm512_set1_epi32((int)sc->vp[p * D + d + a]);
+                    for (int v = 0; v < RV; v++) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], b, pv[v]);
+                }
+            }
+            for (int a = 0; a < 4; a++)
+                for (int v = 0; v < RV; v++) _mm512_storeu_ps(sc->ot + (d + a) * NR + 16 * v, acc[a][v]);
+        }
+    }
+    // out = O / l, rounded to bf16
+    float inv[NR];
+    for (int v = 0; v < RV; v++) _mm512_storeu_ps(inv + 16 * v, _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]));
+    for (int r = 0; r < R; r++) {
+        uint16_t *dst = jb->out + ((int64_t)(q_start + t0 + r / G) * H + kh * G + r % G) * D;
+        for (int d = 0; d < D; d++) {
+            float x = sc->ot[d * NR + r] * inv[r];
+            uint32_t bits;
+            memcpy(&bits, &x, 4);
+            bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even (finite values)
+            dst[d] = (uint16_t)(bits >> 16);
+        }
+    }
+}
+
+static void run_item(const job_t *jb, int64_t item, const scratch_t *sc) {
+    const int seq = jb->seqs[(int)(item >> 40)], t0 = (int)(item & 0xFFFFFF);
+    const int nq = jb->qsl[seq + 1] - jb->qsl[seq];
+    const int bq = tile_tokens(nq, jb->H / jb->KH);
+    const int nt = (nq - t0) < bq ? (nq - t0) : bq;
+    switch ((nt * (jb->H / jb->KH) + 15) / 16) {
+    case 1: run_item_rv(jb, item, sc, 1); break;
+    case 2: run_item_rv(jb, item, sc, 2); break;
+    case 3: run_item_rv(jb, item, sc, 3); break;
+    default: run_item_rv(jb, item, sc, 4); break;
+    }
+}
+
+// One part of the pool job: take items until none are left, with this thread's scratch.
+static void attention_part(void *arg, int part, int n_parts) {
+    (void)part;
+    (void)n_parts;
+    job_t *jb = (job_t *)arg;
+    static __thread scratch_t sc;  // per thread, allocated once
+    if (!sc.qp) {
+        sc.qp = aligned_alloc(64, sizeof(uint32_t) * MAX_D / 2 * NR);
+        sc.st = aligned_alloc(64, sizeof(float) * BK * NR);
+        sc.pp = aligned_alloc(64, sizeof(uint32_t) * BK / 2 * NR);
+        sc.vp = aligned_alloc(64, sizeof(uint32_t) * BK / 2 * MAX_D);
+        sc.ot = aligned_alloc(64, sizeof(float) * MAX_D * NR);
+        sc.zero = aligned_alloc(64, sizeof(uint16_t) * MAX_D);
+        if (!(sc.qp && sc.st && sc.pp && sc.vp && sc.ot && sc.zero)) abort();
+        memset(sc.zero, 0, sizeof(uint16_t) * MAX_D);
+    }
+    for (;;) {
+        int i = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
+        if (i >= jb->n_items) break;
+        run_item(jb, jb->items[i], &sc);
+    }
+}
+
+static int cmp_cost_desc(const void *a, const void *b) {
+    // items are sorted by decreasing key count, stored in a side array by the caller
+    const int64_t *x = (const int64_t *)a, *y = (const int64_t *)b;
+    return (x[1] < y[1]) - (x[1] > y[1]);
+}
+
+// Returns 0 on success, a negative code for arguments the kernel does not take.
+int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                           const int32_t *qsl, const int32_t *seq_lens, const int32_t *block_tables,
+                           int bt_stride, const int32_t *seqs, int n_seqs, int H, int KH, int D, int BS,
+                           float scale, int window, uint16_t *out, int n_threads) {
+    if (D % 32 != 0 || D > MAX_D) return -1;
+    if (KH <= 0 || H % KH != 0 || H / KH > NR) return -2;
+    int n_items = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        int nq = qsl[seqs[i] + 1] - qsl[seqs[i]];
+        int bq = tile_tokens(nq, H / KH);
+        n_items += KH * ((nq + bq - 1) / bq);
+    }
+    if (n_items == 0) return 0;
+    int64_t *pairs = malloc(sizeof(int64_t) * 2 * n_items);
+    int64_t *items = malloc(sizeof(int64_t) * n_items);
+    if (!pairs || !items) { free(pairs); free(items); return -3; }
+    int n = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        int seq = seqs[i];
+        int nq = qsl[seq + 1] - qsl[seq];
+        int first_pos = seq_lens[seq] - nq;
+        int bq = tile_tokens(nq, H / KH);
+        for (int t0 = 0; t0 < nq; t0 += bq) {
+            int keys = first_pos + t0 + bq;
+            if (window > 0 && keys > window + bq) keys = window + bq;
+            for (int kh = 0; kh < KH; kh++) {
+                pairs[2 * n] = ((int64_t)i << 40) | ((int64_t)kh << 24) | t0;
+                pairs[2 * n + 1] = keys;
+                n++;
+            }
+        }
+    }
+    qsort(pairs, n, 2 * sizeof(int64_t), cmp_cost_desc);  // longest first: balances the threads
+    for (int i = 0; i < n; i++) items[i] = pairs[2 * i];
+    free(pairs);
+    job_t jb = {q, k_cache, v_cache, qsl, seq_lens, block_tables, seqs, n_seqs, bt_stride, H, KH, D, BS,
+                window, scale, out, items, n, 0};
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > n) n_threads = n;
+    pool_run(attention_part, &jb, n_threads, n_threads);
+    free(items);
+    return 0;
+}
+
+#else
+
+int tessera_attention_bf16(void) { return -100; }
+
+#endif
