@@ -1,5 +1,5 @@
-"""Numba CPU kernels vs the torch reference of their ops, on the default model's shapes
-(9 query heads, 3 KV heads, head size 64, blocks of 16).
+"""The CPU kernels (Numba, and C where the CPU has AVX512-BF16) vs the torch reference of their
+ops, on the default model's shapes (9 query heads, 3 KV heads, head size 64, blocks of 16).
 
     uv run python tools/bench/kernels.py [--json]
 """
@@ -15,7 +15,7 @@ import torch
 
 from tessera.kernels import reference
 from tessera.kernels_cpu import attention as cpu_attention
-from tessera.kernels_cpu import paged_attention, reshape_and_cache
+from tessera.kernels_cpu import elementwise, native, paged_attention, reshape_and_cache
 
 HQ, HK, D, BS = 9, 3, 64, 16
 
@@ -27,7 +27,7 @@ def batch(cases, kv_dtype=torch.float32, seed=0):
     free = list(range(n_blocks))
     rng.shuffle(free)
     cache = torch.zeros(2, n_blocks, BS, HK, D, dtype=kv_dtype)
-    scales = torch.ones(2, n_blocks, BS, HK) if kv_dtype != torch.float32 else None
+    scales = torch.ones(2, n_blocks, BS, HK) if kv_dtype in (torch.int8, torch.float8_e4m3fn) else None
     tables, qs = [], []
     for total, new in cases:
         table = [free.pop() for _ in range(-(-total // BS))]
@@ -36,7 +36,7 @@ def batch(cases, kv_dtype=torch.float32, seed=0):
         reference.reshape_and_cache(
             torch.randn(total, HK, D), torch.randn(total, HK, D), cache, slots, scales
         )
-        qs.append(torch.randn(new, HQ, D))
+        qs.append(torch.randn(new, HQ, D, dtype=torch.bfloat16 if kv_dtype == torch.bfloat16 else torch.float32))
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     qsl = torch.tensor(
@@ -70,6 +70,9 @@ def main() -> None:
         "prefill 512 tokens": [(512, 512)],
         "prefill 1024 tokens": [(1024, 1024)],
         "mixed: 1 x 512 prefill + 32 decodes": [(512, 512)] + [(256, 1)] * 32,
+        "bf16 prefill 1056 tokens": ([(1056, 1056)], torch.bfloat16),
+        "bf16 8 x 32 new tokens on 1,056": ([(1056, 32)] * 8, torch.bfloat16),
+        "bf16 mixed: 1 x 512 prefill + 32 decodes": ([(512, 512)] + [(256, 1)] * 32, torch.bfloat16),
     }
     rows = []
     for name, spec in workloads.items():
@@ -82,10 +85,52 @@ def main() -> None:
                 "op": "paged_attention",
                 "workload": name,
                 "reference_ms": t_ref * 1e3,
-                "numba_ms": t_cpu * 1e3,
+                "cpu_ms": t_cpu * 1e3,
                 "speedup": t_ref / t_cpu,
             }
         )
+    # the C kernel against the path it replaces (SDPA over gathered blocks), bf16 long runs
+    if native.library() is not None:
+        for name, cases in [("prefill 1056 tokens", [(1056, 1056)]), ("8 x 32 new on 1,056", [(1056, 32)] * 8)]:
+            q, cache, qsl, lens, bt, _ = batch(cases, torch.bfloat16)
+            t_c = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
+            saved = native.library
+            try:
+                native.library = lambda: None
+                t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
+            finally:
+                native.library = saved
+            flops = sum(HQ * D * 4 * (new * (tot - new) + new * new / 2) for tot, new in cases)
+            rows.append(
+                {
+                    "op": "c_vs_sdpa",
+                    "workload": f"bf16 {name}",
+                    "sdpa_ms": t_sdpa * 1e3,
+                    "c_ms": t_c * 1e3,
+                    "c_gflop_s": flops / t_c / 1e9,
+                }
+            )
+        x = torch.randn(2048, 576, dtype=torch.bfloat16)
+        r, w = torch.randn_like(x), torch.randn(576, dtype=torch.bfloat16)
+        qk = torch.randn(2048, (HQ + HK) * D, dtype=torch.bfloat16)
+        ang = torch.rand(2048, D // 2)
+        gu = torch.randn(2048, 2 * 1536, dtype=torch.bfloat16)
+        for op, args_ in [
+            ("fused_add_rms_norm", (x, r, w, 1e-5)),
+            ("rotary_embedding", (qk[:, : HQ * D], qk[:, HQ * D :], ang.cos(), ang.sin(), D)),
+            ("silu_and_mul", (gu,)),
+        ]:
+            t_ref = timeit(getattr(reference, op), *args_)
+            t_cpu = timeit(getattr(elementwise, op), *args_)
+            rows.append(
+                {
+                    "op": op,
+                    "workload": "2048 tokens, bf16",
+                    "reference_ms": t_ref * 1e3,
+                    "cpu_ms": t_cpu * 1e3,
+                    "speedup": t_ref / t_cpu,
+                }
+            )
     # where the SDPA path takes over: time each path alone on one sequence of n new tokens
     for n in (8, 16, 24, 32, 64):
         q, cache, qsl, lens, bt, scales = batch([(n + 256, n)])
@@ -117,7 +162,7 @@ def main() -> None:
                 "op": "reshape_and_cache",
                 "workload": f"{n} tokens, {str(kv_dtype)[6:]}",
                 "reference_ms": t_ref * 1e3,
-                "numba_ms": t_cpu * 1e3,
+                "cpu_ms": t_cpu * 1e3,
                 "speedup": t_ref / t_cpu,
             }
         )
@@ -125,13 +170,18 @@ def main() -> None:
         for r in rows:
             print(json.dumps(r))
         return
-    print(f"{'op':18} {'workload':40} {'reference ms':>13} {'numba ms':>9} {'speedup':>8}")
+    print(f"{'op':18} {'workload':40} {'reference ms':>13} {'cpu ms':>9} {'speedup':>8}")
     for r in rows:
         if r["op"] == "crossover":
             print(f"{'  numba vs sdpa':18} {r['workload']:40} {r['sdpa_ms']:13.3f} {r['numba_ms']:9.3f}")
+        elif r["op"] == "c_vs_sdpa":
+            print(
+                f"{'  C vs sdpa':18} {r['workload']:40} {r['sdpa_ms']:13.3f} {r['c_ms']:9.3f} "
+                f"{r['sdpa_ms'] / r['c_ms']:7.1f}x  ({r['c_gflop_s']:.0f} GFLOP/s)"
+            )
         else:
             print(
-                f"{r['op']:18} {r['workload']:40} {r['reference_ms']:13.3f} {r['numba_ms']:9.3f} "
+                f"{r['op']:18} {r['workload']:40} {r['reference_ms']:13.3f} {r['cpu_ms']:9.3f} "
                 f"{r['speedup']:7.1f}x"
             )
 

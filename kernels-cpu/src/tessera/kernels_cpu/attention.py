@@ -1,4 +1,5 @@
-"""Paged attention on the CPU: a Numba kernel for short query runs, fused SDPA for long ones."""
+"""Paged attention on the CPU: for bf16, one C kernel (AVX512-BF16 flash attention) for every
+sequence; otherwise a Numba kernel for short query runs and torch's fused SDPA for long ones."""
 
 from __future__ import annotations
 
@@ -150,8 +151,24 @@ def _sdpa_one(query, kv_cache, kv_scales, table_row, first_q, seq_len, scale, wi
     return out[0].transpose(0, 1).reshape(nq, -1, d)
 
 
+def _c_kernel_takes(query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> bool:
+    """bf16 queries and cache, head size a multiple of 32 up to 256, at most 64 query heads per
+    KV head, a positive scale."""
+    return (
+        query.dtype == torch.bfloat16
+        and kv_cache.dtype == torch.bfloat16
+        and query.dim() == 3
+        and kv_cache.is_contiguous()
+        and kv_cache.shape[4] % 32 == 0
+        and kv_cache.shape[4] <= 256
+        and query.shape[1] % kv_cache.shape[3] == 0
+        and query.shape[1] // kv_cache.shape[3] <= 64
+        and scale > 0
+    )
+
+
 def _native_bf16(lib, query, kv_cache, qsl, lens, block_tables, seqs, scale, window, out) -> None:
-    """Every long run of the step in one call of the AVX512-BF16 flash-attention kernel."""
+    """The given sequences of the step in one call of the AVX512-BF16 flash-attention kernel."""
     q = query.contiguous()
     qsl32 = np.ascontiguousarray(qsl, dtype=np.int32)
     lens32 = np.ascontiguousarray(lens, dtype=np.int32)
@@ -197,6 +214,13 @@ def paged_attention(
         )
     qsl = query_start_loc.numpy()
     lens = seq_lens.numpy()
+    if _c_kernel_takes(query, kv_cache, scale) and (lib := native.library()) is not None:
+        # bf16: the C kernel is faster than the Numba one for decodes too (tools/bench/kernels.py)
+        out = torch.empty_like(query)
+        _native_bf16(
+            lib, query, kv_cache, qsl, lens, block_tables, np.arange(len(lens)), scale, sliding_window, out
+        )
+        return out
     n_new = np.diff(qsl)
     long_runs = n_new >= PREFILL_THRESHOLD
     out = torch.empty_like(query)
@@ -243,20 +267,7 @@ def paged_attention(
         )
         if out.dtype != torch.float32:
             out.copy_(torch.from_numpy(out_np))
-    long_idx = np.nonzero(long_runs)[0]
-    lib = native.library() if len(long_idx) else None
-    if (
-        lib is not None
-        and query.dtype == torch.bfloat16
-        and kv_cache.dtype == torch.bfloat16
-        and kv_cache.is_contiguous()
-        and kv_cache.shape[4] % 32 == 0
-        and kv_cache.shape[4] <= 256
-        and query.shape[1] // kv_cache.shape[3] <= 16
-    ):
-        _native_bf16(lib, query, kv_cache, qsl, lens, block_tables, long_idx, scale, sliding_window, out)
-        return out
-    for i in long_idx:
+    for i in np.nonzero(long_runs)[0]:
         q0, q1 = int(qsl[i]), int(qsl[i + 1])
         seq_len = int(lens[i])
         out[q0:q1] = _sdpa_one(
