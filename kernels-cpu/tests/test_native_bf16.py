@@ -33,8 +33,8 @@ def native_calls(monkeypatch) -> list:
 
 
 # (total length, new tokens): whole prompts, chunks that start mid-sequence, runs that straddle
-# the 64-key tiles and the row tiles (16 rows), with decodes riding along (they take Numba's path)
-CASES = [(17, 17), (1, 1), (100, 27), (64, 64), (65, 65), (130, 40), (300, 299), (33, 1), (700, 650)]
+# the 64-key tiles and the row tiles (16 rows), decodes, and a sequence with nothing new this step
+CASES = [(17, 17), (1, 1), (100, 27), (64, 64), (65, 65), (130, 40), (300, 299), (33, 1), (700, 650), (50, 0)]
 
 
 @pytest.mark.parametrize(

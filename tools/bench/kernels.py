@@ -36,7 +36,9 @@ def batch(cases, kv_dtype=torch.float32, seed=0):
         reference.reshape_and_cache(
             torch.randn(total, HK, D), torch.randn(total, HK, D), cache, slots, scales
         )
-        qs.append(torch.randn(new, HQ, D, dtype=torch.bfloat16 if kv_dtype == torch.bfloat16 else torch.float32))
+        qs.append(
+            torch.randn(new, HQ, D, dtype=torch.bfloat16 if kv_dtype == torch.bfloat16 else torch.float32)
+        )
     width = max(len(t) for t in tables)
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     qsl = torch.tensor(
@@ -91,7 +93,10 @@ def main() -> None:
         )
     # the C kernel against the path it replaces (SDPA over gathered blocks), bf16 long runs
     if native.library() is not None:
-        for name, cases in [("prefill 1056 tokens", [(1056, 1056)]), ("8 x 32 new on 1,056", [(1056, 32)] * 8)]:
+        for name, cases in [
+            ("prefill 1056 tokens", [(1056, 1056)]),
+            ("8 x 32 new on 1,056", [(1056, 32)] * 8),
+        ]:
             q, cache, qsl, lens, bt, _ = batch(cases, torch.bfloat16)
             t_c = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
             saved = native.library

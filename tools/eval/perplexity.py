@@ -1,11 +1,13 @@
-"""Perplexity of a model on a text, in windows, for several KV-cache storage dtypes.
+"""Perplexity of a model on a text, in windows, for several compute dtypes, KV-cache storage
+dtypes and ways of holding quantized weights (packed for the CPU kernels, or dequantized).
 
 Every prediction in each window is scored (511 per window of 512). On the first 2,048 tokens of
 the GPL-3 text (Debian's /usr/share/common-licenses/GPL-3) llama.cpp measures 23.79 and
 transformers (fp32) 23.74 for the default model in the same way.
 
     uv run python tools/eval/perplexity.py [--file F] [--tokens 2048] [--window 512]
-        [--kv-cache-dtype auto int8 fp8] [--dtype float32] [--json]
+        [--kv-cache-dtype auto int8 fp8] [--dtype float32] [--quantized-weights dequantize packed]
+        [--json]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--dtype", nargs="+", default=["float32"])
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto", "int8", "fp8"])
+    p.add_argument("--quantized-weights", nargs="+", default=["dequantize"], choices=["dequantize", "packed"])
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if not args.file.is_file():
@@ -54,32 +57,44 @@ def main() -> None:
         : args.tokens
     ]
     rows = []
-    for dtype_name in args.dtype:
-        dtype = getattr(torch, dtype_name)
-        model = load_model(ck, dtype=dtype)
-        for kv in args.kv_cache_dtype:
-            ppl = perplexity(
-                model, tokens, args.window, kv_storage_dtype(kv, dtype), f"{dtype_name} / KV {kv}"
-            )
-            rows.append(
-                {
-                    "dtype": dtype_name,
-                    "kv_cache_dtype": kv,
-                    "perplexity": ppl,
-                    "tokens": len(tokens),
-                    "window": args.window,
-                    "file": str(args.file),
-                }
-            )
+    for weights in args.quantized_weights:
+        for dtype_name in args.dtype:
+            dtype = getattr(torch, dtype_name)
+            model = load_model(ck, dtype=dtype, packed_weights=weights == "packed")
+            for kv in args.kv_cache_dtype:
+                ppl = perplexity(
+                    model,
+                    tokens,
+                    args.window,
+                    kv_storage_dtype(kv, dtype),
+                    f"{weights} / {dtype_name} / KV {kv}",
+                )
+                rows.append(
+                    {
+                        "quantized_weights": weights,
+                        "dtype": dtype_name,
+                        "kv_cache_dtype": kv,
+                        "perplexity": ppl,
+                        "tokens": len(tokens),
+                        "window": args.window,
+                        "file": str(args.file),
+                    }
+                )
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return
-    base = {r["dtype"]: r["perplexity"] for r in rows if r["kv_cache_dtype"] == "auto"}
-    print(f"{'dtype':10} {'KV cache':9} {'perplexity':>11} {'vs auto':>8}")
+    base = {
+        (r["quantized_weights"], r["dtype"]): r["perplexity"] for r in rows if r["kv_cache_dtype"] == "auto"
+    }
+    print(f"{'weights':11} {'dtype':10} {'KV cache':9} {'perplexity':>11} {'vs auto':>8}")
     for r in rows:
-        rel = r["perplexity"] / base[r["dtype"]] - 1 if r["dtype"] in base else float("nan")
-        print(f"{r['dtype']:10} {r['kv_cache_dtype']:9} {r['perplexity']:11.3f} {rel:+8.2%}")
+        key = (r["quantized_weights"], r["dtype"])
+        rel = r["perplexity"] / base[key] - 1 if key in base else float("nan")
+        print(
+            f"{r['quantized_weights']:11} {r['dtype']:10} {r['kv_cache_dtype']:9} "
+            f"{r['perplexity']:11.3f} {rel:+8.2%}"
+        )
 
 
 if __name__ == "__main__":

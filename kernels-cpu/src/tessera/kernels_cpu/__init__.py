@@ -5,6 +5,7 @@ from tessera.kernels import register
 from .attention import paged_attention
 from .cache_write import reshape_and_cache
 from .elementwise import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from .packed import PackedWeight, linear, prepare_linear_weight
 
 _registered = False
 
@@ -19,10 +20,15 @@ def register_all() -> None:
     register("fused_add_rms_norm", "cpu")(fused_add_rms_norm)
     register("rotary_embedding", "cpu")(rotary_embedding)
     register("silu_and_mul", "cpu")(silu_and_mul)
+    register("linear", "cpu")(linear)
+    register("prepare_linear_weight", "cpu")(prepare_linear_weight)
     _registered = True
 
 
 __all__ = [
+    "PackedWeight",
+    "linear",
+    "prepare_linear_weight",
     "fused_add_rms_norm",
     "paged_attention",
     "register_all",

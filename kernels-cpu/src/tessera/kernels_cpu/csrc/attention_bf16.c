@@ -62,6 +62,7 @@ typedef struct {
 // Query tokens per tile for a run of nq tokens: as few tiles of at most NR rows as possible,
 // split evenly, so that a 32-token run of 3 heads per KV head makes two tiles of 48 rows.
 static inline int tile_tokens(int nq, int G) {
+    if (nq <= 0) return 1;    // a sequence with nothing new this step: no tiles
     const int most = NR / G;  // whole tokens that fit in a tile
     const int tiles = (nq + most - 1) / most;
     return (nq + tiles - 1) / tiles;

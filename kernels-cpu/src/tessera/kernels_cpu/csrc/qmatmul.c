@@ -1,4 +1,5 @@
 // Matrix products with GGUF weights kept packed (Q4_0, Q4_1, Q8_0), for few tokens at a time.
+// (fp32 inputs take an FMA path instead, see qmm_group_f32.)
 //
 // At load the blocks are repacked so that 16 consecutive output rows sit side by side: for a
 // group of 16 rows and a block of 32 inputs, the quants of input k for the 16 rows are one
@@ -78,6 +79,7 @@ typedef struct {
     const uint16_t *d, *m;
     const uint32_t *xp;  // [M][K/32][16]
     const float *xs;     // [M][K/32]
+    const void *xf;      // fp32 inputs [M][K] (the fp32 path), else NULL
     void *out;
     int M, K, N, qtype, out_bf16;
 } qmm_t;
@@ -137,28 +139,85 @@ static inline __attribute__((always_inline)) void qmm_group(const qmm_t *a, int 
     }
 }
 
+// The same for fp32 inputs, in fp32: sum q x accumulated with FMAs (q converted exactly), so
+// the result matches the dequantized weight times x up to summation order.
+static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, int g, int t0, const int MT) {
+    const int nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
+    const float *x = (const float *)a->xf;
+    __m512 total[8];
+    for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int64_t gb = (int64_t)g * nb + b;
+        const uint8_t *q = a->qs + gb * qb * 16;
+        __m512 acc[8];
+        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i++) {
+            __m512 w0, w1;  // inputs i and i + 16 of the block, 16 rows
+            if (a->qtype == QT_Q8_0) {
+                w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16))));
+                w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + (i + 16) * 16))));
+            } else {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16)));
+                w0 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
+                w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+            }
+            for (int t = 0; t < MT; t++) {
+                const float *xt = x + (int64_t)(t0 + t) * a->K + b * 32;
+                acc[t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xt[i]), acc[t]);
+                acc[t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xt[i + 16]), acc[t]);
+            }
+        }
+        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + gb * 16)));
+        if (a->qtype == QT_Q8_0) {
+            for (int t = 0; t < MT; t++) total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
+        } else {
+            __m512 mv = a->qtype == QT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + gb * 16)))
+                                            : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+            for (int t = 0; t < MT; t++) {
+                total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
+                total[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->xs[(int64_t)(t0 + t) * nb + b]), total[t]);
+            }
+        }
+    }
+    for (int t = 0; t < MT; t++) {
+        int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
+        if (a->out_bf16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(total[t]));
+        else
+            _mm512_storeu_ps((float *)a->out + off, total[t]);
+    }
+}
+
+#define QMM_TOKENS(fn)                                                         \
+    do {                                                                       \
+        int t0 = 0;                                                            \
+        for (; t0 + 8 <= a->M; t0 += 8) fn(a, g, t0, 8);                       \
+        switch (a->M - t0) {                                                   \
+        case 1: fn(a, g, t0, 1); break;                                        \
+        case 2: fn(a, g, t0, 2); break;                                        \
+        case 3: fn(a, g, t0, 3); break;                                        \
+        case 4: fn(a, g, t0, 4); break;                                        \
+        case 5: fn(a, g, t0, 5); break;                                        \
+        case 6: fn(a, g, t0, 6); break;                                        \
+        case 7: fn(a, g, t0, 7); break;                                        \
+        default: break;                                                        \
+        }                                                                      \
+    } while (0)
+
 static void qmm_part(void *arg, int part, int n_parts) {
     const qmm_t *a = (const qmm_t *)arg;
     const int groups = a->N / 16;
     const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
     for (int g = g0; g < g1; g++) {
-        int t0 = 0;
-        for (; t0 + 8 <= a->M; t0 += 8) qmm_group(a, g, t0, 8);
-        switch (a->M - t0) {
-        case 1: qmm_group(a, g, t0, 1); break;
-        case 2: qmm_group(a, g, t0, 2); break;
-        case 3: qmm_group(a, g, t0, 3); break;
-        case 4: qmm_group(a, g, t0, 4); break;
-        case 5: qmm_group(a, g, t0, 5); break;
-        case 6: qmm_group(a, g, t0, 6); break;
-        case 7: qmm_group(a, g, t0, 7); break;
-        default: break;
-        }
+        if (a->xf)
+            QMM_TOKENS(qmm_group_f32);
+        else
+            QMM_TOKENS(qmm_group);
     }
 }
 
 // out [M, N] (fp32, or bf16 when out_bf16) = x [M, K] (bf16 when x_bf16, else fp32) times the
-// repacked W [N, K] transposed.
+// repacked W [N, K] transposed. bf16 inputs multiply with vdpbf16ps, fp32 ones with FMAs.
 int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
                      const uint16_t *d, const uint16_t *m, void *out, int out_bf16, int n_threads) {
     if (gguf_block_bytes(qtype) < 0 || N % 16 || K % 32 || M <= 0) return -1;
@@ -173,23 +232,77 @@ int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, 
     for (int t = 0; t < M; t++) {
         for (int b = 0; b < nb; b++) {
             float s = 0.0f;
+            if (!x_bf16) {  // fp32 path: exact sums, no pairs
+                for (int i = 0; i < 32; i++) s += ((const float *)x)[(int64_t)t * K + b * 32 + i];
+                xs[(int64_t)t * nb + b] = s;
+                continue;
+            }
             for (int i = 0; i < 16; i++) {
                 const int64_t k0 = (int64_t)t * K + b * 32 + i, k1 = k0 + 16;
-                uint16_t lo = x_bf16 ? ((const uint16_t *)x)[k0] : float_to_bf16(((const float *)x)[k0]);
-                uint16_t hi = x_bf16 ? ((const uint16_t *)x)[k1] : float_to_bf16(((const float *)x)[k1]);
+                uint16_t lo = ((const uint16_t *)x)[k0], hi = ((const uint16_t *)x)[k1];
                 xp[((int64_t)t * nb + b) * 16 + i] = (uint32_t)lo | ((uint32_t)hi << 16);
                 s += bf16_to_float(lo) + bf16_to_float(hi);
             }
             xs[(int64_t)t * nb + b] = s;
         }
     }
-    qmm_t a = {qs, d, m, xp, xs, out, M, K, N, qtype, out_bf16};
+    qmm_t a = {qs, d, m, xp, xs, x_bf16 ? NULL : x, out, M, K, N, qtype, out_bf16};
     const int groups = N / 16;
-    if ((int64_t)groups * M * K < (1 << 18)) n_threads = 1;  // too small to share
+    if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
     if (n_threads > groups) n_threads = groups;
     pool_run(qmm_part, &a, n_threads < 1 ? 1 : n_threads, n_threads < 1 ? 1 : n_threads);
     free(xp);
     free(xs);
+    return 0;
+}
+
+typedef struct {
+    const uint8_t *qs;
+    const uint16_t *d, *m;
+    void *out;
+    int N, K, qtype, out_bf16;
+} deq_t;
+
+static void deq_part(void *arg, int part, int n_parts) {
+    const deq_t *a = (const deq_t *)arg;
+    const int groups = a->N / 16, nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
+    const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+    for (int g = g0; g < g1; g++) {
+        for (int b = 0; b < nb; b++) {
+            const int64_t gb = (int64_t)g * nb + b;
+            const uint8_t *q = a->qs + gb * qb * 16;
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + gb * 16)));
+            __m512 mv = _mm512_setzero_ps();
+            if (a->qtype == QT_Q4_1) mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + gb * 16)));
+            if (a->qtype == QT_Q4_0) mv = _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
+            for (int i = 0; i < 32; i++) {
+                __m512 w;
+                if (a->qtype == QT_Q8_0) {
+                    w = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16)))));
+                } else {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (i % 16) * 16)));
+                    __m512i qi = i < 16 ? _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(bytes, 4);
+                    w = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(qi), mv);
+                }
+                const int64_t off = (int64_t)(b * 32 + i) * a->N + g * 16;
+                if (a->out_bf16)
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(w));
+                else
+                    _mm512_storeu_ps((float *)a->out + off, w);
+            }
+        }
+    }
+}
+
+// W transposed, dequantized: out [K, N] (fp32, or bf16 when out_bf16), for torch's GEMM.
+int tessera_q_dequantize_t(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K,
+                           void *out, int out_bf16, int n_threads) {
+    if (gguf_block_bytes(qtype) < 0 || N % 16 || K % 32) return -1;
+    deq_t a = {qs, d, m, out, N, K, qtype, out_bf16};
+    const int groups = N / 16;
+    if (n_threads > groups) n_threads = groups;
+    if (n_threads < 1) n_threads = 1;
+    pool_run(deq_part, &a, n_threads, n_threads);
     return 0;
 }
 
@@ -230,4 +343,5 @@ int tessera_q_gather_rows(int qtype, const uint8_t *qs, const uint16_t *d, const
 int tessera_q_repack(void) { return -100; }
 int tessera_q_matmul(void) { return -100; }
 int tessera_q_gather_rows(void) { return -100; }
+int tessera_q_dequantize_t(void) { return -100; }
 #endif

@@ -48,6 +48,7 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     kv_cache_dtype: str = "auto"  # auto | int8 | fp8
     scheduling_policy: str = "fcfs"  # fcfs | priority
+    quantized_weights: str = "packed"  # packed | dequantize
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,14 @@ class EngineArgs:
             help="split long prompts across steps (default: on)",
         )
         g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
+        g.add_argument(
+            "--quantized-weights",
+            default=EngineArgs.quantized_weights,
+            choices=["packed", "dequantize"],
+            help="GGUF weights: kept packed and multiplied by the device's quantized kernels where it "
+            "has them (CPU with AVX512-BF16: Q4_0, Q4_1, Q8_0), or dequantized to the compute dtype "
+            "at load (default: %(default)s)",
+        )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
 
     @classmethod

@@ -49,7 +49,13 @@ class LLM:
             dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         else:
             dtype = _DTYPES[args.dtype]
-        self.model = load_model(checkpoint, dtype, device, progress=progress)
+        if args.quantized_weights not in ("packed", "dequantize"):
+            raise ValueError(
+                f"quantized_weights must be 'packed' or 'dequantize', got {args.quantized_weights!r}"
+            )
+        self.model = load_model(
+            checkpoint, dtype, device, progress=progress, packed_weights=args.quantized_weights == "packed"
+        )
 
         c = self.config
         kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)

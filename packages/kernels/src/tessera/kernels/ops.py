@@ -28,6 +28,10 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return lookup("linear", x.device.type)(x, weight, bias)
 
 
+def prepare_linear_weight(weight, dtype: torch.dtype):
+    return lookup("prepare_linear_weight", weight.device.type)(weight, dtype)
+
+
 def reshape_and_cache(key, value, kv_cache, slot_mapping, kv_scales=None) -> None:
     lookup("reshape_and_cache", key.device.type)(key, value, kv_cache, slot_mapping, kv_scales)
 

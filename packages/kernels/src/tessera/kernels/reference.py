@@ -51,6 +51,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@reference("prepare_linear_weight")
+def prepare_linear_weight(weight, dtype: torch.dtype):
+    """What ``linear`` will multiply with, made once at load from a packed checkpoint weight
+    (an object with ``dequantize(dtype)``): here, the dequantized tensor. Backends may keep the
+    packed bytes in a layout of their own instead."""
+    return weight.dequantize(dtype)
+
+
 @reference("linear")
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + b``; ``weight`` is a tensor or a packed weight with ``dequantize(dtype)``."""

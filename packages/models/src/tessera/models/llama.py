@@ -110,7 +110,8 @@ class LlamaForCausalLM:
     ) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` of every scheduled token (after the final norm)."""
         cos, sin = self.rotary.cos_sin(positions, meta.token_seq_lens)
-        x = self.embed_tokens[input_ids]
+        embed = self.embed_tokens
+        x = embed[input_ids] if isinstance(embed, torch.Tensor) else embed.rows(input_ids, self.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer.forward(x, residual, cos, sin, cache, meta)

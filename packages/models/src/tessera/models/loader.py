@@ -7,6 +7,7 @@ import re
 import torch
 
 from tessera.formats import Checkpoint, FormatError, ModelConfig, QuantizedTensor
+from tessera.kernels import ops
 
 from .llama import LlamaForCausalLM
 
@@ -57,15 +58,38 @@ def _shape(t) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _rows(parts: list, dtype: torch.dtype):
+    """Projections stacked by output rows (q|k|v, gate|up); packed weights of one scheme stay
+    packed (their rows are whole blocks), a mix is dequantized."""
+    if (
+        all(isinstance(p, QuantizedTensor) for p in parts)
+        and len({(p.scheme, p.shape[1]) for p in parts}) == 1
+    ):
+        data = torch.cat([p.data.reshape(p.shape[0], -1) for p in parts])
+        return QuantizedTensor(parts[0].scheme, data, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+    return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p for p in parts])
+
+
+def _prepared(weight, dtype: torch.dtype):
+    """What ``ops.linear`` multiplies with: a packed weight goes through the kernel backend's
+    ``prepare_linear_weight`` (kept packed where the backend can, else dequantized)."""
+    if isinstance(weight, QuantizedTensor):
+        return ops.prepare_linear_weight(weight, dtype)
+    return weight
+
+
 def load_model(
     checkpoint: Checkpoint,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress=None,
+    packed_weights: bool = False,
 ) -> LlamaForCausalLM:
-    """The model of ``checkpoint`` with weights dequantized to ``dtype`` on ``device``.
+    """The model of ``checkpoint`` with weights in ``dtype`` on ``device``.
 
-    ``progress``, if given, is called as ``progress(done, total)`` while tensors load.
+    Quantized (GGUF) weights are dequantized at load, or with ``packed_weights`` kept packed for
+    the kernel backend's own quantized matmul where it has one (the CPU backend: Q4_0, Q4_1,
+    Q8_0). ``progress``, if given, is called as ``progress(done, total)`` while tensors load.
     """
     config = checkpoint.config
     device = torch.device(device)
@@ -93,8 +117,14 @@ def load_model(
                 f"{checkpoint.path}: tensor {name} has shape {list(_shape(value))}, "
                 f"expected {list(shapes[name])} from the config"
             )
+        # the embedding stays packed only when it is also the LM head (rows are gathered from it)
+        keep_packed = (
+            packed_weights
+            and len(value.shape) == 2
+            and (name != "model.embed_tokens.weight" or config.tie_word_embeddings)
+        )
         if isinstance(value, QuantizedTensor):
-            value = value.to(device).dequantize(dtype)
+            value = value.to(device) if keep_packed else value.to(device).dequantize(dtype)
         else:
             value = value.to(device=device, dtype=dtype)
         tensors[name] = value
@@ -107,9 +137,11 @@ def load_model(
     model = cls(config, dtype, device)
     if freq_factors is not None:
         model.rotary.set_freq_factors(freq_factors)
-    model.embed_tokens = tensors.pop("model.embed_tokens.weight")
+    model.embed_tokens = _prepared(tensors.pop("model.embed_tokens.weight"), dtype)
     model.norm = tensors.pop("model.norm.weight")
-    model.lm_head = model.embed_tokens if config.tie_word_embeddings else tensors.pop("lm_head.weight")
+    model.lm_head = (
+        model.embed_tokens if config.tie_word_embeddings else _prepared(tensors.pop("lm_head.weight"), dtype)
+    )
     for n, layer in enumerate(model.layers):
         p = f"model.layers.{n}."
 
@@ -119,12 +151,20 @@ def load_model(
         layer.input_norm = take("input_layernorm.weight")
         layer.post_attention_norm = take("post_attention_layernorm.weight")
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_weight = torch.cat([take(f"self_attn.{x}_proj.weight") for x in "qkv"])
+        attn.qkv_weight = _prepared(_rows([take(f"self_attn.{x}_proj.weight") for x in "qkv"], dtype), dtype)
         if config.qkv_bias:
             attn.qkv_bias = torch.cat([take(f"self_attn.{x}_proj.bias") for x in "qkv"])
-        attn.o_weight, attn.o_bias = take("self_attn.o_proj.weight"), take("self_attn.o_proj.bias")
-        mlp.gate_up_weight = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+        attn.o_weight, attn.o_bias = (
+            _prepared(take("self_attn.o_proj.weight"), dtype),
+            take("self_attn.o_proj.bias"),
+        )
+        mlp.gate_up_weight = _prepared(
+            _rows([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], dtype), dtype
+        )
         if config.mlp_bias:
             mlp.gate_up_bias = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")])
-        mlp.down_weight, mlp.down_bias = take("mlp.down_proj.weight"), take("mlp.down_proj.bias")
+        mlp.down_weight, mlp.down_bias = (
+            _prepared(take("mlp.down_proj.weight"), dtype),
+            take("mlp.down_proj.bias"),
+        )
     return model
