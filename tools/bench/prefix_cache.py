@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prefix", type=int, default=1024)
     p.add_argument("--suffix", type=int, default=32)
+    p.add_argument("--quantized-weights", default="packed", choices=["packed", "dequantize"])
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -42,6 +43,7 @@ def main() -> None:
         llm = LLM(
             args.model,
             dtype=args.dtype,
+            quantized_weights=args.quantized_weights,
             max_model_len=args.prefix + args.suffix + 16,
             kv_cache_memory=1 << 30,
             max_num_batched_tokens=2048,
@@ -60,6 +62,7 @@ def main() -> None:
     out = {
         "machine": machine(),
         "dtype": args.dtype,
+        "quantized_weights": args.quantized_weights,
         "requests": args.requests,
         "prefix": args.prefix,
         "suffix": args.suffix,

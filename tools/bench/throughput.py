@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--quantized-weights", default="packed", choices=["packed", "dequantize"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", metavar="PNG", help="write throughput vs concurrency here")
     args = p.parse_args()
@@ -33,6 +34,7 @@ def main() -> None:
         llm = LLM(
             args.model,
             dtype=dtype,
+            quantized_weights=args.quantized_weights,
             max_model_len=args.prompt_tokens + args.output_tokens + 16,
             kv_cache_memory=1 << 30,
             max_num_seqs=max(args.concurrency),
@@ -47,7 +49,7 @@ def main() -> None:
             produced = sum(len(o.token_ids) for o in outs)
             rows.append(
                 {
-                    "engine": f"tessera ({dtype})",
+                    "engine": f"tessera ({dtype}, {args.quantized_weights} weights)",
                     "concurrency": n,
                     "output_tok_s": produced / seconds,
                     "seconds": seconds,

@@ -68,11 +68,6 @@ static inline int tile_tokens(int nq, int G) {
     return (nq + tiles - 1) / tiles;
 }
 
-static inline const uint16_t *kv_row(const job_t *jb, const uint16_t *cache, const int32_t *table, int kh,
-                                     int pos) {
-    return cache + (((int64_t)table[pos / jb->BS] * jb->BS + pos % jb->BS) * jb->KH + kh) * jb->D;
-}
-
 // RV (row vectors of 16) is a constant at each call site, so the loops over it unroll.
 static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, int64_t item, const scratch_t *sc,
                                                               const int RV) {
@@ -105,7 +100,7 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
         m[v] = _mm512_set1_ps(-INFINITY);
         l[v] = _mm512_setzero_ps();
     }
-    memset(sc->ot, 0, sizeof(float) * D * NR);
+    for (int d = 0; d < D; d++) memset(sc->ot + d * NR, 0, sizeof(float) * 16 * RV);
     const __m512 scale = _mm512_set1_ps(jb->scale);
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
@@ -118,6 +113,19 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     for (int k0 = k_lo; k0 < k_end; k0 += BK) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
         const int nk4 = (nk + 3) & ~3;
+        // offsets of the tile's K/V rows in the cache, stepping through the block table with
+        // one division per tile
+        int64_t row_off[BK];
+        {
+            int blk = k0 / jb->BS, off = k0 % jb->BS;
+            for (int kk = 0; kk < nk; kk++) {
+                row_off[kk] = (((int64_t)table[blk] * jb->BS + off) * jb->KH + kh) * D;
+                if (++off == jb->BS) {
+                    off = 0;
+                    blk++;
+                }
+            }
+        }
         // S^T = K Q^T (unscaled): 4 keys x 64 rows per pass, keys broadcast straight from the
         // paged cache; where no key of the tile is masked, the row maxima are taken here
         const int need_mask = k0 + nk - 1 > p_lo || (W > 0 && k0 <= p_hi - W);
@@ -126,8 +134,7 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
         for (int kk = 0; kk < nk4; kk += 4) {
             const uint32_t *kr[4];
             for (int a = 0; a < 4; a++)
-                kr[a] = kk + a < nk ? (const uint32_t *)kv_row(jb, jb->k_cache, table, kh, k0 + kk + a)
-                                    : (const uint32_t *)sc->zero;
+                kr[a] = kk + a < nk ? (const uint32_t *)(jb->k_cache + row_off[kk + a]) : (const uint32_t *)sc->zero;
             __m512 acc[4][MAX_RV];
             for (int a = 0; a < 4; a++)
                 for (int v = 0; v < RV; v++) acc[a][v] = _mm512_setzero_ps();
@@ -195,8 +202,8 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
         }
         // V, pair-packed by keys
         for (int p = 0; p < np; p++) {
-            const uint16_t *v0 = kv_row(jb, jb->v_cache, table, kh, k0 + 2 * p);
-            const uint16_t *v1 = 2 * p + 1 < nk ? kv_row(jb, jb->v_cache, table, kh, k0 + 2 * p + 1) : sc->zero;
+            const uint16_t *v0 = jb->v_cache + row_off[2 * p];
+            const uint16_t *v1 = 2 * p + 1 < nk ? jb->v_cache + row_off[2 * p + 1] : sc->zero;
             for (int d = 0; d < D; d += 32) {
                 __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
                 _mm512_storeu_si512(sc->vp + p * D + d, _mm512_permutex2var_epi16(a, lo_pairs, b));

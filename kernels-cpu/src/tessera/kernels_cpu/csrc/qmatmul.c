@@ -18,6 +18,9 @@
 #define QT_Q4_0 2  // the GGUF type numbers
 #define QT_Q4_1 3
 #define QT_Q8_0 8
+#ifndef QMT
+#define QMT 16  // tokens per pass over a row group's packed bytes (at most 16)
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <stdlib.h>
@@ -103,12 +106,12 @@ static inline __attribute__((always_inline)) void qmm_group(const qmm_t *a, int 
     const int nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512 total[8];
+    __m512 total[QMT];
     for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int64_t gb = (int64_t)g * nb + b;
         const uint8_t *q = a->qs + gb * qb * 16;
-        __m512 acc[8];
+        __m512 acc[QMT];
         for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
         for (int i = 0; i < 16; i++) {
             __m512i w = a->qtype == QT_Q8_0 ? unpack_q8(q + i * 16, interleave) : unpack_q4(q + i * 16);
@@ -144,12 +147,12 @@ static inline __attribute__((always_inline)) void qmm_group(const qmm_t *a, int 
 static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, int g, int t0, const int MT) {
     const int nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
     const float *x = (const float *)a->xf;
-    __m512 total[8];
+    __m512 total[QMT];
     for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int64_t gb = (int64_t)g * nb + b;
         const uint8_t *q = a->qs + gb * qb * 16;
-        __m512 acc[8];
+        __m512 acc[QMT];
         for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
         for (int i = 0; i < 16; i++) {
             __m512 w0, w1;  // inputs i and i + 16 of the block, 16 rows
@@ -188,20 +191,19 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
     }
 }
 
-#define QMM_TOKENS(fn)                                                         \
-    do {                                                                       \
-        int t0 = 0;                                                            \
-        for (; t0 + 8 <= a->M; t0 += 8) fn(a, g, t0, 8);                       \
-        switch (a->M - t0) {                                                   \
-        case 1: fn(a, g, t0, 1); break;                                        \
-        case 2: fn(a, g, t0, 2); break;                                        \
-        case 3: fn(a, g, t0, 3); break;                                        \
-        case 4: fn(a, g, t0, 4); break;                                        \
-        case 5: fn(a, g, t0, 5); break;                                        \
-        case 6: fn(a, g, t0, 6); break;                                        \
-        case 7: fn(a, g, t0, 7); break;                                        \
-        default: break;                                                        \
-        }                                                                      \
+#define QMM_CASE(fn, n) \
+    case n: fn(a, g, t0, n); break;
+// tokens in chunks of QMT, the rest in one call with a constant count
+#define QMM_TOKENS(fn)                                                                              \
+    do {                                                                                            \
+        int t0 = 0;                                                                                 \
+        for (; t0 + QMT <= a->M; t0 += QMT) fn(a, g, t0, QMT);                                      \
+        switch (a->M - t0) {                                                                        \
+            QMM_CASE(fn, 1) QMM_CASE(fn, 2) QMM_CASE(fn, 3) QMM_CASE(fn, 4) QMM_CASE(fn, 5)         \
+            QMM_CASE(fn, 6) QMM_CASE(fn, 7) QMM_CASE(fn, 8) QMM_CASE(fn, 9) QMM_CASE(fn, 10)        \
+            QMM_CASE(fn, 11) QMM_CASE(fn, 12) QMM_CASE(fn, 13) QMM_CASE(fn, 14) QMM_CASE(fn, 15)    \
+        default: break;                                                                             \
+        }                                                                                           \
     } while (0)
 
 static void qmm_part(void *arg, int part, int n_parts) {
