@@ -34,6 +34,9 @@ def register(op: str, device_type: str):
     def wrap(fn: Callable) -> Callable:
         if op not in _REFERENCE:
             raise KeyError(f"cannot register {op!r}: no such op (known: {', '.join(sorted(_REFERENCE))})")
+        # installed backends load first, so that an explicit registration is never overridden
+        # by one of them loading later
+        load_backends()
         _IMPLS[(op, device_type)] = fn
         return fn
 
