@@ -33,8 +33,25 @@ def native_calls(monkeypatch) -> list:
 
 
 # (total length, new tokens): whole prompts, chunks that start mid-sequence, runs that straddle
-# the 64-key tiles and the row tiles (16 rows), decodes, and a sequence with nothing new this step
-CASES = [(17, 17), (1, 1), (100, 27), (64, 64), (65, 65), (130, 40), (300, 299), (33, 1), (700, 650), (50, 0)]
+# the 64-key tiles and the row tiles (16 rows), a sequence with nothing new this step, decodes
+CASES = [
+    (17, 17),
+    (1, 1),
+    (100, 27),
+    (64, 64),
+    (65, 65),
+    (130, 40),
+    (300, 299),
+    (33, 1),
+    (700, 650),
+    (50, 0),
+    # decode-sized runs (the kernel's decode layout): 1-4 new tokens, keys straddling 16 and 64
+    (16, 1),
+    (17, 2),
+    (65, 4),
+    (200, 3),
+    (129, 1),
+]
 
 
 @pytest.mark.parametrize(
@@ -48,6 +65,7 @@ CASES = [(17, 17), (1, 1), (100, 27), (64, 64), (65, 65), (130, 40), (300, 299),
         (16, 1, 64, 7, None),
         (6, 2, 96, 16, 1),
         (32, 2, 64, 16, None),
+        (32, 1, 64, 16, 20),  # 32 heads per KV head: decodes take the tile layout
     ],
 )
 def test_attention_matches_float64(monkeypatch, hq, hk, d, block_size, window):

@@ -59,10 +59,16 @@ typedef struct {
 } scratch_t;
 
 
+#define DECODE_Q 4  // runs of at most this many new tokens take the decode layout
+#define DECODE_G 16
+
+static inline int decode_layout(int nq, int G) { return nq <= DECODE_Q && G <= DECODE_G; }
+
 // Query tokens per tile for a run of nq tokens: as few tiles of at most NR rows as possible,
 // split evenly, so that a 32-token run of 3 heads per KV head makes two tiles of 48 rows.
 static inline int tile_tokens(int nq, int G) {
-    if (nq <= 0) return 1;    // a sequence with nothing new this step: no tiles
+    if (nq <= 0) return 1;  // a sequence with nothing new this step: no tiles
+    if (decode_layout(nq, G)) return 1;  // one token per item
     const int most = NR / G;  // whole tokens that fit in a tile
     const int tiles = (nq + most - 1) / most;
     return (nq + tiles - 1) / tiles;
@@ -245,9 +251,148 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     }
 }
 
+// Decode-sized runs (a few new tokens, at most 16 query heads per KV head) leave most of the 16
+// row lanes above empty, so they take a layout of their own: one query token per item, its
+// heads' scores computed key by key along the head dimension and summed across lanes 16 keys
+// at a time, probabilities kept in fp32, and P V accumulated with FMAs over the value rows.
+static const int32_t HSUM_IDX[4][2][16] = {
+    // w = 16: two keys' 16 lanes -> two keys of 8 lanes
+    {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
+    // w = 8: four keys of 4 lanes
+    {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
+     {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
+    // w = 4: eight keys of 2 lanes
+    {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
+     {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
+    // w = 2: sixteen keys of 1 lane
+    {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
+     {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
+};
+
+// lane k of the result = the sum of the 16 lanes of v[k]
+static inline __m512 hsum16(__m512 *v) {
+    int n = 16;
+    for (int level = 0; level < 4; level++) {
+        const __m512i ia = _mm512_loadu_si512(HSUM_IDX[level][0]), ib = _mm512_loadu_si512(HSUM_IDX[level][1]);
+        for (int i = 0; i < n / 2; i++)
+            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], ia, v[2 * i + 1]),
+                                 _mm512_permutex2var_ps(v[2 * i], ib, v[2 * i + 1]));
+        n /= 2;
+    }
+    return v[0];
+}
+
+static void run_decode(const job_t *jb, int64_t item, const scratch_t *sc) {
+    const int si = (int)(item >> 40), kh = (int)((item >> 24) & 0xFFFF), t = (int)(item & 0xFFFFFF);
+    const int seq = jb->seqs[si];
+    const int D = jb->D, H = jb->H, G = H / jb->KH, W = jb->window, DV = D / 32;
+    const int q_start = jb->qsl[seq], nq = jb->qsl[seq + 1] - q_start;
+    const int pos = jb->seq_lens[seq] - nq + t;
+    const int k_lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0, k_end = pos + 1;
+    const int32_t *table = jb->block_tables + (int64_t)seq * jb->bt_stride;
+    const uint16_t *qrow[DECODE_G];
+    float m[DECODE_G], l[DECODE_G];
+    for (int g = 0; g < G; g++) {
+        qrow[g] = jb->q + ((int64_t)(q_start + t) * H + kh * G + g) * D;
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    float *o = sc->ot;  // [G][D]
+    float *p = sc->st;  // [G][BK]: scores, then probabilities
+    memset(o, 0, sizeof(float) * G * D);
+    const __m512 scale = _mm512_set1_ps(jb->scale);
+    for (int k0 = k_lo; k0 < k_end; k0 += BK) {
+        const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
+        int64_t row_off[BK];
+        {
+            int blk = k0 / jb->BS, off = k0 % jb->BS;
+            for (int kk = 0; kk < nk; kk++) {
+                row_off[kk] = (((int64_t)table[blk] * jb->BS + off) * jb->KH + kh) * D;
+                if (++off == jb->BS) {
+                    off = 0;
+                    blk++;
+                }
+            }
+        }
+        // scores, 16 keys per vector
+        for (int g = 0; g < G; g++) {
+            __m512bh qv[MAX_D / 32];
+            for (int c = 0; c < DV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qrow[g] + c * 32);
+            for (int kg = 0; kg < nk; kg += 16) {
+                const int nkg = (nk - kg) < 16 ? (nk - kg) : 16;
+                __m512 part[16];
+                for (int kk = 0; kk < 16; kk++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    if (kk < nkg) {
+                        const uint16_t *kr = jb->k_cache + row_off[kg + kk];
+                        for (int c = 0; c < DV; c++)
+                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
+                    }
+                    part[kk] = acc;
+                }
+                __m512 sv = _mm512_mul_ps(hsum16(part), scale);
+                sv = _mm512_mask_blend_ps((__mmask16)((1u << nkg) - 1), _mm512_set1_ps(-INFINITY), sv);
+                _mm512_storeu_ps(p + g * BK + kg, sv);
+            }
+        }
+        // online softmax per head
+        const int nv = (nk + 15) / 16;
+        __m512 alpha_v[DECODE_G];
+        for (int g = 0; g < G; g++) {
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + g * BK + c * 16));
+            const float m_new = fmaxf(m[g], _mm512_reduce_max_ps(mx));
+            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int c = 0; c < nv; c++) {
+                const int valid = (nk - c * 16) < 16 ? (nk - c * 16) : 16;
+                __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << valid) - 1),
+                                               exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + g * BK + c * 16), _mm512_set1_ps(m_new))));
+                _mm512_storeu_ps(p + g * BK + c * 16, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            l[g] = l[g] * alpha + _mm512_reduce_add_ps(sum);
+            m[g] = m_new;
+            alpha_v[g] = _mm512_set1_ps(alpha);
+        }
+        // O = alpha O + P V: 4 heads x 64 dims of accumulators, value rows converted once each
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const int ng = (G - g0) < 4 ? (G - g0) : 4;
+            for (int d0 = 0; d0 < D; d0 += 64) {
+                const int nc = (D - d0) >= 64 ? 4 : (D - d0) / 16;
+                __m512 acc[4][4];
+                for (int a = 0; a < ng; a++)
+                    for (int c = 0; c < nc; c++)
+                        acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(o + (g0 + a) * D + d0 + c * 16), alpha_v[g0 + a]);
+                for (int kk = 0; kk < nk; kk++) {
+                    const uint16_t *vr = jb->v_cache + row_off[kk] + d0;
+                    __m512 vv[4];
+                    for (int c = 0; c < nc; c++) vv[c] = load_bf16(vr + c * 16);
+                    for (int a = 0; a < ng; a++) {
+                        const __m512 pk = _mm512_set1_ps(p[(g0 + a) * BK + kk]);
+                        for (int c = 0; c < nc; c++) acc[a][c] = _mm512_fmadd_ps(pk, vv[c], acc[a][c]);
+                    }
+                }
+                for (int a = 0; a < ng; a++)
+                    for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (g0 + a) * D + d0 + c * 16, acc[a][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        uint16_t *dst = jb->out + ((int64_t)(q_start + t) * H + kh * G + g) * D;
+        const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
+        for (int d = 0; d < D; d += 16) store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + g * D + d), inv));
+    }
+}
+
 static void run_item(const job_t *jb, int64_t item, const scratch_t *sc) {
     const int seq = jb->seqs[(int)(item >> 40)], t0 = (int)(item & 0xFFFFFF);
     const int nq = jb->qsl[seq + 1] - jb->qsl[seq];
+    if (decode_layout(nq, jb->H / jb->KH)) {
+        run_decode(jb, item, sc);
+        return;
+    }
     const int bq = tile_tokens(nq, jb->H / jb->KH);
     const int nt = (nq - t0) < bq ? (nq - t0) : bq;
     switch ((nt * (jb->H / jb->KH) + 15) / 16) {
