@@ -93,3 +93,17 @@ def test_chat_reads_turns_from_stdin_and_applies_the_template():
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_bench_latency_and_throughput_print_the_documented_json():
+    small = ["--prompt-tokens", "32", "--output-tokens", "8", "--runs", "1", "--kv-cache-memory", "64MiB"]
+    r = tessera("bench", "latency", "--json", *small)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    obj = json.loads(line)
+    assert obj["prefill_tok_s"] > 0 and obj["ttft_ms"] > 0 and obj["decode_tok_s"] > 0
+    r = tessera("bench", "throughput", "--concurrency", "2", "--json", *small)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    obj = json.loads(line)
+    assert obj["output_tok_s"] > 0 and obj["concurrency"] == 2

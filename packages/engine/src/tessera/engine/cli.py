@@ -198,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bench_sub.add_parser("serve", help="TTFT, inter-token latency and throughput of a running server")
     bench_serve.add_args(bs)
     bs.set_defaults(func=bench_serve.run)
+    from . import bench_offline
+
+    bl = bench_sub.add_parser("latency", help="prefill tokens/s, time to first token, single-stream decode")
+    bench_offline.add_latency_args(bl)
+    bl.set_defaults(func=bench_offline.run_latency)
+    bt = bench_sub.add_parser("throughput", help="aggregate output tokens/s at several concurrencies")
+    bench_offline.add_throughput_args(bt)
+    bt.set_defaults(func=bench_offline.run_throughput)
     return parser
 
 
