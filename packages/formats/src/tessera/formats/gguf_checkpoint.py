@@ -15,6 +15,8 @@ from .gguf_quants import BLOCK_LAYOUT
 from .quantized import QuantizedTensor
 from .tokenizer import Tokenizer
 
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
 # GGUF general.architecture -> our architecture (Mistral GGUFs say "llama")
 _GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 
@@ -66,27 +68,21 @@ class GGUFCheckpoint:
     """One ``.gguf`` file. Opening reads the header and checks every tensor; weights load lazily."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
+        from .gguf_file import GGUFFile
 
         self.path = Path(path)
         if not self.path.is_file():
             raise FormatError(f"{self.path}: no such file")
         try:
-            self._reader = GGUFReader(self.path)
-        except Exception as e:  # the reader raises ValueError, struct or numpy errors on damage
+            self._reader = GGUFFile(self.path)
+        except Exception as e:  # ValueError, struct or numpy errors on damage
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         self.metadata = self._read_metadata()
         self._check_tensors()
         self.config = self._read_config()
 
     def _read_metadata(self) -> dict:
-        meta = {}
-        for key, field in self._reader.fields.items():
-            try:
-                meta[key] = field.contents()
-            except Exception as e:
-                raise FormatError(f"{self.path}: metadata field {key!r} is unreadable ({e})") from e
-        return meta
+        return dict(self._reader.fields)
 
     def _check_tensors(self) -> None:
         size = self.path.stat().st_size
@@ -175,13 +171,10 @@ class GGUFCheckpoint:
             }
         for t in self._reader.tensors:
             qtype = t.tensor_type.name
-            shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-            raw = torch.from_numpy(np.array(t.data))  # copy out of the memory map
-            if qtype in ("F32", "F16", "BF16"):
-                tensor = raw.view(torch.uint8).reshape(-1) if qtype == "BF16" else raw
-                if qtype == "BF16":
-                    tensor = tensor.view(torch.bfloat16)
-                value: torch.Tensor | QuantizedTensor = tensor.reshape(shape)
+            shape = tuple(reversed(t.shape))
+            raw = torch.from_numpy(np.array(t.data))  # bytes, copied out of the memory map
+            if qtype in _FLOAT_TYPES:
+                value: torch.Tensor | QuantizedTensor = raw.view(_FLOAT_TYPES[qtype]).reshape(shape)
             else:
                 value = QuantizedTensor(qtype, raw.reshape(shape[0] if len(shape) > 1 else 1, -1), shape)
             kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
