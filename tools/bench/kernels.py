@@ -58,6 +58,44 @@ def timeit(fn, *args, repeat=5) -> float:
     return best
 
 
+def packed_linear_rows() -> list[dict]:
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from tessera.formats import QuantizedTensor
+    from tessera.kernels_cpu import packed
+
+    rng = np.random.default_rng(0)
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
+    quantized = []
+    for n, k in shapes:
+        raw = quantize(rng.standard_normal((n, k), dtype=np.float32), GGMLQuantizationType.Q4_1)
+        quantized.append(QuantizedTensor("Q4_1", torch.from_numpy(raw.reshape(n, -1).view(np.uint8)), (n, k)))
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        weights = [(packed.prepare_linear_weight(q, dtype), q.dequantize(dtype)) for q in quantized]
+        for m in (1, 8, 32):
+            xs = {k: torch.randn(m, k, dtype=dtype) for k in (576, 1536)}
+
+            def run(use_packed, weights=weights, xs=xs):
+                for pw, dw in weights:
+                    x = xs[dw.shape[1]]
+                    packed.linear(x, pw) if use_packed else torch.nn.functional.linear(x, dw)
+
+            t_ref, t_cpu = timeit(run, False, repeat=3), timeit(run, True, repeat=3)
+            rows.append(
+                {
+                    "op": "linear",
+                    "workload": f"{m} tokens x 120 Q4_1 weights, {str(dtype)[6:]}",
+                    "reference_ms": t_ref * 1e3,
+                    "cpu_ms": t_cpu * 1e3,
+                    "speedup": t_ref / t_cpu,
+                }
+            )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
@@ -72,6 +110,8 @@ def main() -> None:
         "prefill 512 tokens": [(512, 512)],
         "prefill 1024 tokens": [(1024, 1024)],
         "mixed: 1 x 512 prefill + 32 decodes": [(512, 512)] + [(256, 1)] * 32,
+        "bf16 decode 32 seqs x 256 ctx": ([(256, 1)] * 32, torch.bfloat16),
+        "bf16 decode 64 seqs x 1024 ctx": ([(1024, 1)] * 64, torch.bfloat16),
         "bf16 prefill 1056 tokens": ([(1056, 1056)], torch.bfloat16),
         "bf16 8 x 32 new tokens on 1,056": ([(1056, 32)] * 8, torch.bfloat16),
         "bf16 mixed: 1 x 512 prefill + 32 decodes": ([(512, 512)] + [(256, 1)] * 32, torch.bfloat16),
@@ -136,6 +176,10 @@ def main() -> None:
                     "speedup": t_ref / t_cpu,
                 }
             )
+    # packed GGUF weights: every projection of the default model's 30 layers (Q4_1, too big for
+    # the caches together) multiplied by M tokens, against torch's GEMM on dequantized weights
+    if native.library() is not None:
+        rows.extend(packed_linear_rows())
     # where the SDPA path takes over: time each path alone on one sequence of n new tokens
     for n in (8, 16, 24, 32, 64):
         q, cache, qsl, lens, bt, scales = batch([(n + 256, n)])
