@@ -59,6 +59,19 @@ typedef struct {
 } scratch_t;
 
 
+// Offsets in the cache of the K/V rows of keys [k0, k0 + nk) of one KV head, stepping through
+// the block table with one division per tile.
+static inline void key_rows(const job_t *jb, const int32_t *table, int kh, int k0, int nk, int64_t *row_off) {
+    int blk = k0 / jb->BS, off = k0 % jb->BS;
+    for (int kk = 0; kk < nk; kk++) {
+        row_off[kk] = (((int64_t)table[blk] * jb->BS + off) * jb->KH + kh) * jb->D;
+        if (++off == jb->BS) {
+            off = 0;
+            blk++;
+        }
+    }
+}
+
 #define DECODE_Q 4  // runs of at most this many new tokens take the decode layout
 #define DECODE_G 16
 
@@ -119,19 +132,8 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     for (int k0 = k_lo; k0 < k_end; k0 += BK) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
         const int nk4 = (nk + 3) & ~3;
-        // offsets of the tile's K/V rows in the cache, stepping through the block table with
-        // one division per tile
         int64_t row_off[BK];
-        {
-            int blk = k0 / jb->BS, off = k0 % jb->BS;
-            for (int kk = 0; kk < nk; kk++) {
-                row_off[kk] = (((int64_t)table[blk] * jb->BS + off) * jb->KH + kh) * D;
-                if (++off == jb->BS) {
-                    off = 0;
-                    blk++;
-                }
-            }
-        }
+        key_rows(jb, table, kh, k0, nk, row_off);
         // S^T = K Q^T (unscaled): 4 keys x 64 rows per pass, keys broadcast straight from the
         // paged cache; where no key of the tile is masked, the row maxima are taken here
         const int need_mask = k0 + nk - 1 > p_lo || (W > 0 && k0 <= p_hi - W);
@@ -305,16 +307,7 @@ static void run_decode(const job_t *jb, int64_t item, const scratch_t *sc) {
     for (int k0 = k_lo; k0 < k_end; k0 += BK) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
         int64_t row_off[BK];
-        {
-            int blk = k0 / jb->BS, off = k0 % jb->BS;
-            for (int kk = 0; kk < nk; kk++) {
-                row_off[kk] = (((int64_t)table[blk] * jb->BS + off) * jb->KH + kh) * D;
-                if (++off == jb->BS) {
-                    off = 0;
-                    blk++;
-                }
-            }
-        }
+        key_rows(jb, table, kh, k0, nk, row_off);
         // scores, 16 keys per vector
         for (int g = 0; g < G; g++) {
             __m512bh qv[MAX_D / 32];

@@ -87,6 +87,17 @@ typedef struct {
     int M, K, N, qtype, out_bf16;
 } qmm_t;
 
+// the 16 outputs of row group g for tokens [t0, t0 + MT)
+static inline void store_rows(const qmm_t *a, int g, int t0, int MT, const __m512 *total) {
+    for (int t = 0; t < MT; t++) {
+        int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
+        if (a->out_bf16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(total[t]));
+        else
+            _mm512_storeu_ps((float *)a->out + off, total[t]);
+    }
+}
+
 static inline __m512i unpack_q4(const uint8_t *p) {
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
@@ -133,13 +144,7 @@ static inline __attribute__((always_inline)) void qmm_group(const qmm_t *a, int 
             }
         }
     }
-    for (int t = 0; t < MT; t++) {
-        int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
-        if (a->out_bf16)
-            _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(total[t]));
-        else
-            _mm512_storeu_ps((float *)a->out + off, total[t]);
-    }
+    store_rows(a, g, t0, MT, total);
 }
 
 // The same for fp32 inputs, in fp32: sum q x accumulated with FMAs (q converted exactly), so
@@ -182,13 +187,7 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
             }
         }
     }
-    for (int t = 0; t < MT; t++) {
-        int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
-        if (a->out_bf16)
-            _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(total[t]));
-        else
-            _mm512_storeu_ps((float *)a->out + off, total[t]);
-    }
+    store_rows(a, g, t0, MT, total);
 }
 
 #define QMM_CASE(fn, n) \
