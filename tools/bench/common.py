@@ -6,10 +6,10 @@ import os
 import platform
 import random
 
-import torch
-
 
 def machine() -> str:
+    import torch  # here, so that a peer's process (llama.cpp) does not load torch
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
