@@ -95,7 +95,7 @@ def run_llama_cpp(concurrency: list[int], runs: int) -> dict:
         else:
             p.flash_attn = True
         if hasattr(p, "kv_unified"):
-            p.kv_unified = True
+            p.kv_unified = False  # one KV stream per sequence: attention scans its own cells only
         return llama_cpp.llama_init_from_model(model, p)
 
     def decode(ctx, batch, tokens: list[tuple[int, int, int, bool]]) -> None:
