@@ -311,7 +311,7 @@ def main() -> None:
         text_all = bench.read_text()
         begin, end = "<!-- peers:begin -->", "<!-- peers:end -->"
         block = (
-            f"{begin}\n{datetime.date.today()}, {machine()}; `{' '.join(['uv run', *sys.argv])}` "
+            f"{begin}\n{datetime.date.today()}, {machine()}; `python {' '.join(sys.argv)}` "
             f"(ratios against llama.cpp in the same run)\n\n{text}\n{end}"
         )
         if begin in text_all:
