@@ -15,18 +15,12 @@ from tessera.models import load_model
 from tessera.models.harness import forward_chunks
 from tessera.sampling import SamplingParams
 
+from .test_default_model_vs_transformers import NEAR_TIE, PROMPTS
+
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C kernels on this machine")
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 LLAMA_CPP_PPL = 23.79  # llama.cpp on the first 2,048 tokens, 4 windows of 512 (shared/data/README.md)
-NEAR_TIE = 0.01
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n",
-    "Once upon a time, in a small village by the sea,",
-    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
-    "Photosynthesis is the process by which",
-]
 
 
 def test_fp32_greedy_tokens_match_the_dequantized_path(default_model_path, hf_default_model):
