@@ -174,3 +174,15 @@ def test_native_can_be_turned_off(monkeypatch):
         assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+def test_an_unwritable_cache_folder_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(blocked))  # kernels_cpu/ cannot be created inside
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "unavailable" in caplog.text
+    finally:
+        native.library.cache_clear()

@@ -66,19 +66,24 @@ def library() -> ctypes.CDLL | None:
     h.update(" ".join([cc, *CFLAGS]).encode())
     h.update(_cpu_signature().encode())
     out = cache_dir() / f"kernels-{h.hexdigest()[:16]}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_out = Path(tmp) / out.name
-            cmd = [cc, *CFLAGS, "-o", str(tmp_out), *map(str, sources), "-lpthread", "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                log.warning(
-                    "tessera C kernels failed to build (%s); using the Numba/torch kernels", r.stderr[-2000:]
-                )
-                return None
-            os.replace(tmp_out, out)  # atomic: a concurrent process sees the whole file or none
-    lib = ctypes.CDLL(str(out))
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                tmp_out = Path(tmp) / out.name
+                cmd = [cc, *CFLAGS, "-o", str(tmp_out), *map(str, sources), "-lpthread", "-lm"]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode != 0:
+                    log.warning(
+                        "tessera C kernels failed to build (%s); using the Numba/torch kernels",
+                        r.stderr[-2000:],
+                    )
+                    return None
+                os.replace(tmp_out, out)  # atomic: a concurrent process sees the whole file or none
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:  # an unwritable cache folder, a library that does not load
+        log.warning("tessera C kernels unavailable (%s); using the Numba/torch kernels", e)
+        return None
     lib.tessera_attention_bf16_supported.restype = ctypes.c_int
     if not lib.tessera_attention_bf16_supported():
         log.info("tessera C kernels: this CPU has no AVX512-BF16; using the Numba/torch kernels")
