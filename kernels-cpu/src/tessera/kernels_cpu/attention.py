@@ -194,6 +194,8 @@ def _native_bf16(lib, query, kv_cache, qsl, lens, block_tables, seqs, scale, win
         out.data_ptr(),
         torch.get_num_threads(),
     )
+    if rc == -3:
+        raise MemoryError("the bf16 attention kernel could not allocate its scratch memory")
     if rc != 0:
         raise ValueError(f"the bf16 attention kernel refused its arguments (code {rc})")
 

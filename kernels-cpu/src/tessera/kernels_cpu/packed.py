@@ -33,7 +33,6 @@ class PackedWeight:
         self.scheme, self.qtype = scheme, QTYPES[scheme]
         self.qs, self.d, self.m = qs, d, m
         self.shape = tuple(shape)
-        self.dtype = None  # packed: no torch dtype
 
     @property
     def device(self) -> torch.device:

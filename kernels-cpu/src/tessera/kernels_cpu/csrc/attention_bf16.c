@@ -26,9 +26,7 @@ int tessera_attention_bf16_supported(void) { return TESSERA_HAVE_BF16; }
 
 #if TESSERA_HAVE_BF16
 
-#ifndef BK
 #define BK 64        // keys per tile
-#endif
 #define NR 64        // query rows per tile: tokens x query heads of one KV head, padded
 #define MAX_RV (NR / 16)
 #define MAX_D 256    // head size
@@ -47,6 +45,7 @@ typedef struct {
     int64_t *items;              // packed (sequence index, kv head, first token of the tile)
     int n_items;
     int next;                    // atomic cursor over items
+    int failed;                  // set by a thread that could not get its scratch memory
 } job_t;
 
 typedef struct {
@@ -409,7 +408,12 @@ static void attention_part(void *arg, int part, int n_parts) {
         sc.vp = aligned_alloc(64, sizeof(uint32_t) * BK / 2 * MAX_D);
         sc.ot = aligned_alloc(64, sizeof(float) * MAX_D * NR);
         sc.zero = aligned_alloc(64, sizeof(uint16_t) * MAX_D);
-        if (!(sc.qp && sc.st && sc.pp && sc.vp && sc.ot && sc.zero)) abort();
+        if (!(sc.qp && sc.st && sc.pp && sc.vp && sc.ot && sc.zero)) {  // out of memory: report it
+            free(sc.qp); free(sc.st); free(sc.pp); free(sc.vp); free(sc.ot); free(sc.zero);
+            memset(&sc, 0, sizeof sc);
+            __atomic_store_n(&jb->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
         memset(sc.zero, 0, sizeof(uint16_t) * MAX_D);
     }
     for (;;) {
@@ -462,12 +466,12 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
     for (int i = 0; i < n; i++) items[i] = pairs[2 * i];
     free(pairs);
     job_t jb = {q, k_cache, v_cache, qsl, seq_lens, block_tables, seqs, n_seqs, bt_stride, H, KH, D, BS,
-                window, scale, out, items, n, 0};
+                window, scale, out, items, n, 0, 0};
     if (n_threads < 1) n_threads = 1;
     if (n_threads > n) n_threads = n;
     pool_run(attention_part, &jb, n_threads, n_threads);
     free(items);
-    return 0;
+    return jb.failed ? -3 : 0;
 }
 
 #else
