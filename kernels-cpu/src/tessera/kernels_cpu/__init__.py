@@ -4,6 +4,7 @@ from tessera.kernels import register
 
 from .attention import paged_attention
 from .cache_write import reshape_and_cache
+from .decoder import decoder_layers
 from .elementwise import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from .packed import PackedWeight, linear, prepare_linear_weight
 
@@ -22,11 +23,13 @@ def register_all() -> None:
     register("silu_and_mul", "cpu")(silu_and_mul)
     register("linear", "cpu")(linear)
     register("prepare_linear_weight", "cpu")(prepare_linear_weight)
+    register("decoder_layers", "cpu")(decoder_layers)
     _registered = True
 
 
 __all__ = [
     "PackedWeight",
+    "decoder_layers",
     "linear",
     "prepare_linear_weight",
     "fused_add_rms_norm",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["attention_bf16.c", "elementwise_bf16.c", "qmatmul.c", "pool.c"]
+SOURCES = ["attention_bf16.c", "elementwise_bf16.c", "qmatmul.c", "decoder_bf16.c", "pool.c"]
 HEADERS = ["simd.h", "pool.h"]
 CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp"]
 
@@ -96,9 +96,10 @@ def library() -> ctypes.CDLL | None:
     lib.tessera_rotary_bf16.argtypes = [p, p, p, i, i, i, ctypes.c_int64, i]
     lib.tessera_silu_and_mul_bf16.argtypes = [p, p, i, i, i]
     lib.tessera_q_repack.argtypes = [i, p, i, i, p, p, p]
-    lib.tessera_q_matmul.argtypes = [i, p, i, i, i, i, p, p, p, p, i, i]
+    lib.tessera_q_matmul.argtypes = [i, p, i, i, i, i, p, p, p, p, p, i, i]
     lib.tessera_q_gather_rows.argtypes = [i, p, p, p, i, i, p, i, p, i]
     lib.tessera_q_dequantize_t.argtypes = [i, p, p, p, i, i, p, i, i]
+    lib.tessera_llama_layers_bf16.argtypes = [p, i, p, p, p, i]
     for fn in (
         lib.tessera_rms_norm_bf16,
         lib.tessera_rotary_bf16,
@@ -107,6 +108,7 @@ def library() -> ctypes.CDLL | None:
         lib.tessera_q_matmul,
         lib.tessera_q_gather_rows,
         lib.tessera_q_dequantize_t,
+        lib.tessera_llama_layers_bf16,
     ):
         fn.restype = i
     return lib

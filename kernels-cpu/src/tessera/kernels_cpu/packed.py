@@ -1,9 +1,10 @@
-"""GGUF weights kept packed on the CPU (Q4_0, Q4_1, Q8_0) and multiplied without dequantizing.
+"""GGUF weights kept packed on the CPU (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and
+multiplied without dequantizing.
 
-``prepare_linear_weight`` repacks a weight once at load (16 output rows side by side, see
-csrc/qmatmul.c); ``linear`` multiplies with the packed bytes directly (each byte is read once
-per call) and, for many bf16 tokens, dequantizes the weight into a reused buffer and calls
-torch's GEMM, whichever measured faster (tools/bench/kernels.py).
+``prepare_linear_weight`` repacks a weight once at load into a 4-bit or an 8-bit form (16
+output rows side by side, see csrc/qmatmul.c); ``linear`` multiplies with the packed bytes
+directly: bf16 inputs quantized to int8 per 32 inputs (as llama.cpp's q8 activations) and
+multiplied with VNNI dot products, fp32 inputs with FMAs over the exact weights.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from tessera.kernels import reference
 from . import native
 
 # GGUF type numbers of the schemes the C kernels take
-QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
-QUANT_BYTES = {"Q4_0": 16, "Q4_1": 16, "Q8_0": 32}  # per row and block of 32, repacked
+QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}  # repacked two quants a byte; the others one a byte
+STORED_MIN = {"Q4_1", "Q5_1", "Q4_K", "Q5_K"}  # m stored per sub-block, else a multiple of d
+SUB_BLOCKS = {"Q6_K": 2}  # scales per 32 inputs (Q6_K's sub-blocks are 16 long)
+BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # inputs per GGUF block (else 32)
 
-# Above this many tokens a bf16 product dequantizes into a scratch buffer and uses torch's
-# GEMM (measured on 2 Zen 4 cores with the default model's shapes: the packed kernel is faster
-# up to ~128 tokens in bf16, and at every size in fp32, where torch's GEMM is slower).
-GEMV_MAX_TOKENS = 96
+# Both paths beat dequantizing into a buffer and calling torch's GEMM at every size measured
+# (2 Zen 4 cores, the default model's shapes, 1 to 2,048 tokens: int8 470-600 GFLOP/s against
+# torch's bf16 GEMM's 220-420; tools/bench/kernels.py), so that is kept for other dtypes only.
 
 
 class PackedWeight:
@@ -71,11 +74,12 @@ class PackedWeight:
 
 def _supported(weight) -> bool:
     shape = getattr(weight, "shape", ())
+    scheme = getattr(weight, "scheme", None)
     return (
-        getattr(weight, "scheme", None) in QTYPES
+        scheme in QTYPES
         and len(shape) == 2
         and shape[0] % 16 == 0
-        and shape[1] % 32 == 0
+        and shape[1] % BLOCK.get(scheme, 32) == 0
         and weight.device.type == "cpu"
     )
 
@@ -87,10 +91,11 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     if lib is None or not _supported(weight):
         return reference.prepare_linear_weight(weight, dtype)
     n, k = weight.shape
+    scheme = weight.scheme
     groups, blocks = n // 16, k // 32
-    qs = torch.empty(groups * blocks * QUANT_BYTES[weight.scheme] * 16, dtype=torch.uint8)
-    d = torch.empty(groups * blocks * 16, dtype=torch.int16)
-    m = torch.empty_like(d) if weight.scheme == "Q4_1" else None
+    qs = torch.empty(groups * blocks * (16 if scheme in FOUR_BIT else 32) * 16, dtype=torch.uint8)
+    d = torch.empty(groups * blocks * SUB_BLOCKS.get(scheme, 1) * 16, dtype=torch.int16)
+    m = torch.empty_like(d) if scheme in STORED_MIN else None
     src = weight.data.contiguous()
     rc = lib.tessera_q_repack(
         QTYPES[weight.scheme],
@@ -101,6 +106,8 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
         d.data_ptr(),
         m.data_ptr() if m is not None else None,
     )
+    if rc == -2:  # a K-quant sub-block scale beyond fp16: keep the exact dequantized weight
+        return reference.prepare_linear_weight(weight, dtype)
     if rc != 0:
         raise ValueError(f"cannot repack a {weight.scheme} weight of shape {tuple(weight.shape)}")
     return PackedWeight(weight.scheme, qs, d, m, weight.shape)
@@ -145,15 +152,15 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     tokens = x2.shape[0]
-    if x.dtype not in (torch.float32, torch.bfloat16) or (
-        x.dtype == torch.bfloat16 and tokens > GEMV_MAX_TOKENS
-    ):
+    if x.dtype not in (torch.float32, torch.bfloat16):
         out = torch.mm(x2, _dequantized_t(weight, x.dtype))
         if bias is not None:
             out += bias
         return out.reshape(*lead, n)
     x2 = x2.contiguous()
     out = torch.empty(tokens, n, dtype=x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
     rc = native.library().tessera_q_matmul(
         weight.qtype,
         x2.data_ptr(),
@@ -164,12 +171,13 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         weight.qs.data_ptr(),
         weight.d.data_ptr(),
         weight.m.data_ptr() if weight.m is not None else None,
+        bias.data_ptr() if bias is not None else None,
         out.data_ptr(),
         int(out.dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
+    if rc == -3:
+        raise MemoryError(f"no memory for the inputs of a {tokens}-token packed matmul")
     if rc != 0:
         raise ValueError(f"the packed {weight.scheme} matmul refused x of shape {tuple(x.shape)}")
-    if bias is not None:
-        out += bias
     return out.reshape(*lead, n)

@@ -307,6 +307,17 @@ static void run_decode(const job_t *jb, int64_t item, const scratch_t *sc) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
         int64_t row_off[BK];
         key_rows(jb, table, kh, k0, nk, row_off);
+        // the cache rows are scattered over blocks and rarely in cache: ask for this tile's
+        // value rows and the next tile's key rows now, so the loads overlap the arithmetic
+        for (int kk = 0; kk < nk; kk++)
+            for (int c = 0; c < D * 2; c += 64) _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T0);
+        if (k0 + BK < k_end) {
+            int64_t next_off[BK];
+            const int nn = (k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK;
+            key_rows(jb, table, kh, k0 + BK, nn, next_off);
+            for (int kk = 0; kk < nn; kk++)
+                for (int c = 0; c < D * 2; c += 64) _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T0);
+        }
         // scores, 16 keys per vector
         for (int g = 0; g < G; g++) {
             __m512bh qv[MAX_D / 32];
@@ -395,6 +406,24 @@ static void run_item(const job_t *jb, int64_t item, const scratch_t *sc) {
     }
 }
 
+// Prefetch the key and value rows of an item's first tile of keys.
+static void prefetch_first_keys(const job_t *jb, int64_t item) {
+    const int si = (int)(item >> 40), kh = (int)((item >> 24) & 0xFFFF), t0 = (int)(item & 0xFFFFFF);
+    const int seq = jb->seqs[si], W = jb->window;
+    const int nq = jb->qsl[seq + 1] - jb->qsl[seq];
+    const int pos = jb->seq_lens[seq] - nq + t0;  // the item's first query token
+    const int k_lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0;
+    const int nk = jb->seq_lens[seq] - k_lo < BK ? jb->seq_lens[seq] - k_lo : BK;
+    if (nk <= 0) return;
+    int64_t row_off[BK];
+    key_rows(jb, jb->block_tables + (int64_t)seq * jb->bt_stride, kh, k_lo, nk, row_off);
+    for (int kk = 0; kk < nk; kk++)
+        for (int c = 0; c < jb->D * 2; c += 64) {
+            _mm_prefetch((const char *)(jb->k_cache + row_off[kk]) + c, _MM_HINT_T0);
+            _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T1);
+        }
+}
+
 // One part of the pool job: take items until none are left, with this thread's scratch.
 static void attention_part(void *arg, int part, int n_parts) {
     (void)part;
@@ -416,10 +445,15 @@ static void attention_part(void *arg, int part, int n_parts) {
         }
         memset(sc.zero, 0, sizeof(uint16_t) * MAX_D);
     }
-    for (;;) {
-        int i = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
-        if (i >= jb->n_items) break;
+    // Each thread claims its next item before running the current one and asks for that
+    // item's first keys: the cache rows are scattered over blocks and rarely cached, and the
+    // first tile of an item is otherwise read with nothing to overlap it.
+    int i = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
+    while (i < jb->n_items) {
+        const int j = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
+        if (j < jb->n_items) prefetch_first_keys(jb, jb->items[j]);
         run_item(jb, jb->items[i], &sc);
+        i = j;
     }
 }
 
@@ -436,16 +470,22 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
                            float scale, int window, uint16_t *out, int n_threads) {
     if (D % 32 != 0 || D > MAX_D) return -1;
     if (KH <= 0 || H % KH != 0 || H / KH > NR) return -2;
+    int32_t *all = NULL;  // seqs NULL: every sequence of the step
+    if (!seqs) {
+        if (!(all = malloc(sizeof(int32_t) * (n_seqs > 0 ? n_seqs : 1)))) return -3;
+        for (int i = 0; i < n_seqs; i++) all[i] = i;
+        seqs = all;
+    }
     int n_items = 0;
     for (int i = 0; i < n_seqs; i++) {
         int nq = qsl[seqs[i] + 1] - qsl[seqs[i]];
         int bq = tile_tokens(nq, H / KH);
         n_items += KH * ((nq + bq - 1) / bq);
     }
-    if (n_items == 0) return 0;
+    if (n_items == 0) { free(all); return 0; }
     int64_t *pairs = malloc(sizeof(int64_t) * 2 * n_items);
     int64_t *items = malloc(sizeof(int64_t) * n_items);
-    if (!pairs || !items) { free(pairs); free(items); return -3; }
+    if (!pairs || !items) { free(pairs); free(items); free(all); return -3; }
     int n = 0;
     for (int i = 0; i < n_seqs; i++) {
         int seq = seqs[i];
@@ -471,6 +511,7 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
     if (n_threads > n) n_threads = n;
     pool_run(attention_part, &jb, n_threads, n_threads);
     free(items);
+    free(all);
     return jb.failed ? -3 : 0;
 }
 

@@ -1,33 +1,66 @@
-// Matrix products with GGUF weights kept packed (Q4_0, Q4_1, Q8_0), for few tokens at a time.
-// (fp32 inputs take an FMA path instead, see qmm_group_f32.)
+// Matrix products with GGUF weights kept packed: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 //
-// At load the blocks are repacked so that 16 consecutive output rows sit side by side: for a
-// group of 16 rows and a block of 32 inputs, the quants of input k for the 16 rows are one
-// 16-byte vector (Q4: one byte holds inputs i and i+16, as in GGUF), and the 16 rows' scales
-// (and mins) are 16 fp16 values. A product unpacks each vector once into 16 lanes of bf16
-// pairs and multiplies it with every token's input pair (vdpbf16ps), so each packed byte is
-// read once per call whatever the number of tokens.
+// At load every scheme is repacked into one of two forms where each weight is d * q + m, with
+// q unsigned and (d, m) per sub-block of 32 inputs (16 for Q6_K):
+//   4-bit form (Q4_0, Q4_1, Q4_K): q in 0..15, two per byte;
+//   8-bit form (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K): q in 0..255, one per byte (Q8_0's signed
+//   quants plus 128, Q6_K's 6-bit quants as they are).
+// m is stored (Q4_1, Q5_1, Q4_K, Q5_K) or is a fixed multiple of d (Q4_0: -8 d, Q5_0: -16 d,
+// Q8_0: -128 d, Q6_K: -32 d). d and m are fp16: the files' own values for the 32-blocks, and
+// d * scale, -dmin * min rounded to fp16 for the K-quants' sub-blocks (a relative 2^-12, far
+// below the 4-6-bit steps).
 //
-// Q4 quants q in 0..15 become the bf16 number 128 + q with one OR (0x4300 | q), so the block's
-// dot product is d * (sum (128 + q) x) + (m - 128 d) * sum x, where m is the block's minimum
-// (Q4_1) or -8 d (Q4_0). Inputs are rounded to bf16; the weights' own values are exact.
+// Layout: 16 output rows side by side. For row group g and 32-block b, "step" s holds, for each
+// of the 16 rows, 4 bytes (one 32-bit lane per row): in the 8-bit form quants 4s..4s+3 of the
+// block (8 steps), in the 4-bit form quants 4s..4s+3 in the low nibbles and 16+4s..16+4s+3 in
+// the high ones (4 steps). One 64-byte load is one step for all 16 rows.
+//
+// bf16 inputs are quantized per token and 32-block to int8 (scale max|x| / 127, round to
+// nearest even, as llama.cpp does for its q8 activations) and multiplied with vpdpbusd
+// (unsigned weight byte x signed input byte, 4 products per lane): each packed byte is read
+// once per 8 tokens, and each instruction does 64 multiply-adds. fp32 inputs take an FMA path
+// over exact weights instead.
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#define QT_Q4_0 2  // the GGUF type numbers
-#define QT_Q4_1 3
-#define QT_Q8_0 8
-#ifndef QMT
-#define QMT 16  // tokens per pass over a row group's packed bytes (at most 16)
-#endif
+#define QMT 8   // tokens per pass over a row group's packed bytes
+#define QTB 64  // tokens per block of the loop over row groups (many-token products)
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+typedef struct {
+    int bits;        // 4 or 8
+    int spb;         // sub-blocks per 32-block (1, or 2 for Q6_K)
+    int has_m;       // m stored, else m = mfac * d
+    float mfac;
+    int block;       // inputs per GGUF block
+    int block_bytes; // bytes per GGUF block
+} qform;
+
+static int form_of(int qtype, qform *f) {
+    switch (qtype) {
+        case 2: *f = (qform){4, 1, 0, -8.0f, 32, 18}; return 0;      // Q4_0
+        case 3: *f = (qform){4, 1, 1, 0.0f, 32, 20}; return 0;       // Q4_1
+        case 6: *f = (qform){8, 1, 0, -16.0f, 32, 22}; return 0;     // Q5_0
+        case 7: *f = (qform){8, 1, 1, 0.0f, 32, 24}; return 0;       // Q5_1
+        case 8: *f = (qform){8, 1, 0, -128.0f, 32, 34}; return 0;    // Q8_0
+        case 12: *f = (qform){4, 1, 1, 0.0f, 256, 144}; return 0;    // Q4_K
+        case 13: *f = (qform){8, 1, 1, 0.0f, 256, 176}; return 0;    // Q5_K
+        case 14: *f = (qform){8, 2, 0, -32.0f, 256, 210}; return 0;  // Q6_K
+        default: return -1;
+    }
+}
+
+// bytes of quants per row group and 32-block
+static inline int group_block_bytes(const qform *f) { return f->bits == 4 ? 256 : 512; }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <stdlib.h>
 
 #include "simd.h"
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t float_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 static inline uint16_t float_to_bf16(float f) {
     uint32_t bits;
@@ -37,257 +70,402 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(bits >> 16);
 }
 
-static inline float bf16_to_float(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+static inline uint16_t rd16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
 }
 
-// bytes per 32-input block of one row in GGUF, and in the repacked quants
-static int gguf_block_bytes(int qtype) {
-    return qtype == QT_Q4_0 ? 18 : qtype == QT_Q4_1 ? 20 : qtype == QT_Q8_0 ? 34 : -1;
+// ggml's get_scale_min_k4: sub-block j's 6-bit scale and min from the 12 packed bytes
+static inline void scale_min_k4(int j, const uint8_t *s, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
 }
-static int packed_quant_bytes(int qtype) { return qtype == QT_Q8_0 ? 32 : 16; }
 
-// Repack W [N, K] from GGUF blocks. qs: [N/16][K/32][bytes of a block][16 rows];
-// d, m: [N/16][K/32][16] fp16 (m only for Q4_1). Returns 0, or -1 for shapes or types it
-// does not take.
+// 32-block `b` (of its GGUF block `blk`) as unsigned quants q[32] and, per sub-block h, fp16
+// d[h] (and m[h] where stored). Returns -1 where a scale does not fit fp16.
+static int decode_block(int qtype, const uint8_t *blk, int b, uint8_t *q, uint16_t *d, uint16_t *m) {
+    switch (qtype) {
+        case 2:  // Q4_0: d, 16 bytes (lo nibbles 0..15, hi 16..31)
+        case 3:  // Q4_1: d, m, 16 bytes
+        {
+            const uint8_t *qs = blk + (qtype == 3 ? 4 : 2);
+            for (int i = 0; i < 16; i++) {
+                q[i] = qs[i] & 0x0F;
+                q[i + 16] = qs[i] >> 4;
+            }
+            d[0] = rd16(blk);
+            if (qtype == 3) m[0] = rd16(blk + 2);
+            return 0;
+        }
+        case 6:  // Q5_0: d, qh (32 bits), 16 bytes
+        case 7:  // Q5_1: d, m, qh, 16 bytes
+        {
+            const int off = qtype == 7 ? 4 : 2;
+            uint32_t qh;
+            memcpy(&qh, blk + off, 4);
+            const uint8_t *qs = blk + off + 4;
+            for (int i = 0; i < 16; i++) {
+                q[i] = (qs[i] & 0x0F) | (((qh >> i) & 1) << 4);
+                q[i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            }
+            d[0] = rd16(blk);
+            if (qtype == 7) m[0] = rd16(blk + 2);
+            return 0;
+        }
+        case 8:  // Q8_0: d, 32 signed bytes
+            for (int i = 0; i < 32; i++) q[i] = (uint8_t)((int)(int8_t)blk[2 + i] + 128);
+            d[0] = rd16(blk);
+            return 0;
+        case 12:  // Q4_K: d, dmin, 12 scale bytes, 128 bytes (32-byte runs: lo nibbles, then hi)
+        case 13:  // Q5_K: the same, then qh[32], then the 128 bytes
+        {
+            const float dd = half_to_float(rd16(blk)), dmin = half_to_float(rd16(blk + 2));
+            int sc, mn;
+            scale_min_k4(b, blk + 4, &sc, &mn);
+            const uint8_t *qs = blk + (qtype == 12 ? 16 : 48) + 32 * (b / 2);
+            const int shift = 4 * (b % 2);
+            for (int i = 0; i < 32; i++) {
+                q[i] = (qs[i] >> shift) & 0x0F;
+                if (qtype == 13) q[i] |= ((blk[16 + i] >> b) & 1) << 4;
+            }
+            const float dv = dd * (float)sc, mv = -dmin * (float)mn;
+            d[0] = float_to_half(dv);
+            m[0] = float_to_half(mv);
+            if (!isfinite(half_to_float(d[0])) || !isfinite(half_to_float(m[0]))) return -1;
+            return 0;
+        }
+        case 14:  // Q6_K: ql[128], qh[64], 16 int8 scales, d; halves of 128 in 4 planes of 32
+        {
+            const int h = b / 4, k = b % 4;
+            const uint8_t *ql = blk + h * 64 + (k % 2) * 32, *qh = blk + 128 + h * 32;
+            for (int i = 0; i < 32; i++) {
+                const int lo = k < 2 ? (ql[i] & 0x0F) : (ql[i] >> 4);
+                q[i] = (uint8_t)(lo | (((qh[i] >> (2 * k)) & 3) << 4));
+            }
+            const float dd = half_to_float(rd16(blk + 208));
+            for (int s = 0; s < 2; s++) {
+                d[s] = float_to_half(dd * (float)(int8_t)blk[192 + 2 * b + s]);
+                if (!isfinite(half_to_float(d[s]))) return -1;
+            }
+            return 0;
+        }
+        default:
+            return -1;
+    }
+}
+
+// Repack W [N, K] from GGUF blocks into qs [N/16][K/32][steps][16 rows][4 bytes] and
+// d, m [N/16][K/32][sub-blocks][16] fp16 (m only where stored). Returns 0; -1 for a type or
+// shape it does not take; -2 where a K-quant scale overflows fp16.
 int tessera_q_repack(int qtype, const uint8_t *src, int N, int K, uint8_t *qs, uint16_t *d, uint16_t *m) {
-    const int bb = gguf_block_bytes(qtype);
-    if (bb < 0 || N % 16 || K % 32) return -1;
-    const int nb = K / 32, qb = packed_quant_bytes(qtype);
+    qform f;
+    if (form_of(qtype, &f) || N % 16 || K % f.block) return -1;
+    const int nb = K / 32, gbb = group_block_bytes(&f), steps = f.bits == 4 ? 4 : 8;
+    const int64_t row_bytes = (int64_t)(K / f.block) * f.block_bytes;
     for (int n = 0; n < N; n++) {
         const int g = n / 16, r = n % 16;
         for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = src + ((int64_t)n * nb + b) * bb;
+            const uint8_t *blk = src + n * row_bytes + (int64_t)(b * 32 / f.block) * f.block_bytes;
+            uint8_t q[32];
+            uint16_t dh[2] = {0, 0}, mh[2] = {0, 0};
+            if (decode_block(qtype, blk, b % (f.block / 32), q, dh, mh)) return -2;
             const int64_t gb = (int64_t)g * nb + b;
-            uint16_t dh;
-            memcpy(&dh, blk, 2);
-            d[gb * 16 + r] = dh;
-            const uint8_t *q = blk + 2;
-            if (qtype == QT_Q4_1) {
-                memcpy(&m[gb * 16 + r], blk + 2, 2);
-                q = blk + 4;
+            uint8_t *dst = qs + gb * gbb;
+            for (int s = 0; s < steps; s++)
+                for (int j = 0; j < 4; j++)
+                    dst[(s * 16 + r) * 4 + j] =
+                        f.bits == 4 ? (uint8_t)(q[4 * s + j] | (q[16 + 4 * s + j] << 4)) : q[4 * s + j];
+            for (int h = 0; h < f.spb; h++) {
+                d[(gb * f.spb + h) * 16 + r] = dh[h];
+                if (f.has_m) m[(gb * f.spb + h) * 16 + r] = mh[h];
             }
-            for (int i = 0; i < qb; i++) qs[(gb * qb + i) * 16 + r] = q[i];
         }
     }
     return 0;
 }
 
-// The inputs of every token as bf16 pairs (k, k + 16) of each block, and each block's sum.
+// one product's arguments and its quantized inputs
 typedef struct {
+    qform f;
     const uint8_t *qs;
     const uint16_t *d, *m;
-    const uint32_t *xp;  // [M][K/32][16]
-    const float *xs;     // [M][K/32]
-    const void *xf;      // fp32 inputs [M][K] (the fp32 path), else NULL
+    const int32_t *xq;   // int8 path: [M][K/32][8] groups of 4 int8 inputs
+    const float *xs;     // int8 path: [M][K/32] scales
+    const float *xsum;   // [M][K/32][2]: sums over each half block (int8 path: of the dequantized inputs)
+    const float *xf;     // fp32 path: inputs [M][K], else NULL
+    const void *bias;    // [N], the output's dtype, or NULL
     void *out;
-    int M, K, N, qtype, out_bf16;
+    int M, K, N, out_bf16;
 } qmm_t;
 
-// the 16 outputs of row group g for tokens [t0, t0 + MT)
-static inline void store_rows(const qmm_t *a, int g, int t0, int MT, const __m512 *total) {
+static inline void store_rows(const qmm_t *a, int g, int t0, int MT, __m512 *total) {
+    __m512 bv = _mm512_setzero_ps();
+    if (a->bias) bv = a->out_bf16 ? load_bf16((const uint16_t *)a->bias + g * 16) : _mm512_loadu_ps((const float *)a->bias + g * 16);
     for (int t = 0; t < MT; t++) {
-        int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
+        const int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
+        const __m512 v = _mm512_add_ps(total[t], bv);
         if (a->out_bf16)
-            _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(total[t]));
+            store_bf16((uint16_t *)a->out + off, v);
         else
-            _mm512_storeu_ps((float *)a->out + off, total[t]);
+            _mm512_storeu_ps((float *)a->out + off, v);
     }
 }
 
-static inline __m512i unpack_q4(const uint8_t *p) {
-    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
-    __m512i hi = _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16);
-    // lo | hi | 0x43004300: bf16 128 + q in each half
-    return _mm512_ternarylogic_epi32(lo, hi, _mm512_set1_epi32(0x43004300), 0xFE);
+static inline __m512 scale_m(const qmm_t *a, int64_t i, __m512 dv) {
+    return a->f.has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + i * 16)))
+                      : _mm512_mul_ps(dv, _mm512_set1_ps(a->f.mfac));
 }
 
-static inline __m512i unpack_q8(const uint8_t *p, __m512i interleave) {
-    __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * 16))));
-    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-}
-
-// rows of group g for tokens [t0, t0 + MT)
-static inline __attribute__((always_inline)) void qmm_group(const qmm_t *a, int g, int t0, const int MT) {
-    const int nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+// int8 inputs: rows of group g for tokens [t0, t0 + MT); BITS and SPB are constants
+static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, int g, int t0, const int MT, const int BITS,
+                                                               const int SPB) {
+    const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
+    const int split = MT <= 4;  // few tokens: two accumulator chains per token
+    const __m512i nib = _mm512_set1_epi8(0x0F);
     __m512 total[QMT];
     for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int64_t gb = (int64_t)g * nb + b;
-        const uint8_t *q = a->qs + gb * qb * 16;
-        __m512 acc[QMT];
-        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
-        for (int i = 0; i < 16; i++) {
-            __m512i w = a->qtype == QT_Q8_0 ? unpack_q8(q + i * 16, interleave) : unpack_q4(q + i * 16);
-            for (int t = 0; t < MT; t++) {
-                __m512i xv = _mm512_set1_epi32((int)a->xp[((int64_t)(t0 + t) * nb + b) * 16 + i]);
-                acc[t] = _mm512_dpbf16_ps(acc[t], (__m512bh)w, (__m512bh)xv);
-            }
-        }
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + gb * 16)));
-        if (a->qtype == QT_Q8_0) {
-            for (int t = 0; t < MT; t++) total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
-        } else {
-            __m512 mv = a->qtype == QT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + gb * 16)))
-                                            : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
-            __m512 mb = _mm512_fmadd_ps(dv, _mm512_set1_ps(-128.0f), mv);  // m - 128 d
-            for (int t = 0; t < MT; t++) {
-                total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
-                total[t] = _mm512_fmadd_ps(mb, _mm512_set1_ps(a->xs[(int64_t)(t0 + t) * nb + b]), total[t]);
-            }
-        }
-    }
-    store_rows(a, g, t0, MT, total);
-}
-
-// The same for fp32 inputs, in fp32: sum q x accumulated with FMAs (q converted exactly), so
-// the result matches the dequantized weight times x up to summation order.
-static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, int g, int t0, const int MT) {
-    const int nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
-    const float *x = (const float *)a->xf;
-    __m512 total[QMT];
-    for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const int64_t gb = (int64_t)g * nb + b;
-        const uint8_t *q = a->qs + gb * qb * 16;
-        __m512 acc[QMT];
-        for (int t = 0; t < MT; t++) acc[t] = _mm512_setzero_ps();
-        for (int i = 0; i < 16; i++) {
-            __m512 w0, w1;  // inputs i and i + 16 of the block, 16 rows
-            if (a->qtype == QT_Q8_0) {
-                w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16))));
-                w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + (i + 16) * 16))));
+        const uint8_t *q = a->qs + gb * gbb;
+        for (int h = 0; h < SPB; h++) {
+            __m512i acc[QMT], acc2[QMT];
+            for (int t = 0; t < MT; t++) acc[t] = acc2[t] = _mm512_setzero_si512();
+            if (BITS == 4) {
+                for (int s = 0; s < 4; s++) {
+                    const __m512i v = _mm512_loadu_si512(q + s * 64);
+                    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    for (int t = 0; t < MT; t++) {
+                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + b) * 8;
+                        acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(x[s]));
+                        if (split)
+                            acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, _mm512_set1_epi32(x[4 + s]));
+                        else
+                            acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(x[4 + s]));
+                    }
+                }
             } else {
-                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16)));
-                w0 = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)));
-                w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+                const int steps = 8 / SPB;
+                for (int s = h * steps; s < (h + 1) * steps; s++) {
+                    const __m512i v = _mm512_loadu_si512(q + s * 64);
+                    for (int t = 0; t < MT; t++) {
+                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + b) * 8;
+                        if (split && (s & 1))
+                            acc2[t] = _mm512_dpbusd_epi32(acc2[t], v, _mm512_set1_epi32(x[s]));
+                        else
+                            acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(x[s]));
+                    }
+                }
             }
+            const int64_t si = gb * SPB + h;
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + si * 16)));
+            const __m512 mv = scale_m(a, si, dv);
             for (int t = 0; t < MT; t++) {
-                const float *xt = x + (int64_t)(t0 + t) * a->K + b * 32;
-                acc[t] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xt[i]), acc[t]);
-                acc[t] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xt[i + 16]), acc[t]);
-            }
-        }
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + gb * 16)));
-        if (a->qtype == QT_Q8_0) {
-            for (int t = 0; t < MT; t++) total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
-        } else {
-            __m512 mv = a->qtype == QT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + gb * 16)))
-                                            : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
-            for (int t = 0; t < MT; t++) {
-                total[t] = _mm512_fmadd_ps(dv, acc[t], total[t]);
-                total[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a->xs[(int64_t)(t0 + t) * nb + b]), total[t]);
+                const int64_t tb = (int64_t)(t0 + t) * nb + b;
+                const float xsum = SPB == 2 ? a->xsum[tb * 2 + h] : a->xsum[tb * 2] + a->xsum[tb * 2 + 1];
+                const __m512i dot = split ? _mm512_add_epi32(acc[t], acc2[t]) : acc[t];
+                total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(a->xs[tb])), total[t]);
+                total[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum), total[t]);
             }
         }
     }
     store_rows(a, g, t0, MT, total);
 }
 
-#define QMM_CASE(fn, n) \
-    case n: fn(a, g, t0, n); break;
-// tokens in chunks of QMT, the rest in one call with a constant count
-#define QMM_TOKENS(fn)                                                                              \
-    do {                                                                                            \
-        int t0 = 0;                                                                                 \
-        for (; t0 + QMT <= a->M; t0 += QMT) fn(a, g, t0, QMT);                                      \
-        switch (a->M - t0) {                                                                        \
-            QMM_CASE(fn, 1) QMM_CASE(fn, 2) QMM_CASE(fn, 3) QMM_CASE(fn, 4) QMM_CASE(fn, 5)         \
-            QMM_CASE(fn, 6) QMM_CASE(fn, 7) QMM_CASE(fn, 8) QMM_CASE(fn, 9) QMM_CASE(fn, 10)        \
-            QMM_CASE(fn, 11) QMM_CASE(fn, 12) QMM_CASE(fn, 13) QMM_CASE(fn, 14) QMM_CASE(fn, 15)    \
-        default: break;                                                                             \
-        }                                                                                           \
-    } while (0)
+// fp32 inputs: sum q x accumulated with FMAs (q converted exactly), then d * that + m * sum x,
+// so the result matches the dequantized weight times x up to summation order
+static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, int g, int t0, const int MT, const int BITS,
+                                                                const int SPB) {
+    const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
+    const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x0F : 0xFF);
+    __m512 total[QMT];
+    for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int64_t gb = (int64_t)g * nb + b;
+        const uint8_t *q = a->qs + gb * gbb;
+        for (int h = 0; h < SPB; h++) {
+            // few tokens: 2 or 4 accumulator chains per token, so FMA latency does not bound it
+            const int chains = MT <= 2 ? 4 : MT <= 4 ? 2 : 1;
+            __m512 acc[4][QMT];
+            for (int c = 0; c < chains; c++)
+                for (int t = 0; t < MT; t++) acc[c][t] = _mm512_setzero_ps();
+            const int s0 = BITS == 4 ? 0 : h * (8 / SPB), s1 = BITS == 4 ? 4 : (h + 1) * (8 / SPB);
+            for (int s = s0; s < s1; s++) {
+                const __m512i v = _mm512_loadu_si512(q + s * 64);
+                for (int j = 0; j < 4; j++) {
+                    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), mask));
+                    __m512 w1 = w0;
+                    if (BITS == 4) w1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), mask));
+                    for (int t = 0; t < MT; t++) {
+                        const float *x = a->xf + (int64_t)(t0 + t) * a->K + b * 32;
+                        __m512 *c = &acc[j % chains][t];
+                        *c = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[4 * s + j]), *c);
+                        if (BITS == 4) *c = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[16 + 4 * s + j]), *c);
+                    }
+                }
+            }
+            for (int c = 1; c < chains; c++)
+                for (int t = 0; t < MT; t++) acc[0][t] = _mm512_add_ps(acc[0][t], acc[c][t]);
+            const int64_t si = gb * SPB + h;
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + si * 16)));
+            const __m512 mv = scale_m(a, si, dv);
+            for (int t = 0; t < MT; t++) {
+                const int64_t tb = (int64_t)(t0 + t) * nb + b;
+                const float xsum = SPB == 2 ? a->xsum[tb * 2 + h] : a->xsum[tb * 2] + a->xsum[tb * 2 + 1];
+                total[t] = _mm512_fmadd_ps(dv, acc[0][t], total[t]);
+                total[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum), total[t]);
+            }
+        }
+    }
+    store_rows(a, g, t0, MT, total);
+}
+
+#define QMM_CASE(fn, n, B, S) \
+    case n: fn(a, g, t0, n, B, S); break;
+#define QMM_TILE(fn, B, S)                                                                                         \
+    switch (mt) {                                                                                                  \
+        QMM_CASE(fn, 1, B, S) QMM_CASE(fn, 2, B, S) QMM_CASE(fn, 3, B, S) QMM_CASE(fn, 4, B, S)                   \
+        QMM_CASE(fn, 5, B, S) QMM_CASE(fn, 6, B, S) QMM_CASE(fn, 7, B, S) QMM_CASE(fn, 8, B, S) default : break; \
+    }
+
+static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
+    const int form = (a->f.bits == 4 ? 0 : a->f.spb == 1 ? 1 : 2) + (a->xf ? 3 : 0);
+    switch (form) {
+        case 0: QMM_TILE(qmm_group_i8, 4, 1) break;
+        case 1: QMM_TILE(qmm_group_i8, 8, 1) break;
+        case 2: QMM_TILE(qmm_group_i8, 8, 2) break;
+        case 3: QMM_TILE(qmm_group_f32, 4, 1) break;
+        case 4: QMM_TILE(qmm_group_f32, 8, 1) break;
+        default: QMM_TILE(qmm_group_f32, 8, 2) break;
+    }
+}
 
 static void qmm_part(void *arg, int part, int n_parts) {
     const qmm_t *a = (const qmm_t *)arg;
     const int groups = a->N / 16;
     const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
-    for (int g = g0; g < g1; g++) {
-        if (a->xf)
-            QMM_TOKENS(qmm_group_f32);
-        else
-            QMM_TOKENS(qmm_group);
+    for (int tb = 0; tb < a->M; tb += QTB) {  // a block of tokens stays in cache over the row groups
+        const int te = tb + QTB < a->M ? tb + QTB : a->M;
+        for (int g = g0; g < g1; g++)
+            for (int t0 = tb; t0 < te; t0 += QMT) qmm_tile(a, g, t0, te - t0 < QMT ? te - t0 : QMT);
     }
 }
 
-// out [M, N] (fp32, or bf16 when out_bf16) = x [M, K] (bf16 when x_bf16, else fp32) times the
-// repacked W [N, K] transposed. bf16 inputs multiply with vdpbf16ps, fp32 ones with FMAs.
-int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
-                     const uint16_t *d, const uint16_t *m, void *out, int out_bf16, int n_threads) {
-    if (gguf_block_bytes(qtype) < 0 || N % 16 || K % 32 || M <= 0) return -1;
-    const int nb = K / 32;
-    uint32_t *xp = malloc(sizeof(uint32_t) * (size_t)M * nb * 16);
-    float *xs = malloc(sizeof(float) * (size_t)M * nb);
-    if (!xp || !xs) {
-        free(xp);
-        free(xs);
-        return -3;
-    }
-    for (int t = 0; t < M; t++) {
+// Per token and 32-block: int8 quants (bf16 inputs) or nothing (fp32), and half-block sums.
+typedef struct {
+    const void *x;
+    int x_bf16, K;
+    int8_t *xq;
+    float *xs, *xsum;
+} quant_t;
+
+static void quantize_rows(void *arg, int lo, int hi) {
+    const quant_t *a = (const quant_t *)arg;
+    const int nb = a->K / 32;
+    for (int t = lo; t < hi; t++) {
         for (int b = 0; b < nb; b++) {
-            float s = 0.0f;
-            if (!x_bf16) {  // fp32 path: exact sums, no pairs
-                for (int i = 0; i < 32; i++) s += ((const float *)x)[(int64_t)t * K + b * 32 + i];
-                xs[(int64_t)t * nb + b] = s;
+            const int64_t k = (int64_t)t * a->K + b * 32, tb = (int64_t)t * nb + b;
+            __m512 v0, v1;
+            if (a->x_bf16) {
+                v0 = load_bf16((const uint16_t *)a->x + k);
+                v1 = load_bf16((const uint16_t *)a->x + k + 16);
+            } else {
+                v0 = _mm512_loadu_ps((const float *)a->x + k);
+                v1 = _mm512_loadu_ps((const float *)a->x + k + 16);
+            }
+            if (!a->x_bf16) {
+                a->xsum[tb * 2] = _mm512_reduce_add_ps(v0);
+                a->xsum[tb * 2 + 1] = _mm512_reduce_add_ps(v1);
                 continue;
             }
-            for (int i = 0; i < 16; i++) {
-                const int64_t k0 = (int64_t)t * K + b * 32 + i, k1 = k0 + 16;
-                uint16_t lo = ((const uint16_t *)x)[k0], hi = ((const uint16_t *)x)[k1];
-                xp[((int64_t)t * nb + b) * 16 + i] = (uint32_t)lo | ((uint32_t)hi << 16);
-                s += bf16_to_float(lo) + bf16_to_float(hi);
-            }
-            xs[(int64_t)t * nb + b] = s;
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+            _mm_storeu_si128((__m128i *)(a->xq + tb * 32), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(a->xq + tb * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+            a->xs[tb] = sx;
+            a->xsum[tb * 2] = sx * (float)_mm512_reduce_add_epi32(q0);
+            a->xsum[tb * 2 + 1] = sx * (float)_mm512_reduce_add_epi32(q1);
         }
     }
-    qmm_t a = {qs, d, m, xp, xs, x_bf16 ? NULL : x, out, M, K, N, qtype, out_bf16};
+}
+
+// out [M, N] (fp32, or bf16 when out_bf16) = x [M, K] times the repacked W [N, K] transposed,
+// plus bias [N] (the output's dtype; NULL for none). bf16 x: int8 products; fp32 x: FMAs.
+int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
+                     const uint16_t *d, const uint16_t *m, const void *bias, void *out, int out_bf16,
+                     int n_threads) {
+    qform f;
+    if (form_of(qtype, &f) || N % 16 || K % 32 || M <= 0) return -1;
+    const int nb = K / 32;
+    int8_t *xq = x_bf16 ? malloc((size_t)M * K) : NULL;
+    float *xs = x_bf16 ? malloc(sizeof(float) * (size_t)M * nb) : NULL;
+    float *xsum = malloc(sizeof(float) * (size_t)M * nb * 2);
+    if ((x_bf16 && (!xq || !xs)) || !xsum) {
+        free(xq);
+        free(xs);
+        free(xsum);
+        return -3;
+    }
+    quant_t qa = {x, x_bf16, K, xq, xs, xsum};
+    parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
+    qmm_t a = {f, qs, d, m, (const int32_t *)xq, xs, xsum, x_bf16 ? NULL : (const float *)x, bias, out, M, K, N, out_bf16};
     const int groups = N / 16;
     if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
     if (n_threads > groups) n_threads = groups;
-    pool_run(qmm_part, &a, n_threads < 1 ? 1 : n_threads, n_threads < 1 ? 1 : n_threads);
-    free(xp);
+    if (n_threads < 1) n_threads = 1;
+    pool_run(qmm_part, &a, n_threads, n_threads);
+    free(xq);
     free(xs);
+    free(xsum);
     return 0;
 }
 
+// 16 rows' values of input i of 32-block b in row group g, as fp32
+static inline __m512 dequant16(const qform *f, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t gb, int i) {
+    const uint8_t *q = qs + gb * group_block_bytes(f);
+    int s, shift;
+    if (f->bits == 4) {
+        s = (i % 16) / 4;
+        shift = 8 * (i % 4) + (i >= 16 ? 4 : 0);
+    } else {
+        s = i / 4;
+        shift = 8 * (i % 4);
+    }
+    const __m512i v = _mm512_loadu_si512(q + s * 64);
+    const __m512 qv = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(f->bits == 4 ? 0x0F : 0xFF)));
+    const int64_t si = gb * f->spb + (f->spb == 2 ? i / 16 : 0);
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + si * 16)));
+    const __m512 mv = f->has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + si * 16)))
+                               : _mm512_mul_ps(dv, _mm512_set1_ps(f->mfac));
+    return _mm512_fmadd_ps(dv, qv, mv);
+}
+
 typedef struct {
+    qform f;
     const uint8_t *qs;
     const uint16_t *d, *m;
     void *out;
-    int N, K, qtype, out_bf16;
+    int N, K, out_bf16;
 } deq_t;
 
 static void deq_part(void *arg, int part, int n_parts) {
     const deq_t *a = (const deq_t *)arg;
-    const int groups = a->N / 16, nb = a->K / 32, qb = packed_quant_bytes(a->qtype);
+    const int groups = a->N / 16, nb = a->K / 32;
     const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
     for (int g = g0; g < g1; g++) {
         for (int b = 0; b < nb; b++) {
-            const int64_t gb = (int64_t)g * nb + b;
-            const uint8_t *q = a->qs + gb * qb * 16;
-            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + gb * 16)));
-            __m512 mv = _mm512_setzero_ps();
-            if (a->qtype == QT_Q4_1) mv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + gb * 16)));
-            if (a->qtype == QT_Q4_0) mv = _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f));
             for (int i = 0; i < 32; i++) {
-                __m512 w;
-                if (a->qtype == QT_Q8_0) {
-                    w = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i * 16)))));
-                } else {
-                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (i % 16) * 16)));
-                    __m512i qi = i < 16 ? _mm512_and_si512(bytes, _mm512_set1_epi32(0x0F)) : _mm512_srli_epi32(bytes, 4);
-                    w = _mm512_fmadd_ps(dv, _mm512_cvtepi32_ps(qi), mv);
-                }
+                const __m512 w = dequant16(&a->f, a->qs, a->d, a->m, (int64_t)g * nb + b, i);
                 const int64_t off = (int64_t)(b * 32 + i) * a->N + g * 16;
                 if (a->out_bf16)
-                    _mm256_storeu_si256((__m256i *)((uint16_t *)a->out + off), (__m256i)_mm512_cvtneps_pbh(w));
+                    store_bf16((uint16_t *)a->out + off, w);
                 else
                     _mm512_storeu_ps((float *)a->out + off, w);
             }
@@ -298,8 +476,9 @@ static void deq_part(void *arg, int part, int n_parts) {
 // W transposed, dequantized: out [K, N] (fp32, or bf16 when out_bf16), for torch's GEMM.
 int tessera_q_dequantize_t(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K,
                            void *out, int out_bf16, int n_threads) {
-    if (gguf_block_bytes(qtype) < 0 || N % 16 || K % 32) return -1;
-    deq_t a = {qs, d, m, out, N, K, qtype, out_bf16};
+    qform f;
+    if (form_of(qtype, &f) || N % 16 || K % 32) return -1;
+    deq_t a = {f, qs, d, m, out, N, K, out_bf16};
     const int groups = N / 16;
     if (n_threads > groups) n_threads = groups;
     if (n_threads < 1) n_threads = 1;
@@ -310,30 +489,22 @@ int tessera_q_dequantize_t(int qtype, const uint8_t *qs, const uint16_t *d, cons
 // Rows `ids` of W, dequantized (embedding lookups from a tied, packed embedding matrix).
 int tessera_q_gather_rows(int qtype, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int N, int K,
                           const int64_t *ids, int n_ids, void *out, int out_bf16) {
-    if (gguf_block_bytes(qtype) < 0 || N % 16 || K % 32) return -1;
-    const int nb = K / 32, qb = packed_quant_bytes(qtype);
+    qform f;
+    if (form_of(qtype, &f) || N % 16 || K % 32) return -1;
+    const int nb = K / 32;
     for (int t = 0; t < n_ids; t++) {
         const int64_t n = ids[t];
         if (n < 0 || n >= N) return -2;
         const int g = (int)(n / 16), r = (int)(n % 16);
         for (int b = 0; b < nb; b++) {
-            const int64_t gb = (int64_t)g * nb + b;
-            const float dv = half_to_float(d[gb * 16 + r]);
-            const float mv = qtype == QT_Q4_1 ? half_to_float(m[gb * 16 + r]) : 0.0f;
+            float w[16];
             for (int i = 0; i < 32; i++) {
-                float w;
-                if (qtype == QT_Q8_0) {
-                    w = dv * (float)(int8_t)qs[(gb * qb + i) * 16 + r];
-                } else {
-                    uint8_t byte = qs[(gb * qb + (i % 16)) * 16 + r];
-                    int q = i < 16 ? (byte & 0x0F) : (byte >> 4);
-                    w = qtype == QT_Q4_1 ? dv * (float)q + mv : dv * (float)(q - 8);
-                }
+                _mm512_storeu_ps(w, dequant16(&f, qs, d, m, (int64_t)g * nb + b, i));
                 const int64_t off = (int64_t)t * K + b * 32 + i;
                 if (out_bf16)
-                    ((uint16_t *)out)[off] = float_to_bf16(w);
+                    ((uint16_t *)out)[off] = float_to_bf16(w[r]);
                 else
-                    ((float *)out)[off] = w;
+                    ((float *)out)[off] = w[r];
             }
         }
     }

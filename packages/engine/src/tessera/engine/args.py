@@ -111,7 +111,8 @@ class EngineArgs:
             default=EngineArgs.quantized_weights,
             choices=["packed", "dequantize"],
             help="GGUF weights: kept packed and multiplied by the device's quantized kernels where it "
-            "has them (CPU with AVX512-BF16: Q4_0, Q4_1, Q8_0), or dequantized to the compute dtype "
+            "has them (CPU with AVX512-BF16 and VNNI: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, "
+            "Q6_K), or dequantized to the compute dtype "
             "at load (default: %(default)s)",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")

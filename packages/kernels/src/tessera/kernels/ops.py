@@ -42,3 +42,7 @@ def paged_attention(
     return lookup("paged_attention", query.device.type)(
         query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, kv_scales
     )
+
+
+def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
+    return lookup("decoder_layers", x.device.type)(layers, x, residual, cos, sin, kv_caches, meta)

@@ -112,9 +112,7 @@ class LlamaForCausalLM:
         cos, sin = self.rotary.cos_sin(positions, meta.token_seq_lens)
         embed = self.embed_tokens
         x = embed[input_ids] if isinstance(embed, torch.Tensor) else embed.rows(input_ids, self.dtype)
-        residual = None
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer.forward(x, residual, cos, sin, cache, meta)
+        x, residual = ops.decoder_layers(self.layers, x, None, cos, sin, kv_caches, meta)
         x, _ = ops.fused_add_rms_norm(x, residual, self.norm, self.config.rms_norm_eps)
         return x
 

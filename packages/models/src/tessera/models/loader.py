@@ -89,7 +89,8 @@ def load_model(
 
     Quantized (GGUF) weights are dequantized at load, or with ``packed_weights`` kept packed for
     the kernel backend's own quantized matmul where it has one (the CPU backend: Q4_0, Q4_1,
-    Q8_0). ``progress``, if given, is called as ``progress(done, total)`` while tensors load.
+    Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). ``progress``, if given, is called as
+    ``progress(done, total)`` while tensors load.
     """
     config = checkpoint.config
     device = torch.device(device)

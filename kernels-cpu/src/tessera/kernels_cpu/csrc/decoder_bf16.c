@@ -1,0 +1,92 @@
+// A stack of Llama-family decoder layers in bf16 with packed weights, in one call per step:
+// the same ops, in the same order and with the same roundings, as the per-op path
+// (tessera.kernels.reference.llama_layers), without a Python call, a tensor or an allocation
+// per op. For each layer:
+//   h, residual = rms_norm(x (+ residual)); qkv = h Wqkv (+ b); rotary(q, k); k, v -> cache;
+//   a = attention(q, cache); x = a Wo (+ b); h, residual = rms_norm(x + residual);
+//   x = silu_and_mul(h Wgate_up (+ b)) Wdown (+ b)
+
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    int qtype, N, K;
+    const uint8_t *qs;
+    const uint16_t *d, *m;
+    const uint16_t *bias;  // bf16 [N] or NULL
+} tq_weight;
+
+typedef struct {
+    const uint16_t *input_norm, *post_norm;  // bf16 [hidden]
+    tq_weight qkv, o, gate_up, down;
+    uint16_t *k_cache, *v_cache;  // [blocks, block size, KV heads, head size]
+    int window;                   // sliding window, 0 for none
+} tq_layer;
+
+typedef struct {
+    int T, hidden, H, KH, D, inter, BS, n_seqs, bt_stride, n_threads;
+    float eps, scale;
+    const float *cos, *sin;  // [T, D/2]
+    const int64_t *slots;    // [T]; negative: not written
+    const int32_t *qsl, *seq_lens, *block_tables;
+    uint16_t *h, *qkv, *q, *attn, *gu, *act;  // scratch: [T, hidden], [T, (H + 2 KH) D], [T, H D] x2, [T, 2 inter], [T, inter]
+} tq_step;
+
+int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs, const uint16_t *d,
+                     const uint16_t *m, const void *bias, void *out, int out_bf16, int n_threads);
+int tessera_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
+                          uint16_t *residual_out, int T, int N, float eps, int n_threads);
+int tessera_rotary_bf16(uint16_t *x, const float *cos, const float *sin, int T, int heads, int D, int64_t stride,
+                        int n_threads);
+int tessera_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int T, int N, int n_threads);
+int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *qsl,
+                           const int32_t *seq_lens, const int32_t *block_tables, int bt_stride, const int32_t *seqs,
+                           int n_seqs, int H, int KH, int D, int BS, float scale, int window, uint16_t *out,
+                           int n_threads);
+
+static int matmul(const tq_weight *w, const uint16_t *x, int T, uint16_t *out, int n_threads) {
+    return tessera_q_matmul(w->qtype, x, 1, T, w->K, w->N, w->qs, w->d, w->m, w->bias, out, 1, n_threads);
+}
+
+#define TRY(call)               \
+    do {                        \
+        const int rc_ = (call); \
+        if (rc_) return rc_;    \
+    } while (0)
+
+// x [T, hidden] in/out (the last layer's MLP output), residual [T, hidden] in/out;
+// has_residual 0: the first layer's input is x alone (residual := x).
+int tessera_llama_layers_bf16(const tq_layer *layers, int n_layers, const tq_step *st, uint16_t *x,
+                              uint16_t *residual, int has_residual) {
+    const int T = st->T, E = st->hidden, D = st->D, qw = st->H * D, kw = st->KH * D, row = qw + 2 * kw;
+    const int nt = st->n_threads;
+    for (int l = 0; l < n_layers; l++) {
+        const tq_layer *ly = &layers[l];
+        if (l == 0 && !has_residual) {
+            memcpy(residual, x, sizeof(uint16_t) * (size_t)T * E);
+            TRY(tessera_rms_norm_bf16(x, NULL, ly->input_norm, st->h, NULL, T, E, st->eps, nt));
+        } else {
+            TRY(tessera_rms_norm_bf16(x, residual, ly->input_norm, st->h, residual, T, E, st->eps, nt));
+        }
+        TRY(matmul(&ly->qkv, st->h, T, st->qkv, nt));
+        TRY(tessera_rotary_bf16(st->qkv, st->cos, st->sin, T, st->H, D, row, nt));
+        TRY(tessera_rotary_bf16(st->qkv + qw, st->cos, st->sin, T, st->KH, D, row, nt));
+        for (int t = 0; t < T; t++) {
+            const uint16_t *r = st->qkv + (int64_t)t * row;
+            memcpy(st->q + (int64_t)t * qw, r, sizeof(uint16_t) * qw);
+            const int64_t slot = st->slots[t];
+            if (slot < 0) continue;
+            memcpy(ly->k_cache + slot * kw, r + qw, sizeof(uint16_t) * kw);
+            memcpy(ly->v_cache + slot * kw, r + qw + kw, sizeof(uint16_t) * kw);
+        }
+        TRY(tessera_attention_bf16(st->q, ly->k_cache, ly->v_cache, st->qsl, st->seq_lens, st->block_tables,
+                                   st->bt_stride, NULL, st->n_seqs, st->H, st->KH, D, st->BS, st->scale, ly->window,
+                                   st->attn, nt));
+        TRY(matmul(&ly->o, st->attn, T, x, nt));
+        TRY(tessera_rms_norm_bf16(x, residual, ly->post_norm, st->h, residual, T, E, st->eps, nt));
+        TRY(matmul(&ly->gate_up, st->h, T, st->gu, nt));
+        TRY(tessera_silu_and_mul_bf16(st->gu, st->act, T, st->inter, nt));
+        TRY(matmul(&ly->down, st->act, T, x, nt));
+    }
+    return 0;
+}

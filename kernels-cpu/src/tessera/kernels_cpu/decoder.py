@@ -1,0 +1,232 @@
+"""A stack of Llama-family decoder layers in one C call per step (csrc/decoder_bf16.c): bf16,
+packed weights, a bf16 cache. Same kernels in the same order as the op-by-op path, so the
+results are the same to the bit, without the Python call, tensors and thread wake-ups of ~10
+ops per layer (at one sequence, those cost more than the arithmetic).
+
+Anything else (fp32, dequantized weights, a quantized cache, ...) runs op by op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from tessera.kernels import reference
+
+from . import native
+from .packed import PackedWeight
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("qtype", _i), ("N", _i), ("K", _i), ("qs", _p), ("d", _p), ("m", _p), ("bias", _p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _p),
+        ("post_norm", _p),
+        ("qkv", _Weight),
+        ("o", _Weight),
+        ("gate_up", _Weight),
+        ("down", _Weight),
+        ("k_cache", _p),
+        ("v_cache", _p),
+        ("window", _i),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        *(
+            (n, _i)
+            for n in ("T", "hidden", "H", "KH", "D", "inter", "BS", "n_seqs", "bt_stride", "n_threads")
+        ),
+        ("eps", _f),
+        ("scale", _f),
+        *((n, _p) for n in ("cos", "sin", "slots", "qsl", "seq_lens", "block_tables")),
+        *((n, _p) for n in ("h", "qkv", "q", "attn", "gu", "act")),
+    ]
+
+
+def _bf16_vec(t, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (n,)
+
+
+def _weight(w, bias, keep: list) -> _Weight | None:
+    if not isinstance(w, PackedWeight):
+        return None
+    n, k = w.shape
+    if bias is not None:
+        if bias.shape != (n,) or bias.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        bias = bias.to(torch.bfloat16).contiguous()
+        keep.append(bias)
+    return _Weight(
+        w.qtype,
+        n,
+        k,
+        w.qs.data_ptr(),
+        w.d.data_ptr(),
+        w.m.data_ptr() if w.m is not None else None,
+        bias.data_ptr() if bias is not None else None,
+    )
+
+
+class _Plan:
+    """The layers' weights and caches as C structs, built once per (layers, caches)."""
+
+    def __init__(self, layers, kv_caches) -> None:
+        self.ok = False
+        self.layers, self.kv_caches = layers, kv_caches
+        self.keep: list = []
+        first = layers[0]
+        a0 = first.self_attn
+        self.H, self.KH, self.D = a0.num_heads, a0.num_kv_heads, a0.head_dim
+        self.eps, self.scale = float(first.eps), float(a0.scale)
+        self.hidden = a0.o_weight.shape[0] if isinstance(a0.o_weight, PackedWeight) else 0
+        self.inter = first.mlp.down_weight.shape[1] if isinstance(first.mlp.down_weight, PackedWeight) else 0
+        if not (
+            self.hidden % 16 == 0
+            and self.hidden > 0
+            and self.inter % 16 == 0
+            and self.inter > 0
+            and self.D % 32 == 0
+            and self.D <= 256
+            and self.KH > 0
+            and self.H % self.KH == 0
+            and self.H // self.KH <= 64
+            and self.scale > 0
+        ):
+            return
+        arr = (_Layer * len(layers))()
+        for i, (layer, cache) in enumerate(zip(layers, kv_caches, strict=True)):
+            a, m = layer.self_attn, layer.mlp
+            data = cache.data
+            if (
+                (a.num_heads, a.num_kv_heads, a.head_dim) != (self.H, self.KH, self.D)
+                or float(layer.eps) != self.eps
+                or float(a.scale) != self.scale
+                or not _bf16_vec(layer.input_norm, self.hidden)
+                or not _bf16_vec(layer.post_attention_norm, self.hidden)
+                or cache.scales is not None
+                or data.dtype != torch.bfloat16
+                or not data.is_contiguous()
+                or tuple(data.shape[3:]) != (self.KH, self.D)
+            ):
+                return
+            ws = [
+                _weight(a.qkv_weight, a.qkv_bias, self.keep),
+                _weight(a.o_weight, a.o_bias, self.keep),
+                _weight(m.gate_up_weight, m.gate_up_bias, self.keep),
+                _weight(m.down_weight, m.down_bias, self.keep),
+            ]
+            shapes = [
+                ((self.H + 2 * self.KH) * self.D, self.hidden),
+                (self.hidden, self.H * self.D),
+                (2 * self.inter, self.hidden),
+                (self.hidden, self.inter),
+            ]
+            if any(w is None or (w.N, w.K) != s for w, s in zip(ws, shapes, strict=True)):
+                return
+            arr[i] = _Layer(
+                layer.input_norm.data_ptr(),
+                layer.post_attention_norm.data_ptr(),
+                *ws,
+                data[0].data_ptr(),
+                data[1].data_ptr(),
+                int(a.sliding_window or 0),
+            )
+        self.block_size = kv_caches[0].data.shape[2]
+        if any(c.data.shape[2] != self.block_size for c in kv_caches):
+            return
+        self.arr = arr
+        self.ok = True
+
+
+_plans: dict[tuple[int, int], _Plan] = {}
+
+
+def _plan(layers, kv_caches) -> _Plan:
+    key = (id(layers), id(kv_caches))
+    plan = _plans.get(key)
+    if plan is None or plan.layers is not layers or plan.kv_caches is not kv_caches:
+        plan = _plans[key] = _Plan(layers, kv_caches)
+    return plan
+
+
+def _int32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.int32 and t.is_contiguous()
+
+
+def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
+    lib = native.library()
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or x.dim() != 2
+        or not layers
+        or len(layers) != len(kv_caches)
+        or not all(hasattr(ly, "self_attn") and hasattr(ly, "mlp") for ly in layers)
+    ):
+        return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, meta)
+    plan = _plan(layers, kv_caches)
+    T = x.shape[0]
+    if (
+        not plan.ok
+        or x.shape[1] != plan.hidden
+        or cos.dtype != torch.float32
+        or cos.shape != (T, plan.D // 2)
+        or (residual is not None and residual.shape != x.shape)
+        or not (_int32(meta.query_start_loc) and _int32(meta.seq_lens) and _int32(meta.block_tables))
+        or meta.slot_mapping.dtype != torch.int64
+    ):
+        return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, meta)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots = meta.slot_mapping.contiguous()
+    x = x.clone(memory_format=torch.contiguous_format)
+    res = (
+        torch.empty_like(x)
+        if residual is None
+        else residual.to(torch.bfloat16).clone(memory_format=torch.contiguous_format)
+    )
+    H, KH, D = plan.H, plan.KH, plan.D
+    scratch = torch.empty(
+        T * (plan.hidden + (H + 2 * KH) * D + 2 * H * D + 3 * plan.inter), dtype=torch.bfloat16
+    )
+    sizes = [plan.hidden, (H + 2 * KH) * D, H * D, H * D, 2 * plan.inter, plan.inter]
+    ptrs, base = [], scratch.data_ptr()
+    for s in sizes:
+        ptrs.append(base)
+        base += 2 * T * s
+    st = _Step(
+        T,
+        plan.hidden,
+        H,
+        KH,
+        D,
+        plan.inter,
+        plan.block_size,
+        meta.seq_lens.shape[0],
+        meta.block_tables.shape[1],
+        torch.get_num_threads(),
+        plan.eps,
+        plan.scale,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        meta.query_start_loc.data_ptr(),
+        meta.seq_lens.data_ptr(),
+        meta.block_tables.data_ptr(),
+        *ptrs,
+    )
+    rc = lib.tessera_llama_layers_bf16(
+        plan.arr, len(layers), ctypes.byref(st), x.data_ptr(), res.data_ptr(), int(residual is not None)
+    )
+    if rc == -3:
+        raise MemoryError("the fused decoder layers could not allocate their scratch memory")
+    if rc != 0:
+        raise ValueError(f"the fused decoder layers refused their arguments (code {rc})")
+    return x, res
