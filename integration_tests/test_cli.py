@@ -18,7 +18,8 @@ def tessera(*args, timeout=300):
     )
 
 
-SMALL = ["--max-model-len", "512", "--kv-cache-memory", "64MiB"]
+# fp32, as the fixtures and references the outputs are compared with (the CPU default is bf16)
+SMALL = ["--max-model-len", "512", "--kv-cache-memory", "64MiB", "--dtype", "float32"]
 
 
 def test_generate_json_prints_one_object_with_the_documented_fields():

@@ -43,6 +43,10 @@ def server():
             "192MiB",
             "--max-model-len",
             "1024",
+            # fp32, not the CPU's bf16 default: answers and logprobs are checked against
+            # transformers' fp32 run of the same weights
+            "--dtype",
+            "float32",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -62,3 +62,16 @@ def test_int8_kv_cache_fits_about_four_times_the_tokens_of_fp32(default_model_pa
     assert n8 / n32 == pytest.approx(256 / 68, rel=0.02)
     out = int8.generate("The capital of France is", None)[0]
     assert out.token_ids
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_kernels_run_and_fp32_elsewhere(monkeypatch):
+    import torch
+
+    from tessera.engine.llm import _auto_dtype
+
+    assert _auto_dtype(torch.device("cuda")) == torch.bfloat16
+    native = pytest.importorskip("tessera.kernels_cpu.native")
+    monkeypatch.setattr(native, "library", lambda: None)  # no compiler, or a CPU without AVX512-BF16
+    assert _auto_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(native, "library", lambda: object())
+    assert _auto_dtype(torch.device("cpu")) == torch.bfloat16

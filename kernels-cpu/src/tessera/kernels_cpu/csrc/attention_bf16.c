@@ -44,7 +44,8 @@ typedef struct {
     uint16_t *out;               // [T, H, D]
     int64_t *items;              // packed (sequence index, kv head, first token of the tile)
     int n_items;
-    int next;                    // atomic cursor over items
+    int unit;                    // items per claim: all KV heads of a run at once when there are many
+    int next;                    // atomic cursor over claims
     int failed;                  // set by a thread that could not get its scratch memory
 } job_t;
 
@@ -284,116 +285,150 @@ static inline __m512 hsum16(__m512 *v) {
     return v[0];
 }
 
-static void run_decode(const job_t *jb, int64_t item, const scratch_t *sc) {
-    const int si = (int)(item >> 40), kh = (int)((item >> 24) & 0xFFFF), t = (int)(item & 0xFFFFFF);
+// KV heads [kh0, kh1) of one query token (the item's), all of them over each tile of keys:
+// the K/V rows of a token hold every KV head side by side, so running them together reads
+// the cache blocks front to back once. DC, GC: the head size and query heads per KV head as
+// constants (0: read at run time), so the loops over them unroll for the common shapes.
+#define DECODE_MAX_ROWS 64  // (kh1 - kh0) * G
+static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, int64_t item, const scratch_t *sc,
+                                                               int kh0, int kh1, const int DC, const int GC) {
+    const int si = (int)(item >> 40), t = (int)(item & 0xFFFFFF);
     const int seq = jb->seqs[si];
-    const int D = jb->D, H = jb->H, G = H / jb->KH, W = jb->window, DV = D / 32;
+    const int D = DC ? DC : jb->D, H = jb->H, G = GC ? GC : H / jb->KH, W = jb->window, DV = D / 32;
     const int q_start = jb->qsl[seq], nq = jb->qsl[seq + 1] - q_start;
     const int pos = jb->seq_lens[seq] - nq + t;
     const int k_lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0, k_end = pos + 1;
     const int32_t *table = jb->block_tables + (int64_t)seq * jb->bt_stride;
-    const uint16_t *qrow[DECODE_G];
-    float m[DECODE_G], l[DECODE_G];
-    for (int g = 0; g < G; g++) {
-        qrow[g] = jb->q + ((int64_t)(q_start + t) * H + kh * G + g) * D;
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
+    const int nr = (kh1 - kh0) * G, row_bytes = jb->KH * D * 2;
+    const uint16_t *qbase = jb->q + ((int64_t)(q_start + t) * H + kh0 * G) * D;  // rows r = (kh - kh0) G + g
+    float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS];
+    for (int r = 0; r < nr; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
     }
-    float *o = sc->ot;  // [G][D]
-    float *p = sc->st;  // [G][BK]: scores, then probabilities
-    memset(o, 0, sizeof(float) * G * D);
+    float *o = sc->ot;  // [nr][D]
+    float *p = sc->st;  // [G][BK]: scores, then probabilities, of one KV head
+    memset(o, 0, sizeof(float) * nr * D);
     const __m512 scale = _mm512_set1_ps(jb->scale);
     for (int k0 = k_lo; k0 < k_end; k0 += BK) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
-        int64_t row_off[BK];
-        key_rows(jb, table, kh, k0, nk, row_off);
+        int64_t row_off[BK];  // of KV head 0
+        key_rows(jb, table, 0, k0, nk, row_off);
         // the cache rows are scattered over blocks and rarely in cache: ask for this tile's
         // value rows and the next tile's key rows now, so the loads overlap the arithmetic
         for (int kk = 0; kk < nk; kk++)
-            for (int c = 0; c < D * 2; c += 64) _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T0);
+            for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
+                _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T0);
         if (k0 + BK < k_end) {
             int64_t next_off[BK];
             const int nn = (k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK;
-            key_rows(jb, table, kh, k0 + BK, nn, next_off);
+            key_rows(jb, table, 0, k0 + BK, nn, next_off);
             for (int kk = 0; kk < nn; kk++)
-                for (int c = 0; c < D * 2; c += 64) _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T0);
+                for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
+                    _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T0);
         }
-        // scores, 16 keys per vector
-        for (int g = 0; g < G; g++) {
-            __m512bh qv[MAX_D / 32];
-            for (int c = 0; c < DV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qrow[g] + c * 32);
-            for (int kg = 0; kg < nk; kg += 16) {
-                const int nkg = (nk - kg) < 16 ? (nk - kg) : 16;
-                __m512 part[16];
-                for (int kk = 0; kk < 16; kk++) {
-                    __m512 acc = _mm512_setzero_ps();
-                    if (kk < nkg) {
-                        const uint16_t *kr = jb->k_cache + row_off[kg + kk];
-                        for (int c = 0; c < DV; c++)
-                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
+        for (int kh = kh0; kh < kh1; kh++) {
+            const int r0 = (kh - kh0) * G;
+            // scores, 16 keys per vector
+            for (int g = 0; g < G; g++) {
+                __m512bh qv[MAX_D / 32];
+                const uint16_t *qrow = qbase + (int64_t)(r0 + g) * D;
+                for (int c = 0; c < DV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qrow + c * 32);
+                for (int kg = 0; kg < nk; kg += 16) {
+                    const int nkg = (nk - kg) < 16 ? (nk - kg) : 16;
+                    __m512 part[16];
+                    for (int kk = 0; kk < 16; kk++) {
+                        __m512 acc = _mm512_setzero_ps();
+                        if (kk < nkg) {
+                            const uint16_t *kr = jb->k_cache + row_off[kg + kk] + kh * D;
+                            for (int c = 0; c < DV; c++)
+                                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
+                        }
+                        part[kk] = acc;
                     }
-                    part[kk] = acc;
+                    __m512 sv = _mm512_mul_ps(hsum16(part), scale);
+                    sv = _mm512_mask_blend_ps((__mmask16)((1u << nkg) - 1), _mm512_set1_ps(-INFINITY), sv);
+                    _mm512_storeu_ps(p + g * BK + kg, sv);
                 }
-                __m512 sv = _mm512_mul_ps(hsum16(part), scale);
-                sv = _mm512_mask_blend_ps((__mmask16)((1u << nkg) - 1), _mm512_set1_ps(-INFINITY), sv);
-                _mm512_storeu_ps(p + g * BK + kg, sv);
             }
-        }
-        // online softmax per head
-        const int nv = (nk + 15) / 16;
-        __m512 alpha_v[DECODE_G];
-        for (int g = 0; g < G; g++) {
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + g * BK + c * 16));
-            const float m_new = fmaxf(m[g], _mm512_reduce_max_ps(mx));
-            const float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - m_new);
-            __m512 sum = _mm512_setzero_ps();
-            for (int c = 0; c < nv; c++) {
-                const int valid = (nk - c * 16) < 16 ? (nk - c * 16) : 16;
-                __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << valid) - 1),
-                                               exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + g * BK + c * 16), _mm512_set1_ps(m_new))));
-                _mm512_storeu_ps(p + g * BK + c * 16, e);
-                sum = _mm512_add_ps(sum, e);
+            // online softmax per head
+            const int nv = (nk + 15) / 16;
+            __m512 alpha_v[DECODE_G];
+            for (int g = 0; g < G; g++) {
+                const int r = r0 + g;
+                __m512 mx = _mm512_set1_ps(-INFINITY);
+                for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + g * BK + c * 16));
+                const float m_new = fmaxf(m[r], _mm512_reduce_max_ps(mx));
+                const float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - m_new);
+                __m512 sum = _mm512_setzero_ps();
+                for (int c = 0; c < nv; c++) {
+                    const int valid = (nk - c * 16) < 16 ? (nk - c * 16) : 16;
+                    __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << valid) - 1),
+                                                   exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + g * BK + c * 16), _mm512_set1_ps(m_new))));
+                    _mm512_storeu_ps(p + g * BK + c * 16, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+                m[r] = m_new;
+                alpha_v[g] = _mm512_set1_ps(alpha);
             }
-            l[g] = l[g] * alpha + _mm512_reduce_add_ps(sum);
-            m[g] = m_new;
-            alpha_v[g] = _mm512_set1_ps(alpha);
-        }
-        // O = alpha O + P V: 4 heads x 64 dims of accumulators, value rows converted once each
-        for (int g0 = 0; g0 < G; g0 += 4) {
-            const int ng = (G - g0) < 4 ? (G - g0) : 4;
-            for (int d0 = 0; d0 < D; d0 += 64) {
-                const int nc = (D - d0) >= 64 ? 4 : (D - d0) / 16;
-                __m512 acc[4][4];
-                for (int a = 0; a < ng; a++)
-                    for (int c = 0; c < nc; c++)
-                        acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(o + (g0 + a) * D + d0 + c * 16), alpha_v[g0 + a]);
-                for (int kk = 0; kk < nk; kk++) {
-                    const uint16_t *vr = jb->v_cache + row_off[kk] + d0;
-                    __m512 vv[4];
-                    for (int c = 0; c < nc; c++) vv[c] = load_bf16(vr + c * 16);
-                    for (int a = 0; a < ng; a++) {
-                        const __m512 pk = _mm512_set1_ps(p[(g0 + a) * BK + kk]);
-                        for (int c = 0; c < nc; c++) acc[a][c] = _mm512_fmadd_ps(pk, vv[c], acc[a][c]);
+            // O = alpha O + P V: 4 heads x 64 dims of accumulators, value rows converted once each
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                const int ng = (G - g0) < 4 ? (G - g0) : 4;
+                for (int d0 = 0; d0 < D; d0 += 64) {
+                    const int nc = (D - d0) >= 64 ? 4 : (D - d0) / 16;
+                    __m512 acc[4][4];
+                    float *ob = o + (int64_t)(r0 + g0) * D + d0;
+                    for (int a = 0; a < ng; a++)
+                        for (int c = 0; c < nc; c++) acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(ob + a * D + c * 16), alpha_v[g0 + a]);
+                    for (int kk = 0; kk < nk; kk++) {
+                        const uint16_t *vr = jb->v_cache + row_off[kk] + kh * D + d0;
+                        __m512 vv[4];
+                        for (int c = 0; c < nc; c++) vv[c] = load_bf16(vr + c * 16);
+                        for (int a = 0; a < ng; a++) {
+                            const __m512 pk = _mm512_set1_ps(p[(g0 + a) * BK + kk]);
+                            for (int c = 0; c < nc; c++) acc[a][c] = _mm512_fmadd_ps(pk, vv[c], acc[a][c]);
+                        }
                     }
+                    for (int a = 0; a < ng; a++)
+                        for (int c = 0; c < nc; c++) _mm512_storeu_ps(ob + a * D + c * 16, acc[a][c]);
                 }
-                for (int a = 0; a < ng; a++)
-                    for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (g0 + a) * D + d0 + c * 16, acc[a][c]);
             }
         }
     }
-    for (int g = 0; g < G; g++) {
-        uint16_t *dst = jb->out + ((int64_t)(q_start + t) * H + kh * G + g) * D;
-        const __m512 inv = _mm512_set1_ps(1.0f / l[g]);
-        for (int d = 0; d < D; d += 16) store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + g * D + d), inv));
+    for (int r = 0; r < nr; r++) {
+        uint16_t *dst = jb->out + ((int64_t)(q_start + t) * H + kh0 * G + r) * D;
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        for (int d = 0; d < D; d += 16) store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)r * D + d), inv));
     }
+}
+
+static void run_decode(const job_t *jb, int64_t item, const scratch_t *sc, int kh0, int kh1) {
+    const int G = jb->H / jb->KH;
+#define DEC_G(DC)                                                        \
+    switch (G) {                                                         \
+        case 1: run_decode_t(jb, item, sc, kh0, kh1, DC, 1); return;     \
+        case 2: run_decode_t(jb, item, sc, kh0, kh1, DC, 2); return;     \
+        case 3: run_decode_t(jb, item, sc, kh0, kh1, DC, 3); return;     \
+        case 4: run_decode_t(jb, item, sc, kh0, kh1, DC, 4); return;     \
+        case 5: run_decode_t(jb, item, sc, kh0, kh1, DC, 5); return;     \
+        case 6: run_decode_t(jb, item, sc, kh0, kh1, DC, 6); return;     \
+        case 7: run_decode_t(jb, item, sc, kh0, kh1, DC, 7); return;     \
+        case 8: run_decode_t(jb, item, sc, kh0, kh1, DC, 8); return;     \
+        default: run_decode_t(jb, item, sc, kh0, kh1, DC, 0); return;    \
+    }
+    if (jb->D == 64) DEC_G(64)
+    if (jb->D == 128) DEC_G(128)
+#undef DEC_G
+    run_decode_t(jb, item, sc, kh0, kh1, 0, 0);
 }
 
 static void run_item(const job_t *jb, int64_t item, const scratch_t *sc) {
     const int seq = jb->seqs[(int)(item >> 40)], t0 = (int)(item & 0xFFFFFF);
     const int nq = jb->qsl[seq + 1] - jb->qsl[seq];
     if (decode_layout(nq, jb->H / jb->KH)) {
-        run_decode(jb, item, sc);
+        const int kh = (int)((item >> 24) & 0xFFFF);
+        run_decode(jb, item, sc, kh, kh + 1);
         return;
     }
     const int bq = tile_tokens(nq, jb->H / jb->KH);
@@ -416,9 +451,11 @@ static void prefetch_first_keys(const job_t *jb, int64_t item) {
     const int nk = jb->seq_lens[seq] - k_lo < BK ? jb->seq_lens[seq] - k_lo : BK;
     if (nk <= 0) return;
     int64_t row_off[BK];
-    key_rows(jb, jb->block_tables + (int64_t)seq * jb->bt_stride, kh, k_lo, nk, row_off);
+    // a claim of every KV head reads whole rows; a single item its own head's part
+    const int whole = jb->unit > 1, bytes = (whole ? jb->KH : 1) * jb->D * 2;
+    key_rows(jb, jb->block_tables + (int64_t)seq * jb->bt_stride, whole ? 0 : kh, k_lo, nk, row_off);
     for (int kk = 0; kk < nk; kk++)
-        for (int c = 0; c < jb->D * 2; c += 64) {
+        for (int c = 0; c < bytes; c += 64) {
             _mm_prefetch((const char *)(jb->k_cache + row_off[kk]) + c, _MM_HINT_T0);
             _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T1);
         }
@@ -448,19 +485,28 @@ static void attention_part(void *arg, int part, int n_parts) {
     // Each thread claims its next item before running the current one and asks for that
     // item's first keys: the cache rows are scattered over blocks and rarely cached, and the
     // first tile of an item is otherwise read with nothing to overlap it.
+    const int n_claims = jb->n_items / jb->unit;
     int i = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
-    while (i < jb->n_items) {
+    while (i < n_claims) {
         const int j = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED);
-        if (j < jb->n_items) prefetch_first_keys(jb, jb->items[j]);
-        run_item(jb, jb->items[i], &sc);
+        if (j < n_claims) prefetch_first_keys(jb, jb->items[j * jb->unit]);
+        const int64_t first = jb->items[i * jb->unit];
+        const int seq = jb->seqs[(int)(first >> 40)];
+        if (jb->unit == jb->KH && decode_layout(jb->qsl[seq + 1] - jb->qsl[seq], jb->H / jb->KH) &&
+            jb->H <= DECODE_MAX_ROWS)
+            run_decode(jb, first, &sc, 0, jb->KH);  // the unit's items: every KV head of one token
+        else
+            for (int u = 0; u < jb->unit; u++) run_item(jb, jb->items[i * jb->unit + u], &sc);
         i = j;
     }
 }
 
 static int cmp_cost_desc(const void *a, const void *b) {
-    // items are sorted by decreasing key count, stored in a side array by the caller
+    // (item, key count, order): by decreasing key count, then the order the caller gave (which
+    // keeps the KV heads of one run of tokens next to each other)
     const int64_t *x = (const int64_t *)a, *y = (const int64_t *)b;
-    return (x[1] < y[1]) - (x[1] > y[1]);
+    if (x[1] != y[1]) return (x[1] < y[1]) - (x[1] > y[1]);
+    return (x[2] > y[2]) - (x[2] < y[2]);
 }
 
 // Returns 0 on success, a negative code for arguments the kernel does not take.
@@ -483,7 +529,7 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
         n_items += KH * ((nq + bq - 1) / bq);
     }
     if (n_items == 0) { free(all); return 0; }
-    int64_t *pairs = malloc(sizeof(int64_t) * 2 * n_items);
+    int64_t *pairs = malloc(sizeof(int64_t) * 3 * n_items);
     int64_t *items = malloc(sizeof(int64_t) * n_items);
     if (!pairs || !items) { free(pairs); free(items); free(all); return -3; }
     int n = 0;
@@ -496,19 +542,23 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
             int keys = first_pos + t0 + bq;
             if (window > 0 && keys > window + bq) keys = window + bq;
             for (int kh = 0; kh < KH; kh++) {
-                pairs[2 * n] = ((int64_t)i << 40) | ((int64_t)kh << 24) | t0;
-                pairs[2 * n + 1] = keys;
+                pairs[3 * n] = ((int64_t)i << 40) | ((int64_t)kh << 24) | t0;
+                pairs[3 * n + 1] = keys;
+                pairs[3 * n + 2] = n;
                 n++;
             }
         }
     }
-    qsort(pairs, n, 2 * sizeof(int64_t), cmp_cost_desc);  // longest first: balances the threads
-    for (int i = 0; i < n; i++) items[i] = pairs[2 * i];
+    qsort(pairs, n, 3 * sizeof(int64_t), cmp_cost_desc);  // longest first: balances the threads
+    for (int i = 0; i < n; i++) items[i] = pairs[3 * i];
     free(pairs);
-    job_t jb = {q, k_cache, v_cache, qsl, seq_lens, block_tables, seqs, n_seqs, bt_stride, H, KH, D, BS,
-                window, scale, out, items, n, 0, 0};
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > n) n_threads = n;
+    // With many runs, a thread takes all KV heads of a run at once: they share the cache lines
+    // of the run's K/V rows (a row holds every KV head), which are then read from memory once.
+    const int unit = n / KH >= 4 * n_threads ? KH : 1;
+    job_t jb = {q, k_cache, v_cache, qsl, seq_lens, block_tables, seqs, n_seqs, bt_stride, H, KH, D, BS,
+                window, scale, out, items, n, unit, 0, 0};
+    if (n_threads > n / unit) n_threads = n / unit;
     pool_run(attention_part, &jb, n_threads, n_threads);
     free(items);
     free(all);

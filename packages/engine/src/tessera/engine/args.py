@@ -62,7 +62,8 @@ class EngineArgs:
             "--dtype",
             default="auto",
             choices=["auto", "float32", "bfloat16", "float16"],
-            help="compute dtype (auto: float32 on CPU, bfloat16 on GPUs)",
+            help="compute dtype (auto: bfloat16 on GPUs and on CPUs with AVX512-BF16 and VNNI, "
+            "float32 on other CPUs)",
         )
         g.add_argument(
             "--max-model-len",
