@@ -5,6 +5,7 @@ transformers' logits, and perplexity within 0.5% of llama.cpp's on the same text
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,65 @@ def test_perplexity_is_within_half_a_percent_of_llama_cpp(default_model_path, dt
         count += len(w) - 1
     ppl = math.exp(nll / count)
     assert abs(ppl / LLAMA_CPP_PPL - 1) < 0.005, ppl
+
+
+def _write_mixed_gguf(path):
+    """A 2-layer Llama GGUF whose q and k projections are Q4_0 and v is Q8_0 (as Q4_K_M files
+    mix Q4_K and Q6_K), so q|k|v cannot be one packed tensor."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, heads, kv_heads, vocab = 128, 256, 4, 2, 64
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_block_count(2)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+
+    def add(name, shape, qtype=None, scale=0.08):
+        x = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if qtype is None:
+            w.add_tensor(name, x)
+        else:
+            t = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, quantize(x, t), raw_dtype=t)
+
+    add("token_embd.weight", (vocab, hidden), scale=1.0)
+    add("output.weight", (vocab, hidden), "Q8_0")
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    kv = hidden // heads * kv_heads
+    for b in range(2):
+        w.add_tensor(f"blk.{b}.attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(f"blk.{b}.ffn_norm.weight", np.ones(hidden, np.float32))
+        add(f"blk.{b}.attn_q.weight", (hidden, hidden), "Q4_0")
+        add(f"blk.{b}.attn_k.weight", (kv, hidden), "Q4_0")
+        add(f"blk.{b}.attn_v.weight", (kv, hidden), "Q8_0")
+        add(f"blk.{b}.attn_output.weight", (hidden, hidden), "Q4_0")
+        add(f"blk.{b}.ffn_gate.weight", (ffn, hidden), "Q4_0")
+        add(f"blk.{b}.ffn_up.weight", (ffn, hidden), "Q4_0")
+        add(f"blk.{b}.ffn_down.weight", (hidden, ffn), "Q8_0")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_projections_in_different_schemes_stay_packed_side_by_side(tmp_path):
+    from tessera.kernels import RowStack
+
+    ck = open_checkpoint(_write_mixed_gguf(tmp_path / "mixed.gguf"))
+    chunks = [[[3, 4, 5, 6, 7, 8, 9, 10], [11], [12]], [[20, 21], [22], [23]]]
+    ref = forward_chunks(load_model(ck, dtype=torch.float32), chunks)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        model = load_model(ck, dtype=dtype, packed_weights=True)
+        qkv = model.layers[0].self_attn.qkv_weight
+        assert isinstance(qkv, RowStack) and [p.scheme for p in qkv.parts] == ["Q4_0", "Q4_0", "Q8_0"]
+        assert isinstance(model.layers[0].mlp.gate_up_weight, PackedWeight)  # one scheme: one weight
+        for got, want in zip(forward_chunks(model, chunks), ref, strict=True):
+            assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol

@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import quantize  # noqa: E402
 
 from tessera.formats import ModelConfig, QuantizedTensor  # noqa: E402
-from tessera.kernels import reference, registry  # noqa: E402
+from tessera.kernels import RowStack, reference, registry  # noqa: E402
 from tessera.kernels_cpu import decoder, native, packed  # noqa: E402
 from tessera.models import LlamaForCausalLM  # noqa: E402
 from tessera.models.harness import forward_chunks  # noqa: E402
@@ -37,7 +37,9 @@ def packed_weight(scheme: str, n: int, k: int, rng) -> packed.PackedWeight:
     return pw
 
 
-def random_model(schemes, qkv_bias: bool, window_layer: int | None, seed: int = 0) -> LlamaForCausalLM:
+def random_model(
+    schemes, qkv_bias: bool, window_layer: int | None, seed: int = 0, mixed_qkv: bool = False
+) -> LlamaForCausalLM:
     cfg = ModelConfig(
         architecture="LlamaForCausalLM",
         vocab_size=300,
@@ -66,11 +68,14 @@ def random_model(schemes, qkv_bias: bool, window_layer: int | None, seed: int = 
     model.lm_head = bf16(300, 256, scale=0.05)
     model.norm = 1 + bf16(256, scale=0.1)
     s = iter(schemes * 12)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         layer.input_norm = 1 + bf16(256, scale=0.1)
         layer.post_attention_norm = 1 + bf16(256, scale=0.1)
         a, m = layer.self_attn, layer.mlp
-        a.qkv_weight = packed_weight(next(s), (8 + 2 * 2) * 32, 256, rng)
+        if mixed_qkv and i == 1:  # q, k and v in different schemes, as in a Q4_K_M file
+            a.qkv_weight = RowStack([packed_weight(next(s), n, 256, rng) for n in (8 * 32, 2 * 32, 2 * 32)])
+        else:
+            a.qkv_weight = packed_weight(next(s), (8 + 2 * 2) * 32, 256, rng)
         a.qkv_bias = bf16((8 + 2 * 2) * 32, scale=0.1) if qkv_bias else None
         a.o_weight = packed_weight(next(s), 256, 256, rng)
         m.gate_up_weight = packed_weight(next(s), 1024, 256, rng)

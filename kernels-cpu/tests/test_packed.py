@@ -10,6 +10,7 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize, quantize  # noqa: E402
 
 from tessera.formats import QuantizedTensor  # noqa: E402
+from tessera.kernels import RowStack  # noqa: E402
 from tessera.kernels_cpu import native, packed  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -122,3 +123,17 @@ def test_schemes_and_shapes_the_kernels_do_not_take_are_dequantized():
     assert isinstance(w, torch.Tensor) and torch.equal(w.double(), exact)
     q3 = QuantizedTensor("Q3_K", torch.zeros(16 * 110, dtype=torch.uint8), (16, 256))
     assert isinstance(packed.prepare_linear_weight(q3, torch.bfloat16), torch.Tensor)
+
+
+def test_a_row_stack_of_schemes_multiplies_as_its_parts_side_by_side():
+    parts = [make("Q4_K", 64, 256, seed=1), make("Q4_K", 32, 256, seed=2), make("Q6_K", 32, 256, seed=3)]
+    stack = RowStack([packed.prepare_linear_weight(qt, torch.bfloat16) for qt, _ in parts])
+    assert stack.shape == (128, 256)
+    exact = torch.cat([e for _, e in parts])
+    assert rel_err(stack.dequantize(torch.float32), exact) < 1e-3
+    x, bias = torch.randn(5, 256), torch.randn(128)
+    got = packed.linear(x, stack, bias)
+    assert got.shape == (5, 128) and rel_err(got, x.double() @ exact.T + bias.double()) < 1e-3
+    xb = x.bfloat16()
+    got = packed.linear(xb, stack, bias.bfloat16())
+    assert rel_err(got, q8_inputs(xb).double() @ exact.T + bias.bfloat16().double()) < 5e-3

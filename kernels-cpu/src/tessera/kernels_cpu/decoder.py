@@ -12,7 +12,7 @@ import ctypes
 
 import torch
 
-from tessera.kernels import reference
+from tessera.kernels import RowStack, reference
 
 from . import native
 from .packed import PackedWeight
@@ -24,14 +24,18 @@ class _Weight(ctypes.Structure):
     _fields_ = [("qtype", _i), ("N", _i), ("K", _i), ("qs", _p), ("d", _p), ("m", _p), ("bias", _p)]
 
 
+class _Stack(ctypes.Structure):
+    _fields_ = [("n_parts", _i), ("part", _Weight * 3)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         ("input_norm", _p),
         ("post_norm", _p),
-        ("qkv", _Weight),
-        ("o", _Weight),
-        ("gate_up", _Weight),
-        ("down", _Weight),
+        ("qkv", _Stack),
+        ("o", _Stack),
+        ("gate_up", _Stack),
+        ("down", _Stack),
         ("k_cache", _p),
         ("v_cache", _p),
         ("window", _i),
@@ -55,7 +59,7 @@ def _bf16_vec(t, n: int) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (n,)
 
 
-def _weight(w, bias, keep: list) -> _Weight | None:
+def _part(w, bias, keep: list) -> _Weight | None:
     if not isinstance(w, PackedWeight):
         return None
     n, k = w.shape
@@ -75,6 +79,19 @@ def _weight(w, bias, keep: list) -> _Weight | None:
     )
 
 
+def _weight(w, bias, keep: list) -> _Stack | None:
+    """A packed weight, or a row stack of up to 3 packed weights, as the C struct."""
+    parts = w.parts if isinstance(w, RowStack) else [w]
+    if len(parts) > 3:
+        return None
+    sizes = [p.shape[0] for p in parts]
+    biases = bias.split(sizes) if bias is not None else [None] * len(parts)
+    made = [_part(p, b, keep) for p, b in zip(parts, biases, strict=True)]
+    if any(m is None for m in made):
+        return None
+    return _Stack(len(made), (_Weight * 3)(*made))
+
+
 class _Plan:
     """The layers' weights and caches as C structs, built once per (layers, caches)."""
 
@@ -86,8 +103,12 @@ class _Plan:
         a0 = first.self_attn
         self.H, self.KH, self.D = a0.num_heads, a0.num_kv_heads, a0.head_dim
         self.eps, self.scale = float(first.eps), float(a0.scale)
-        self.hidden = a0.o_weight.shape[0] if isinstance(a0.o_weight, PackedWeight) else 0
-        self.inter = first.mlp.down_weight.shape[1] if isinstance(first.mlp.down_weight, PackedWeight) else 0
+        self.hidden = a0.o_weight.shape[0] if isinstance(a0.o_weight, (PackedWeight, RowStack)) else 0
+        self.inter = (
+            first.mlp.down_weight.shape[1]
+            if isinstance(first.mlp.down_weight, (PackedWeight, RowStack))
+            else 0
+        )
         if not (
             self.hidden % 16 == 0
             and self.hidden > 0
@@ -129,7 +150,10 @@ class _Plan:
                 (2 * self.inter, self.hidden),
                 (self.hidden, self.inter),
             ]
-            if any(w is None or (w.N, w.K) != s for w, s in zip(ws, shapes, strict=True)):
+            if any(
+                w is None or (sum(p.N for p in w.part[: w.n_parts]), w.part[0].K) != s
+                for w, s in zip(ws, shapes, strict=True)
+            ):
                 return
             arr[i] = _Layer(
                 layer.input_norm.data_ptr(),

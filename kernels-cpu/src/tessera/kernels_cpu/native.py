@@ -97,6 +97,7 @@ def library() -> ctypes.CDLL | None:
     lib.tessera_silu_and_mul_bf16.argtypes = [p, p, i, i, i]
     lib.tessera_q_repack.argtypes = [i, p, i, i, p, p, p]
     lib.tessera_q_matmul.argtypes = [i, p, i, i, i, i, p, p, p, p, p, i, i]
+    lib.tessera_q_matmul_ld.argtypes = [i, p, i, i, i, i, p, p, p, p, p, ctypes.c_int64, i, i]
     lib.tessera_q_gather_rows.argtypes = [i, p, p, p, i, i, p, i, p, i]
     lib.tessera_q_dequantize_t.argtypes = [i, p, p, p, i, i, p, i, i]
     lib.tessera_llama_layers_bf16.argtypes = [p, i, p, p, p, i]
@@ -106,6 +107,7 @@ def library() -> ctypes.CDLL | None:
         lib.tessera_silu_and_mul_bf16,
         lib.tessera_q_repack,
         lib.tessera_q_matmul,
+        lib.tessera_q_matmul_ld,
         lib.tessera_q_gather_rows,
         lib.tessera_q_dequantize_t,
         lib.tessera_llama_layers_bf16,

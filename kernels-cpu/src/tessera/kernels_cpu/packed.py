@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from tessera.kernels import reference
+from tessera.kernels import RowStack, reference
 
 from . import native
 
@@ -146,6 +146,10 @@ def _dequantized_t(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, RowStack):
+        sizes = [p.shape[0] for p in weight.parts]
+        biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+        return torch.cat([linear(x, p, b) for p, b in zip(weight.parts, biases, strict=True)], dim=-1)
     if not isinstance(weight, PackedWeight):
         return reference.linear(x, weight, bias)
     n, k = weight.shape

@@ -16,9 +16,15 @@ typedef struct {
     const uint16_t *bias;  // bf16 [N] or NULL
 } tq_weight;
 
+// a projection: up to 3 packed weights stacked by output rows (q|k|v of different schemes)
+typedef struct {
+    int n_parts;
+    tq_weight part[3];
+} tq_stack;
+
 typedef struct {
     const uint16_t *input_norm, *post_norm;  // bf16 [hidden]
-    tq_weight qkv, o, gate_up, down;
+    tq_stack qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;  // [blocks, block size, KV heads, head size]
     int window;                   // sliding window, 0 for none
 } tq_layer;
@@ -32,8 +38,9 @@ typedef struct {
     uint16_t *h, *qkv, *q, *attn, *gu, *act;  // scratch: [T, hidden], [T, (H + 2 KH) D], [T, H D] x2, [T, 2 inter], [T, inter]
 } tq_step;
 
-int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs, const uint16_t *d,
-                     const uint16_t *m, const void *bias, void *out, int out_bf16, int n_threads);
+int tessera_q_matmul_ld(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
+                        const uint16_t *d, const uint16_t *m, const void *bias, void *out, int64_t ldo,
+                        int out_bf16, int n_threads);
 int tessera_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
                           uint16_t *residual_out, int T, int N, float eps, int n_threads);
 int tessera_rotary_bf16(uint16_t *x, const float *cos, const float *sin, int T, int heads, int D, int64_t stride,
@@ -44,8 +51,16 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
                            int n_seqs, int H, int KH, int D, int BS, float scale, int window, uint16_t *out,
                            int n_threads);
 
-static int matmul(const tq_weight *w, const uint16_t *x, int T, uint16_t *out, int n_threads) {
-    return tessera_q_matmul(w->qtype, x, 1, T, w->K, w->N, w->qs, w->d, w->m, w->bias, out, 1, n_threads);
+static int matmul(const tq_stack *s, const uint16_t *x, int T, uint16_t *out, int n_threads) {
+    int ldo = 0;
+    for (int i = 0; i < s->n_parts; i++) ldo += s->part[i].N;
+    for (int i = 0, col = 0; i < s->n_parts; col += s->part[i].N, i++) {
+        const tq_weight *w = &s->part[i];
+        const int rc = tessera_q_matmul_ld(w->qtype, x, 1, T, w->K, w->N, w->qs, w->d, w->m, w->bias, out + col, ldo,
+                                           1, n_threads);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 #define TRY(call)               \

@@ -201,6 +201,7 @@ typedef struct {
     const float *xf;     // fp32 path: inputs [M][K], else NULL
     const void *bias;    // [N], the output's dtype, or NULL
     void *out;
+    int64_t ldo;  // output row stride (elements)
     int M, K, N, out_bf16;
 } qmm_t;
 
@@ -208,7 +209,7 @@ static inline void store_rows(const qmm_t *a, int g, int t0, int MT, __m512 *tot
     __m512 bv = _mm512_setzero_ps();
     if (a->bias) bv = a->out_bf16 ? load_bf16((const uint16_t *)a->bias + g * 16) : _mm512_loadu_ps((const float *)a->bias + g * 16);
     for (int t = 0; t < MT; t++) {
-        const int64_t off = (int64_t)(t0 + t) * a->N + g * 16;
+        const int64_t off = (int64_t)(t0 + t) * a->ldo + g * 16;
         const __m512 v = _mm512_add_ps(total[t], bv);
         if (a->out_bf16)
             store_bf16((uint16_t *)a->out + off, v);
@@ -396,13 +397,14 @@ static void quantize_rows(void *arg, int lo, int hi) {
     }
 }
 
-// out [M, N] (fp32, or bf16 when out_bf16) = x [M, K] times the repacked W [N, K] transposed,
-// plus bias [N] (the output's dtype; NULL for none). bf16 x: int8 products; fp32 x: FMAs.
-int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
-                     const uint16_t *d, const uint16_t *m, const void *bias, void *out, int out_bf16,
-                     int n_threads) {
+// out [M, N] (fp32, or bf16 when out_bf16; rows ldo elements apart) = x [M, K] times the
+// repacked W [N, K] transposed, plus bias [N] (the output's dtype; NULL for none).
+// bf16 x: int8 products; fp32 x: FMAs.
+int tessera_q_matmul_ld(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
+                        const uint16_t *d, const uint16_t *m, const void *bias, void *out, int64_t ldo,
+                        int out_bf16, int n_threads) {
     qform f;
-    if (form_of(qtype, &f) || N % 16 || K % 32 || M <= 0) return -1;
+    if (form_of(qtype, &f) || N % 16 || K % 32 || M <= 0 || ldo < N) return -1;
     const int nb = K / 32;
     int8_t *xq = x_bf16 ? malloc((size_t)M * K) : NULL;
     float *xs = x_bf16 ? malloc(sizeof(float) * (size_t)M * nb) : NULL;
@@ -415,7 +417,7 @@ int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, 
     }
     quant_t qa = {x, x_bf16, K, xq, xs, xsum};
     parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
-    qmm_t a = {f, qs, d, m, (const int32_t *)xq, xs, xsum, x_bf16 ? NULL : (const float *)x, bias, out, M, K, N, out_bf16};
+    qmm_t a = {f, qs, d, m, (const int32_t *)xq, xs, xsum, x_bf16 ? NULL : (const float *)x, bias, out, ldo, M, K, N, out_bf16};
     const int groups = N / 16;
     if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
     if (n_threads > groups) n_threads = groups;
@@ -425,6 +427,12 @@ int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, 
     free(xs);
     free(xsum);
     return 0;
+}
+
+int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
+                     const uint16_t *d, const uint16_t *m, const void *bias, void *out, int out_bf16,
+                     int n_threads) {
+    return tessera_q_matmul_ld(qtype, x, x_bf16, M, K, N, qs, d, m, bias, out, N, out_bf16, n_threads);
 }
 
 // 16 rows' values of input i of 32-block b in row group g, as fp32
@@ -514,6 +522,7 @@ int tessera_q_gather_rows(int qtype, const uint8_t *qs, const uint16_t *d, const
 #else
 int tessera_q_repack(void) { return -100; }
 int tessera_q_matmul(void) { return -100; }
+int tessera_q_matmul_ld(void) { return -100; }
 int tessera_q_gather_rows(void) { return -100; }
 int tessera_q_dequantize_t(void) { return -100; }
 #endif

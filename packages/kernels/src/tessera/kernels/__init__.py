@@ -2,5 +2,6 @@
 
 from . import ops, reference
 from .registry import implementations, lookup, register, unregister
+from .weights import RowStack
 
-__all__ = ["implementations", "lookup", "ops", "reference", "register", "unregister"]
+__all__ = ["RowStack", "implementations", "lookup", "ops", "reference", "register", "unregister"]

@@ -61,7 +61,8 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
 
 @reference("linear")
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + b``; ``weight`` is a tensor or a packed weight with ``dequantize(dtype)``."""
+    """``x @ W.T + b``; ``weight`` is a tensor or a packed weight with ``dequantize(dtype)``
+    (a ``RowStack`` too)."""
     w = weight if isinstance(weight, torch.Tensor) else weight.dequantize(x.dtype)
     return F.linear(x, w, bias)
 

@@ -7,7 +7,7 @@ import re
 import torch
 
 from tessera.formats import Checkpoint, FormatError, ModelConfig, QuantizedTensor
-from tessera.kernels import ops
+from tessera.kernels import RowStack, ops
 
 from .llama import LlamaForCausalLM
 
@@ -59,15 +59,21 @@ def _shape(t) -> tuple[int, ...]:
 
 
 def _rows(parts: list, dtype: torch.dtype):
-    """Projections stacked by output rows (q|k|v, gate|up); packed weights of one scheme stay
-    packed (their rows are whole blocks), a mix is dequantized."""
+    """Projections stacked by output rows (q|k|v, gate|up), prepared for ``ops.linear``: packed
+    weights of one scheme are one packed weight (their rows are whole blocks); a mix of schemes
+    is a ``RowStack`` of the parts as the backend prepared them, or one tensor where the backend
+    dequantized them all."""
     if (
         all(isinstance(p, QuantizedTensor) for p in parts)
         and len({(p.scheme, p.shape[1]) for p in parts}) == 1
     ):
         data = torch.cat([p.data.reshape(p.shape[0], -1) for p in parts])
-        return QuantizedTensor(parts[0].scheme, data, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
-    return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p for p in parts])
+        stacked = QuantizedTensor(parts[0].scheme, data, (sum(p.shape[0] for p in parts), parts[0].shape[1]))
+        return _prepared(stacked, dtype)
+    prepared = [_prepared(p, dtype) for p in parts]
+    if all(isinstance(p, torch.Tensor) for p in prepared):
+        return torch.cat([p.to(dtype) for p in prepared])
+    return RowStack(prepared)
 
 
 def _prepared(weight, dtype: torch.dtype):
@@ -152,16 +158,14 @@ def load_model(
         layer.input_norm = take("input_layernorm.weight")
         layer.post_attention_norm = take("post_attention_layernorm.weight")
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_weight = _prepared(_rows([take(f"self_attn.{x}_proj.weight") for x in "qkv"], dtype), dtype)
+        attn.qkv_weight = _rows([take(f"self_attn.{x}_proj.weight") for x in "qkv"], dtype)
         if config.qkv_bias:
             attn.qkv_bias = torch.cat([take(f"self_attn.{x}_proj.bias") for x in "qkv"])
         attn.o_weight, attn.o_bias = (
             _prepared(take("self_attn.o_proj.weight"), dtype),
             take("self_attn.o_proj.bias"),
         )
-        mlp.gate_up_weight = _prepared(
-            _rows([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], dtype), dtype
-        )
+        mlp.gate_up_weight = _rows([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], dtype)
         if config.mlp_bias:
             mlp.gate_up_bias = torch.cat([take("mlp.gate_proj.bias"), take("mlp.up_proj.bias")])
         mlp.down_weight, mlp.down_bias = (
