@@ -57,7 +57,8 @@ def q8_inputs(x: torch.Tensor) -> torch.Tensor:
     fp32 (the documented activation quantization of the bf16 path), dequantized."""
     b = x.float().reshape(x.shape[0], -1, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # a true fp32 division (torch computes `127.0 / t` as 127 * (1 / t), one more rounding)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     return (torch.round(b * inv).clamp(-128, 127) * (amax / 127.0)).reshape(x.shape)
 
 
@@ -90,6 +91,9 @@ def test_packed_products_match_the_gguf_dequantizer(scheme, n, k):
         got = packed.linear(xb, pw, bias.bfloat16())
         ref_q = q8_inputs(xb).double() @ exact.T + bias.bfloat16().double()
         assert got.dtype == torch.bfloat16 and rel_err(got, ref_q) < 4e-3 + w_tol
+        # fp32 out (logits): the same sums, not rounded to bf16
+        got32 = packed.linear(xb, pw, bias.bfloat16(), torch.float32)
+        assert got32.dtype == torch.float32 and rel_err(got32, ref_q) < 1e-5 + w_tol
         # and the int8 inputs cost about what llama.cpp's q8 activations cost
         ref_b = xb.double() @ exact.T + bias.bfloat16().double()
         assert rel_err(got, ref_b) < 1.5e-2

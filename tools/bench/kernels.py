@@ -75,7 +75,8 @@ def packed_linear_rows() -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         weights = [(packed.prepare_linear_weight(q, dtype), q.dequantize(dtype)) for q in quantized]
-        for m in (1, 8, 32):
+        # bf16: int8 products (up to prefill sizes, against torch's bf16 GEMM); fp32: FMAs
+        for m in (1, 8, 32, 128, 512, 2048) if dtype == torch.bfloat16 else (1, 8, 32, 128):
             xs = {k: torch.randn(m, k, dtype=dtype) for k in (576, 1536)}
 
             def run(use_packed, weights=weights, xs=xs):
@@ -177,7 +178,8 @@ def main() -> None:
                 }
             )
     # packed GGUF weights: every projection of the default model's 30 layers (Q4_1, too big for
-    # the caches together) multiplied by M tokens, against torch's GEMM on dequantized weights
+    # the caches together) multiplied by M tokens, against torch's GEMM on weights dequantized
+    # beforehand (so the reference does not even pay for dequantizing)
     if native.library() is not None:
         rows.extend(packed_linear_rows())
     # where the SDPA path takes over: time each path alone on one sequence of n new tokens

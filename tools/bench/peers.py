@@ -7,7 +7,8 @@
 Workloads (the default model, greedy, random token-id prompts with no common prefix):
 - latency: prefill of one 512-token prompt (tokens/s), single-stream decode over 128 tokens
   (tokens/s from the first generated token to the last);
-- throughput: N sequences of 128 prompt + 128 output tokens at once, aggregate output tokens/s;
+- throughput: N sequences of 128 prompt + 128 output tokens at once, aggregate output tokens/s
+  (median of --runs runs for tessera and llama.cpp, one run for transformers);
 - peak memory: the resident set size of the process that ran the engine (each engine runs in
   its own process, so the figure is its own).
 
@@ -46,14 +47,27 @@ def peak_rss_mb() -> float:
 
 
 def run_tessera(dtype: str, concurrency: list[int], runs: int) -> dict:
-    from tessera.engine import LLM
+    from tessera.engine import LLM, resolve_model
     from tessera.engine.bench_offline import latency, throughput
+    from tessera.formats import open_checkpoint
 
+    # a KV pool for the most tokens any workload holds at once (64 x (128 + 128) and their
+    # partly filled blocks), as llama.cpp's contexts are sized: the pool maps its pages as
+    # blocks are first used, so a bigger one would show up in the peak RSS over the runs
+    c = open_checkpoint(resolve_model(MODEL)).config
+    per_token = (
+        c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * (2 if dtype == "bfloat16" else 4)
+    )
+    tokens = max(max(concurrency) * (PROMPT + OUTPUT + 16), PREFILL + OUTPUT + 32)
     llm = LLM(
-        MODEL, dtype=dtype, max_model_len=PREFILL + OUTPUT + 32, kv_cache_memory=1 << 30, max_num_seqs=64
+        MODEL,
+        dtype=dtype,
+        max_model_len=PREFILL + OUTPUT + 32,
+        kv_cache_memory=tokens * per_token,
+        max_num_seqs=max(concurrency),
     )
     lat = latency(llm, PREFILL, OUTPUT, runs)
-    tput = {n: throughput(llm, n, PROMPT, OUTPUT, 1)["output_tok_s"] for n in concurrency}
+    tput = {n: throughput(llm, n, PROMPT, OUTPUT, runs)["output_tok_s"] for n in concurrency}
     return {"prefill_tok_s": lat["prefill_tok_s"], "decode_tok_s": lat["decode_tok_s"], "throughput": tput}
 
 
@@ -143,22 +157,28 @@ def run_llama_cpp(concurrency: list[int], runs: int) -> dict:
     for n in concurrency:
         ctx = context(n, n * (PROMPT + OUTPUT + 8))
         batch = llama_cpp.llama_batch_init(512, 0, 1)
-        prompts = random_prompts(n, PROMPT, n_vocab, seed=1000 + n)
-        t = time.perf_counter()
-        # prompts go in whole, as many per llama_decode call as fit in a batch of 512; each call's
-        # logits are read before the next call overwrites them
-        per_call = max(1, 512 // PROMPT)
-        nxt = []
-        for first in range(0, n, per_call):
-            group = range(first, min(n, first + per_call))
-            decode(
-                ctx, batch, [(tok, j, s, j == PROMPT - 1) for s in group for j, tok in enumerate(prompts[s])]
-            )
-            nxt += [argmax(ctx, k * PROMPT + PROMPT - 1) for k in range(len(group))]
-        for step in range(OUTPUT - 1):
-            decode(ctx, batch, [(nxt[s], PROMPT + step, s, True) for s in range(n)])
-            nxt = [argmax(ctx, s) for s in range(n)]
-        out["throughput"][n] = n * OUTPUT / (time.perf_counter() - t)
+        rates = []
+        for r in range(runs):
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            prompts = random_prompts(n, PROMPT, n_vocab, seed=1000 + n + 7919 * r)
+            t = time.perf_counter()
+            # prompts go in whole, as many per llama_decode call as fit in a batch of 512; each
+            # call's logits are read before the next call overwrites them
+            per_call = max(1, 512 // PROMPT)
+            nxt = []
+            for first in range(0, n, per_call):
+                group = range(first, min(n, first + per_call))
+                decode(
+                    ctx,
+                    batch,
+                    [(tok, j, s, j == PROMPT - 1) for s in group for j, tok in enumerate(prompts[s])],
+                )
+                nxt += [argmax(ctx, k * PROMPT + PROMPT - 1) for k in range(len(group))]
+            for step in range(OUTPUT - 1):
+                decode(ctx, batch, [(nxt[s], PROMPT + step, s, True) for s in range(n)])
+                nxt = [argmax(ctx, s) for s in range(n)]
+            rates.append(n * OUTPUT / (time.perf_counter() - t))
+        out["throughput"][n] = statistics.median(rates)
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
     return out
@@ -260,7 +280,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    p.add_argument("--runs", type=int, default=3, help="latency: median of this many runs")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="median of this many runs (latency; throughput too for tessera and llama.cpp, "
+        "transformers' throughput is one run)",
+    )
     p.add_argument("--write-benchmarks", action="store_true")
     p.add_argument("--plot", metavar="PNG")
     p.add_argument("--json", action="store_true")

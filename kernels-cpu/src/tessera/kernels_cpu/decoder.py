@@ -98,6 +98,7 @@ class _Plan:
     def __init__(self, layers, kv_caches) -> None:
         self.ok = False
         self.layers, self.kv_caches = layers, kv_caches
+        self.scratch = torch.empty(0, dtype=torch.bfloat16)  # the step's intermediates
         self.keep: list = []
         first = layers[0]
         a0 = first.self_attn
@@ -217,9 +218,10 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
         else residual.to(torch.bfloat16).clone(memory_format=torch.contiguous_format)
     )
     H, KH, D = plan.H, plan.KH, plan.D
-    scratch = torch.empty(
-        T * (plan.hidden + (H + 2 * KH) * D + 2 * H * D + 3 * plan.inter), dtype=torch.bfloat16
-    )
+    need = T * (plan.hidden + (H + 2 * KH) * D + 2 * H * D + 3 * plan.inter)
+    if plan.scratch.numel() < need:  # kept between steps: fresh pages cost faults and zeroing
+        plan.scratch = torch.empty(need, dtype=torch.bfloat16)
+    scratch = plan.scratch
     sizes = [plan.hidden, (H + 2 * KH) * D, H * D, H * D, 2 * plan.inter, plan.inter]
     ptrs, base = [], scratch.data_ptr()
     for s in sizes:

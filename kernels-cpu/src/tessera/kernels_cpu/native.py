@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.tessera_attention_bf16_supported.restype = ctypes.c_int
     if not lib.tessera_attention_bf16_supported():
-        log.info("tessera C kernels: this CPU has no AVX512-BF16; using the Numba/torch kernels")
+        log.info("tessera C kernels: this CPU lacks AVX512-BF16 or VNNI; using the Numba/torch kernels")
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.tessera_attention_bf16.argtypes = [p, p, p, p, p, p, i, p, i, i, i, i, i, ctypes.c_float, i, p, i]

@@ -145,26 +145,32 @@ def _dequantized_t(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return buf if buf.dtype == dtype else buf.to(dtype)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     if isinstance(weight, RowStack):
         sizes = [p.shape[0] for p in weight.parts]
         biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
-        return torch.cat([linear(x, p, b) for p, b in zip(weight.parts, biases, strict=True)], dim=-1)
+        parts = [linear(x, p, b, out_dtype) for p, b in zip(weight.parts, biases, strict=True)]
+        return torch.cat(parts, dim=-1)
+    out_dtype = out_dtype or x.dtype
     if not isinstance(weight, PackedWeight):
-        return reference.linear(x, weight, bias)
+        return reference.linear(x, weight, bias, out_dtype)
     n, k = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     tokens = x2.shape[0]
-    if x.dtype not in (torch.float32, torch.bfloat16):
+    if x.dtype not in (torch.float32, torch.bfloat16) or out_dtype not in (torch.float32, torch.bfloat16):
         out = torch.mm(x2, _dequantized_t(weight, x.dtype))
         if bias is not None:
             out += bias
-        return out.reshape(*lead, n)
+        return out.reshape(*lead, n).to(out_dtype)
     x2 = x2.contiguous()
-    out = torch.empty(tokens, n, dtype=x.dtype)
+    # the C kernel writes fp32 or bf16 straight from its fp32 sums (logits in fp32 from bf16
+    # inputs are not rounded to bf16 first)
+    out = torch.empty(tokens, n, dtype=out_dtype)
     if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+        bias = bias.to(out_dtype).contiguous()
     rc = native.library().tessera_q_matmul(
         weight.qtype,
         x2.data_ptr(),
@@ -177,7 +183,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         weight.m.data_ptr() if weight.m is not None else None,
         bias.data_ptr() if bias is not None else None,
         out.data_ptr(),
-        int(out.dtype == torch.bfloat16),
+        int(out_dtype == torch.bfloat16),
         torch.get_num_threads(),
     )
     if rc == -3:

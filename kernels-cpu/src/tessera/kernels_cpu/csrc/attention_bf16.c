@@ -22,7 +22,14 @@
 #define TESSERA_HAVE_BF16 0
 #endif
 
-int tessera_attention_bf16_supported(void) { return TESSERA_HAVE_BF16; }
+// what every C kernel of the library needs: AVX512-BF16 here, VNNI for the packed products
+int tessera_attention_bf16_supported(void) {
+#if defined(__AVX512VNNI__)
+    return TESSERA_HAVE_BF16;
+#else
+    return 0;
+#endif
+}
 
 #if TESSERA_HAVE_BF16
 
@@ -315,17 +322,19 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
         int64_t row_off[BK];  // of KV head 0
         key_rows(jb, table, 0, k0, nk, row_off);
         // the cache rows are scattered over blocks and rarely in cache: ask for this tile's
-        // value rows and the next tile's key rows now, so the loads overlap the arithmetic
+        // value rows and the next tile's key rows now (into L2: a tile's rows need more than
+        // L1 holds), so the loads overlap the arithmetic (the first tile's keys were asked
+        // for by the previous item, see prefetch_first_keys)
         for (int kk = 0; kk < nk; kk++)
             for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
-                _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T0);
+                _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T1);
         if (k0 + BK < k_end) {
             int64_t next_off[BK];
             const int nn = (k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK;
             key_rows(jb, table, 0, k0 + BK, nn, next_off);
             for (int kk = 0; kk < nn; kk++)
                 for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
-                    _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T1);
         }
         for (int kh = kh0; kh < kh1; kh++) {
             const int r0 = (kh - kh0) * G;

@@ -24,8 +24,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return lookup("silu_and_mul", x.device.type)(x)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return lookup("linear", x.device.type)(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return lookup("linear", x.device.type)(x, weight, bias, out_dtype)
 
 
 def prepare_linear_weight(weight, dtype: torch.dtype):

@@ -60,11 +60,15 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
 
 
 @reference("linear")
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``x @ W.T + b``; ``weight`` is a tensor or a packed weight with ``dequantize(dtype)``
-    (a ``RowStack`` too)."""
+    (a ``RowStack`` too). The result is in ``out_dtype`` (default: x's); a backend may skip
+    the rounding to x's dtype in between (the LM head's logits in fp32 from bf16 inputs)."""
     w = weight if isinstance(weight, torch.Tensor) else weight.dequantize(x.dtype)
-    return F.linear(x, w, bias)
+    out = F.linear(x, w, bias)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 # Quantized KV storage: one float32 scale per (token, head) for K and for V.

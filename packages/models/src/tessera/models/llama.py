@@ -118,4 +118,4 @@ class LlamaForCausalLM:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.linear(hidden, self.lm_head).float()
+        return ops.linear(hidden, self.lm_head, out_dtype=torch.float32)
