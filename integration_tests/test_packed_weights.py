@@ -24,23 +24,29 @@ GPL3 = Path("/usr/share/common-licenses/GPL-3")
 LLAMA_CPP_PPL = 23.79  # llama.cpp on the first 2,048 tokens, 4 windows of 512 (shared/data/README.md)
 
 
-def test_fp32_greedy_tokens_match_the_dequantized_path(default_model_path, hf_default_model):
+def greedy_runs(fast: LLM, ref: LLM, hf_model):
+    """Per prompt: the fast path's greedy tokens, the reference path's, and transformers' fp32
+    margin between its two best logits at each of the reference's steps."""
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for prompt, a, b in zip(
+        PROMPTS, fast.generate(PROMPTS, params), ref.generate(PROMPTS, params), strict=True
+    ):
+        ids = ref.tokenizer.encode(prompt) + b.token_ids
+        with torch.no_grad():
+            top2 = hf_model(torch.tensor([ids])).logits[0, -25:-1].topk(2).values
+        yield prompt, a.token_ids, b.token_ids, (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def test_fp32_greedy_tokens_match_the_dequantized_path(default_model_path, hf_default_model):
     kw = dict(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=256)
     fast = LLM(str(default_model_path), quantized_weights="packed", **kw)
     assert isinstance(fast.model.layers[0].mlp.gate_up_weight, PackedWeight)
     assert isinstance(fast.model.lm_head, PackedWeight)  # the tied Q8_0 embedding, packed once
     ref = LLM(str(default_model_path), quantized_weights="dequantize", **kw)
     compared = 0
-    for prompt, a, b in zip(
-        PROMPTS, fast.generate(PROMPTS, params), ref.generate(PROMPTS, params), strict=True
-    ):
-        ids = ref.tokenizer.encode(prompt) + b.token_ids
-        with torch.no_grad():
-            logits = hf_default_model(torch.tensor([ids])).logits[0, -25:-1]
-        top2 = logits.topk(2).values
-        for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
-            if (top2[step, 0] - top2[step, 1]).item() < NEAR_TIE:
+    for prompt, a, b, margins in greedy_runs(fast, ref, hf_default_model):
+        for step, (x, y) in enumerate(zip(a, b, strict=True)):
+            if margins[step] < NEAR_TIE:
                 break
             assert x == y, f"{prompt!r} step {step}"
             compared += 1
@@ -55,22 +61,16 @@ BF16_NEAR_TIE = 0.25
 def test_bf16_default_path_leaves_greedy_tokens_but_at_near_ties(default_model_path, hf_default_model):
     """The CPU default (bf16, packed weights, int8 products, fused layers) against the fp32
     reference path: every divergence is at a near-tie of transformers' fp32 logits."""
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     kw = dict(kv_cache_memory=64 * 2**20, max_model_len=256)
     fast = LLM(str(default_model_path), dtype="bfloat16", **kw)
     ref = LLM(str(default_model_path), dtype="float32", quantized_weights="dequantize", **kw)
     same = 0
-    for prompt, a, b in zip(
-        PROMPTS, fast.generate(PROMPTS, params), ref.generate(PROMPTS, params), strict=True
-    ):
-        ids = ref.tokenizer.encode(prompt) + b.token_ids
-        with torch.no_grad():
-            logits = hf_default_model(torch.tensor([ids])).logits[0, -25:-1]
-        top2 = logits.topk(2).values
-        for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+    for prompt, a, b, margins in greedy_runs(fast, ref, hf_default_model):
+        for step, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
-                margin = (top2[step, 0] - top2[step, 1]).item()
-                assert margin < BF16_NEAR_TIE, f"{prompt!r} step {step}: fp32 margin {margin:.3f}"
+                assert margins[step] < BF16_NEAR_TIE, (
+                    f"{prompt!r} step {step}: fp32 margin {margins[step]:.3f}"
+                )
                 break
             same += 1
     assert same >= 0.6 * len(PROMPTS) * 24

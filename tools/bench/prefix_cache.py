@@ -28,7 +28,7 @@ def run(llm: LLM, prompts: list[list[int]]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="compute dtype (default: the engine's own, %(default)s)")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prefix", type=int, default=1024)
     p.add_argument("--suffix", type=int, default=32)

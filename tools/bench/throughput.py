@@ -20,7 +20,7 @@ from tessera.sampling import SamplingParams
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", nargs="+", default=["float32"])
+    p.add_argument("--dtype", nargs="+", default=["auto"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
