@@ -333,8 +333,10 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
             const int nn = (k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK;
             key_rows(jb, table, 0, k0 + BK, nn, next_off);
             for (int kk = 0; kk < nn; kk++)
-                for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
+                for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64) {
                     _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T1);
+                    _mm_prefetch((const char *)(jb->v_cache + next_off[kk]) + c, _MM_HINT_T2);
+                }
         }
         for (int kh = kh0; kh < kh1; kh++) {
             const int r0 = (kh - kh0) * G;
