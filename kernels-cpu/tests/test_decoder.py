@@ -133,3 +133,24 @@ def test_layers_it_does_not_take_run_op_by_op(monkeypatch):
     monkeypatch.setattr(decoder.reference, "decoder_layers", spy)
     (logits, *_) = forward_chunks(model, CHUNKS, block_size=4)
     assert calls and torch.isfinite(logits).all()
+
+
+def test_a_plan_follows_replaced_weights_and_goes_with_its_model():
+    import gc
+
+    model = random_model(["Q4_0"], False, None)
+    (before,) = forward_chunks(model, CHUNKS[:1], block_size=4)
+    assert model.layers[0] in decoder._plans
+    # a weight swapped after the first step: the next step uses the new one
+    model.layers[2].mlp.down_weight = random_model(["Q8_0"], False, None, seed=5).layers[2].mlp.down_weight
+    (after,) = forward_chunks(model, CHUNKS[:1], block_size=4)
+    try:
+        registry.unregister("decoder_layers", "cpu")
+        (want,) = forward_chunks(model, CHUNKS[:1], block_size=4)
+    finally:
+        registry.register("decoder_layers", "cpu")(decoder.decoder_layers)
+    assert torch.equal(after, want) and not torch.equal(after, before)
+    n = len(decoder._plans)
+    del model
+    gc.collect()
+    assert len(decoder._plans) == n - 1

@@ -9,6 +9,7 @@ Anything else (fp32, dequantized weights, a quantized cache, ...) runs op by op.
 from __future__ import annotations
 
 import ctypes
+import weakref
 
 import torch
 
@@ -92,12 +93,24 @@ def _weight(w, bias, keep: list) -> _Stack | None:
     return _Stack(len(made), (_Weight * 3)(*made))
 
 
+def _tensors(layers) -> list:
+    """What the C structs point into, layer by layer: a plan is stale once any of it is
+    replaced (or the cache list is another)."""
+    out = []
+    for ly in layers:
+        a, m = ly.self_attn, ly.mlp
+        out += [ly.input_norm, ly.post_attention_norm, a.qkv_weight, a.qkv_bias, a.o_weight, a.o_bias]
+        out += [m.gate_up_weight, m.gate_up_bias, m.down_weight, m.down_bias]
+    return out
+
+
 class _Plan:
-    """The layers' weights and caches as C structs, built once per (layers, caches)."""
+    """The layers' weights and caches as C structs, built once per (layers, caches). It holds
+    the tensors it points into (so the pointers stay valid) but not the layers."""
 
     def __init__(self, layers, kv_caches) -> None:
         self.ok = False
-        self.layers, self.kv_caches = layers, kv_caches
+        self.owned, self.kv_caches = _tensors(layers), kv_caches
         self.scratch = torch.empty(0, dtype=torch.bfloat16)  # the step's intermediates
         self.keep: list = []
         first = layers[0]
@@ -171,14 +184,20 @@ class _Plan:
         self.ok = True
 
 
-_plans: dict[tuple[int, int], _Plan] = {}
+# a model's first layer -> the plan of its stack with the caches it last ran with (one per
+# model, gone with it)
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan(layers, kv_caches) -> _Plan:
-    key = (id(layers), id(kv_caches))
-    plan = _plans.get(key)
-    if plan is None or plan.layers is not layers or plan.kv_caches is not kv_caches:
-        plan = _plans[key] = _Plan(layers, kv_caches)
+    plan = _plans.get(layers[0])
+    if (
+        plan is None
+        or plan.kv_caches is not kv_caches
+        or len(plan.owned) != 10 * len(layers)
+        or not all(a is b for a, b in zip(plan.owned, _tensors(layers), strict=True))
+    ):
+        plan = _plans[layers[0]] = _Plan(layers, kv_caches)
     return plan
 
 
