@@ -34,6 +34,14 @@ def test_generate_json_prints_one_object_with_the_documented_fields():
     assert "Paris" in obj["text"]
 
 
+def test_the_default_dtype_generates_too():
+    """No --dtype: bf16 with the int8 products and the fused layers where the CPU has them."""
+    r = tessera("generate", "The capital of France is", "--max-tokens", "8", "--json", *SMALL[:4])
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert obj["completion_tokens"] == 8 and obj["text"].strip()
+
+
 def test_prompts_file_runs_as_one_batch_and_prints_in_input_order(tmp_path, default_llm):
     prompts = ["The capital of France is", "1, 2, 3, 4,", "def add(a, b):\n", "Water boils at"]
     f = tmp_path / "prompts.jsonl"
