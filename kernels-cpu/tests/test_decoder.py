@@ -120,9 +120,13 @@ def test_fused_stack_is_bit_identical_to_the_op_by_op_path(
         assert torch.equal(g_, w_)
 
 
-def test_layers_it_does_not_take_run_op_by_op(monkeypatch):
+@pytest.mark.parametrize("why", ["a dense weight", "another kind of layer"])
+def test_layers_it_does_not_take_run_op_by_op(monkeypatch, why):
     model = random_model(["Q4_0"], False, None)
-    model.layers[1].mlp.down_weight = model.layers[1].mlp.down_weight.dequantize(torch.bfloat16)  # dense
+    if why == "a dense weight":
+        model.layers[1].mlp.down_weight = model.layers[1].mlp.down_weight.dequantize(torch.bfloat16)
+    else:  # same attributes, other semantics (a Gemma-style layer): never run as a Llama one
+        model.layers[1].layer_kind = "gemma"
     calls = []
     real = reference.decoder_layers
 

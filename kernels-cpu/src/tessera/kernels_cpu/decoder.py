@@ -213,7 +213,7 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
         or x.dim() != 2
         or not layers
         or len(layers) != len(kv_caches)
-        or not all(hasattr(ly, "self_attn") and hasattr(ly, "mlp") for ly in layers)
+        or not all(getattr(ly, "layer_kind", None) == "llama" for ly in layers)
     ):
         return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, meta)
     plan = _plan(layers, kv_caches)

@@ -188,8 +188,8 @@ def paged_attention(
 def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
     """A stack of decoder layers, each op by op: ``layer.forward(x, residual, cos, sin,
     kv_cache, meta)`` returns ``(x, residual)``. A backend may run the whole stack fused where
-    it recognises the layers (the CPU backend: Llama-family layers in bf16 with packed
-    weights), with the same ops in the same order."""
+    it recognises the layers by their ``layer_kind`` (the CPU backend: ``"llama"`` layers in
+    bf16 with packed weights), with the same ops in the same order."""
     for layer, cache in zip(layers, kv_caches, strict=True):
         x, residual = layer.forward(x, residual, cos, sin, cache, meta)
     return x, residual

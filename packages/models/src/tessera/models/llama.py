@@ -69,6 +69,10 @@ class LlamaMLP:
 
 
 class LlamaDecoderLayer:
+    # what a kernel backend's fused ``decoder_layers`` checks before running these layers as a
+    # whole (pre-norm RMSNorm, rotary, SiLU-gated MLP); another architecture runs op by op
+    layer_kind = "llama"
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         self.eps = config.rms_norm_eps
         self.input_norm: torch.Tensor | None = None
