@@ -321,23 +321,15 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
         int64_t row_off[BK];  // of KV head 0
         key_rows(jb, table, 0, k0, nk, row_off);
-        // the cache rows are scattered over blocks and rarely in cache: ask for this tile's
-        // value rows and the next tile's key rows now (into L2: a tile's rows need more than
-        // L1 holds), so the loads overlap the arithmetic (the first tile's keys were asked
-        // for by the previous item, see prefetch_first_keys)
-        for (int kk = 0; kk < nk; kk++)
-            for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64)
-                _mm_prefetch((const char *)(jb->v_cache + row_off[kk]) + c, _MM_HINT_T1);
-        if (k0 + BK < k_end) {
-            int64_t next_off[BK];
-            const int nn = (k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK;
-            key_rows(jb, table, 0, k0 + BK, nn, next_off);
-            for (int kk = 0; kk < nn; kk++)
-                for (int c = kh0 * D * 2; c < kh1 * D * 2 && c < row_bytes; c += 64) {
-                    _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T1);
-                    _mm_prefetch((const char *)(jb->v_cache + next_off[kk]) + c, _MM_HINT_T2);
-                }
-        }
+        // the cache rows are scattered over blocks and rarely in cache: the next tile's rows
+        // are asked for (into L2: a tile's rows need more than L1 holds) one row per key
+        // while this tile's arithmetic runs, so the loads overlap it without a burst of
+        // prefetches that would stall the core (the first tile's rows were asked for by the
+        // previous item, see prefetch_first_keys)
+        int64_t next_off[BK];
+        const int nn = k0 + BK < k_end ? ((k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK) : 0;
+        if (nn) key_rows(jb, table, 0, k0 + BK, nn, next_off);
+        const int pf_lo = kh0 * D * 2, pf_hi = kh1 * D * 2 < row_bytes ? kh1 * D * 2 : row_bytes;
         for (int kh = kh0; kh < kh1; kh++) {
             const int r0 = (kh - kh0) * G;
             // scores, 16 keys per vector
@@ -348,6 +340,10 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
                 for (int kg = 0; kg < nk; kg += 16) {
                     const int nkg = (nk - kg) < 16 ? (nk - kg) : 16;
                     __m512 part[16];
+                    if (kh == kh0 && g == 0)
+                        for (int kk = kg; kk < kg + 16 && kk < nn; kk++)
+                            for (int c = pf_lo; c < pf_hi; c += 64)
+                                _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T1);
                     for (int kk = 0; kk < 16; kk++) {
                         __m512 acc = _mm512_setzero_ps();
                         if (kk < nkg) {
@@ -393,6 +389,9 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
                     for (int a = 0; a < ng; a++)
                         for (int c = 0; c < nc; c++) acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(ob + a * D + c * 16), alpha_v[g0 + a]);
                     for (int kk = 0; kk < nk; kk++) {
+                        if (kh == kh0 && g0 == 0 && d0 == 0 && kk < nn)
+                            for (int c = pf_lo; c < pf_hi; c += 64)
+                                _mm_prefetch((const char *)(jb->v_cache + next_off[kk]) + c, _MM_HINT_T1);
                         const uint16_t *vr = jb->v_cache + row_off[kk] + kh * D + d0;
                         __m512 vv[4];
                         for (int c = 0; c < nc; c++) vv[c] = load_bf16(vr + c * 16);
