@@ -2,22 +2,25 @@
 loop running in a worker thread so the event loop stays free.
 
 Everything that touches the scheduler happens between steps: tasks only queue operations in an
-inbox, which the loop applies before it starts the next step.
+inbox, which the loop applies before it starts the next step. Tokenization, chat templating and
+grammar checks run in worker threads too, after an O(1) bound on the prompt's size, so no
+request can hold the event loop for long.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from tessera.sampling import SamplingParams
 
@@ -25,6 +28,16 @@ from .llm import LLM, PromptType
 from .outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+
+# worker threads for tokenizing and templating: more would only compete with the engine's step
+_PREPROCESS_THREADS = 2
+
+
+class Prepared(msgspec.Struct, frozen=True):
+    """A prompt tokenized and checked against the model: what ``generate`` runs."""
+
+    text: str | None
+    ids: list[int]
 
 
 @dataclass
@@ -34,6 +47,45 @@ class _Track:
     first_token: float | None = None
     last_token: float | None = None
     itl: list[float] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+
+class RequestStream:
+    """The outputs of one request as it grows. ``close()`` (or leaving it unfinished and
+    dropping it) aborts the request and frees its blocks at the next step boundary."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, recv: MemoryObjectReceiveStream) -> None:
+        self.request_id = request_id
+        self._llm = llm
+        self._recv = recv
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._done = True
+            raise StopAsyncIteration from None
+        if out.finished:
+            self._done = True
+            self._recv.close()
+        return out
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._recv.close()
+            self._llm._submit(lambda: self._llm._abort(self.request_id))
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._done = True
+            self._llm._inbox.append(lambda: self._llm._abort(self.request_id))
 
 
 class AsyncLLM:
@@ -41,11 +93,20 @@ class AsyncLLM:
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.config.vocab_size
+        # no token covers more characters than the longest vocabulary entry, so a text longer than
+        # max_model_len times that can't fit the context: refused without tokenizing it
+        longest = max((len(t) for t in self.tokenizer.hf.get_vocab(with_added_tokens=True)), default=1)
+        self.max_prompt_chars = self.max_model_len * max(1, longest)
         self._inbox: deque[Callable[[], None]] = deque()
         self._tracks: dict[str, _Track] = {}
+        self._queued_adds = 0
         self._wake = anyio.Event()
-        self._on_finish = on_finish
+        self.on_finish = on_finish
         self.errored_steps = 0
+        self._limiter = anyio.CapacityLimiter(_PREPROCESS_THREADS)
+        self._grammar_lock = threading.Lock()
+        self._token_text: dict[int, str] = {}
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -82,6 +143,7 @@ class AsyncLLM:
             track.last_token = now
         # a copy: the stream consumer may read it after later steps changed the original
         snapshot = msgspec.structs.replace(out, token_ids=list(out.token_ids))
+        track.last = snapshot
         try:
             track.send.send_nowait(snapshot)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -92,8 +154,8 @@ class AsyncLLM:
     def _close(self, out: RequestOutput, track: _Track) -> None:
         self._tracks.pop(out.request_id, None)
         track.send.close()
-        if self._on_finish is not None:
-            self._on_finish(out, track)
+        if self.on_finish is not None:
+            self.on_finish(out, track)
 
     def _fail_all(self) -> None:
         for rid in list(self._tracks):
@@ -110,30 +172,90 @@ class AsyncLLM:
         self._inbox.append(op)
         self._wake.set()
 
-    # -- requests -----------------------------------------------------------------------------
+    # -- preparing requests (off the event loop) -------------------------------------------------
 
-    def prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and validate; raises ValueError naming the problem. Changes nothing."""
+    def check_prompt_size(self, chars: int) -> None:
+        """ValueError if a prompt of ``chars`` characters can't fit the context whatever its tokens."""
+        if chars > self.max_prompt_chars:
+            raise ValueError(
+                f"the prompt has {chars} characters, more than can fit the maximum context length of "
+                f"{self.max_model_len} tokens"
+            )
+
+    async def prepare(self, prompt: PromptType, params: SamplingParams) -> Prepared:
+        """Tokenize and validate in a worker thread; raises ValueError naming the problem."""
+        if isinstance(prompt, str):
+            self.check_prompt_size(len(prompt))
+        elif len(prompt) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, more than the maximum context length of "
+                f"{self.max_model_len}"
+            )
+        text, ids = await anyio.to_thread.run_sync(self._prepare_sync, prompt, params, limiter=self._limiter)
+        return Prepared(text, ids)
+
+    def _prepare_sync(self, prompt: PromptType, params: SamplingParams):
+        if params.structured is not None:
+            with self._grammar_lock:  # the compiler is built on first use
+                self.llm.grammars()
         return self.llm._prepare(prompt, params)
 
-    async def generate(
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.check_prompt_size(len(text))
+        return await anyio.to_thread.run_sync(
+            lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens), limiter=self._limiter
+        )
+
+    async def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, **context
+    ) -> list[int]:
+        """Token ids of chat messages through the model's template, rendered in a worker thread."""
+        return await anyio.to_thread.run_sync(
+            lambda: self.tokenizer.encode_chat(
+                messages, add_generation_prompt=add_generation_prompt, **context
+            ),
+            limiter=self._limiter,
+        )
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token: int) -> str:
+        """The text of one token, special tokens included (cached: logprobs ask for many)."""
+        text = self._token_text.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            if len(self._token_text) < 1 << 18:
+                self._token_text[token] = text
+        return text
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def num_waiting(self) -> int:
+        """Requests admitted and not yet running: the scheduler's queue and adds not applied yet."""
+        return self.llm.stats().num_waiting + self._queued_adds
+
+    def num_unfinished(self) -> int:
+        return len(self._tracks) + self._queued_adds
+
+    def generate(
         self,
-        prompt: PromptType,
+        prepared: Prepared,
         params: SamplingParams,
         *,
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
-        prepared: tuple[str | None, list[int]] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it grows; leaving the iteration early aborts it and frees
-        its blocks at the next step boundary."""
-        text, ids = prepared or self.prepare(prompt, params)
+    ) -> RequestStream:
+        """Queue one prepared request now; its outputs come through the returned stream."""
+        text, ids = prepared.text, prepared.ids
         rid = request_id or uuid.uuid4().hex
         send, recv = anyio.create_memory_object_stream[RequestOutput](math.inf)
         track = _Track(send, time.monotonic())
+        self._queued_adds += 1
 
         def add() -> None:
+            self._queued_adds -= 1
             try:
                 self.llm._add(text, ids, params, priority=priority, cache_salt=cache_salt, request_id=rid)
             except Exception as e:  # refused by the scheduler: say so on the stream
@@ -150,28 +272,35 @@ class AsyncLLM:
             self._tracks[rid] = track
 
         self._submit(add)
-        finished = False
-        try:
-            async with recv:
-                async for out in recv:
-                    finished = out.finished
-                    yield out
-                    if finished:
-                        return
-        finally:
-            if not finished:
-                self._submit(lambda: self._abort(rid))
+        return RequestStream(self, rid, recv)
 
-    def _abort(self, rid: str) -> None:
+    def _abort(self, rid: str, *, tell: bool = False) -> None:
         track = self._tracks.pop(rid, None)
         self.llm.abort(rid)
-        if track is not None:
-            track.send.close()
-            if self._on_finish is not None:
-                self._on_finish(
-                    RequestOutput(request_id=rid, prompt=None, prompt_token_ids=[], finish_reason="abort"),
-                    track,
-                )
+        if track is None:
+            return
+        final = RequestOutput(request_id=rid, prompt=None, prompt_token_ids=[], finish_reason="abort")
+        if track.last is not None:
+            final = msgspec.structs.replace(
+                track.last, finish_reason="abort", stop_reason=None, delta_text=""
+            )
+        if tell:
+            try:
+                track.send.send_nowait(final)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+        track.send.close()
+        if self.on_finish is not None:
+            self.on_finish(final, track)
+
+    def abort_all(self) -> None:
+        """End every running request now (finish_reason "abort", with the text it has so far)."""
+
+        def run() -> None:
+            for rid in list(self._tracks):
+                self._abort(rid, tell=True)
+
+        self._submit(run)
 
     def stats(self):
         return self.llm.stats()

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .args import EngineArgs
+from .args import EngineArgs, parse_size
 
 EXIT_BAD_INPUT = 2
 
@@ -134,10 +134,20 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
     from .async_llm import AsyncLLM
-    from .server import build_app
+    from .server import ServerLimits, build_app, serve
+
+    limits = ServerLimits(
+        max_request_body_size=ns.max_request_body_size,
+        max_n=ns.max_n,
+        max_waiting_requests=ns.max_waiting_requests,
+        shutdown_timeout=ns.shutdown_timeout,
+    )
+    for name, value in (("--max-n", limits.max_n), ("--max-waiting-requests", limits.max_waiting_requests)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if limits.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {limits.shutdown_timeout}")
 
     if ns.model_positional:
         ns.model = ns.model_positional
@@ -147,11 +157,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     def ready() -> None:
         print(f"tessera: serving {ns.model} at {url}/v1 (health: {url}/health)", file=sys.stderr, flush=True)
 
-    app = build_app(AsyncLLM(llm), ns.served_model_name or ns.model, ns.api_key, on_ready=ready)
-    config = uvicorn.Config(
-        app, host=ns.host, port=ns.port, log_level=ns.log_level, access_log=False, timeout_graceful_shutdown=2
+    app = build_app(
+        AsyncLLM(llm), ns.served_model_name or ns.model, ns.api_key, on_ready=ready, limits=limits
     )
-    uvicorn.Server(config).run()
+    serve(app, ns.host, ns.port, ns.log_level)
     return 0
 
 
@@ -188,6 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="the model name clients use (default: MODEL)"
     )
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    from .server import ServerLimits
+
+    d = ServerLimits()
+    lim = serve.add_argument_group("limits")
+    lim.add_argument(
+        "--max-request-body-size",
+        type=parse_size,
+        default=d.max_request_body_size,
+        metavar="SIZE",
+        help="larger bodies get a 413 as soon as they pass it (default: 32MiB)",
+    )
+    lim.add_argument(
+        "--max-n", type=int, default=d.max_n, help="choices per prompt at most (default: %(default)s)"
+    )
+    lim.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=d.max_waiting_requests,
+        help="sequences queued before a 503 with Retry-After (default: %(default)s)",
+    )
+    lim.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=d.shutdown_timeout,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running requests may finish before they are aborted "
+        "(default: %(default)s)",
+    )
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server."""
 
-from .app import build_app
+from .app import build_app, serve
+from .limits import ServerLimits
 
-__all__ = ["build_app"]
+__all__ = ["ServerLimits", "build_app", "serve"]

@@ -9,8 +9,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class _SchedulerCollector:
-    def __init__(self, stats) -> None:
+    def __init__(self, stats, num_waiting) -> None:
         self._stats = stats
+        self._num_waiting = num_waiting
 
     def collect(self):
         s = self._stats()
@@ -18,7 +19,9 @@ class _SchedulerCollector:
             "tessera_num_requests_running", "Requests in the running batch", value=s.num_running
         )
         yield GaugeMetricFamily(
-            "tessera_num_requests_waiting", "Requests waiting to run", value=s.num_waiting
+            "tessera_num_requests_waiting",
+            "Requests admitted and waiting to run (the queue --max-waiting-requests bounds)",
+            value=self._num_waiting(),
         )
         yield GaugeMetricFamily(
             "tessera_kv_cache_usage_ratio", "Share of KV blocks held by requests", value=s.kv_cache_usage
@@ -42,7 +45,7 @@ class _SchedulerCollector:
 
 
 class Metrics:
-    def __init__(self, stats) -> None:
+    def __init__(self, stats, num_waiting) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tessera_requests", "Finished requests by outcome", ["finish_reason"], registry=self.registry
@@ -60,9 +63,12 @@ class Metrics:
             registry=self.registry,
         )
         self.rejected = Counter(
-            "tessera_rejected_requests", "Requests refused before running", ["status"], registry=self.registry
+            "tessera_rejected_requests",
+            "Requests refused or failed, by HTTP status (503: queue full or draining; 499: client left)",
+            ["status"],
+            registry=self.registry,
         )
-        self.registry.register(_SchedulerCollector(stats))
+        self.registry.register(_SchedulerCollector(stats, num_waiting))
 
     def on_finish(self, out, track) -> None:
         self.requests.labels(out.finish_reason or "unknown").inc()

@@ -1,0 +1,113 @@
+"""A request's n choices (times its prompts) run as separate engine requests and are gathered
+here: all to the end for a plain response, or merged as they come for a stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+from starlette.requests import Request
+
+from tessera.sampling import SamplingParams
+
+from ..async_llm import AsyncLLM, Prepared, RequestStream
+from ..outputs import RequestOutput
+from .errors import APIError
+
+
+def start_choices(
+    llm: AsyncLLM, prepared: Prepared, params: SamplingParams, rid: str, req
+) -> list[RequestStream]:
+    """One engine request per choice; choice i of a seeded request samples with seed + i."""
+    gens = []
+    for i in range(params.n):
+        p = (
+            params
+            if params.n == 1
+            else msgspec.structs.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+        )
+        gens.append(
+            llm.generate(
+                prepared, p, request_id=f"{rid}-{i}", priority=req.priority, cache_salt=req.cache_salt
+            )
+        )
+    return gens
+
+
+async def run_to_end(request: Request, gens) -> list[RequestOutput]:
+    """Run all choices to the end; a client that goes away aborts them."""
+    finals: list[RequestOutput | None] = [None] * len(gens)
+
+    async def consume(i, gen):
+        try:
+            async for out in gen:
+                finals[i] = out
+        finally:
+            gen.close()
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def watch():
+                while True:
+                    if await request.is_disconnected():
+                        tg.cancel_scope.cancel()
+                        return
+                    await anyio.sleep(0.25)
+
+            async def run_all():
+                async with anyio.create_task_group() as inner:
+                    for i, g in enumerate(gens):
+                        inner.start_soon(consume, i, g)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            tg.start_soon(run_all)
+    finally:
+        for g in gens:
+            g.close()
+    if any(f is None for f in finals):
+        raise APIError(499, "client disconnected")
+    for f in finals:
+        if f.finish_reason == "error":
+            reason = f": {f.stop_reason}" if f.stop_reason else ""
+            raise APIError(500, f"the engine failed on this request{reason}", "server_error")
+    return finals
+
+
+async def merged(gens) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(choice index, output) from all choices as they come."""
+    send, recv = anyio.create_memory_object_stream(1024)
+
+    async def pump(i, gen):
+        try:
+            async for out in gen:
+                await send.send((i, out))
+        finally:
+            gen.close()
+
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run_all():
+                async with send, anyio.create_task_group() as inner:
+                    for i, g in enumerate(gens):
+                        inner.start_soon(pump, i, g)
+
+            tg.start_soon(run_all)
+            async with recv:
+                async for item in recv:
+                    yield item
+    finally:
+        for g in gens:  # a client gone before every choice started: abort the rest too
+            g.close()
+
+
+def safe_delta(out: RequestOutput, emitted: list[int], i: int, holdback: int) -> str:
+    """New text of choice i that can't be taken back: while the request runs, the last
+    ``holdback`` characters may yet turn out to start a stop string and be cut."""
+    safe = out.text if out.finished else out.text[: max(emitted[i], len(out.text) - holdback)]
+    delta = safe[emitted[i] :]
+    emitted[i] = max(emitted[i], len(safe))
+    return delta

@@ -1,0 +1,69 @@
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.responses import Response
+
+from .protocol import ErrorBody, ErrorResponse
+
+_encode = msgspec.json.Encoder().encode
+
+# what a message may quote of the client's input, and how long a message may get at all
+QUOTE_CHARS = 64
+MESSAGE_CHARS = 512
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """``repr``-like text of a client's value, cut to a short prefix (never echo a megabyte back)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]!r}... ({len(text)} characters)"
+    return repr(text) if isinstance(value, str) else text
+
+
+def _cut(message: str) -> str:
+    return message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "... (cut)"
+
+
+class APIError(Exception):
+    """A request refused (4xx) or failed (5xx); ``response()`` is what the client gets."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        message = _cut(message)
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(ErrorBody(self.message, self.type, self.param, self.code))
+
+    def response(self, headers: dict | None = None) -> Response:
+        return Response(
+            _encode(self.body()),
+            status_code=self.status,
+            media_type="application/json",
+            headers={**self.headers, **(headers or {})},
+        )
+
+
+def overloaded(message: str, retry_after: int = 1) -> APIError:
+    """503 with Retry-After: the server is full or draining; the same request may succeed later."""
+    return APIError(
+        503,
+        message,
+        "service_unavailable_error",
+        code="overloaded",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+ENGINE_FAILED = APIError(500, "the engine failed on this request", "server_error")

@@ -1,0 +1,190 @@
+"""POST /v1/chat/completions: messages through the chat template, n choices, streamed or whole."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..outputs import RequestOutput
+from .choices import merged, run_to_end, safe_delta, start_choices
+from .errors import ENGINE_FAILED, APIError, quote
+from .params import sampling_params
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
+from .serving_engine import OpenAIServing
+from .sse import sse_response
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# parts a text-only model can't take: refused, never silently dropped
+_MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "video_url": "video", "file": "file"}
+
+
+class ServingChat(OpenAIServing):
+    async def create(self, request: Request, req: ChatCompletionRequest, rid: str) -> Response:
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        self.admit(req.n)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        ids = await self.chat_ids(req.messages, req.add_generation_prompt)
+        params = sampling_params(
+            req,
+            max_tokens=max_tokens if max_tokens is not None else self.room(ids),
+            logprobs=logprobs,
+            vocab_size=self.llm.vocab_size,
+            limits=self.limits,
+            logprobs_param="top_logprobs",
+        )
+        prepared = await self.prepare(ids, params, max_tokens_given=max_tokens is not None, param="messages")
+        self.admit(req.n)  # again: others may have queued while this one was tokenized
+        gens = start_choices(self.llm, prepared, params, rid, req)
+        name = f"chatcmpl-{rid}"
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse_response(self._stream(name, gens, params, len(ids), include_usage))
+        finals = await run_to_end(request, gens)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=f.text),
+                logprobs=ChatLogprobs(content=self._logprobs(f.logprobs or [])) if req.logprobs else None,
+                finish_reason=f.finish_reason,
+                stop_reason=f.stop_reason,
+            )
+            for i, f in enumerate(finals)
+        ]
+        return ChatCompletionResponse(
+            id=name,
+            created=int(time.time()),
+            model=self.model,
+            choices=choices,
+            usage=self.usage(len(ids), finals, finals[0].num_cached_tokens),
+        )
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def plain_messages(self, messages) -> list[dict]:
+        """The messages as the template takes them (text parts joined); APIError(400) naming the
+        first message that is malformed."""
+        if not messages:
+            raise APIError(400, "messages must hold at least one message", param="messages")
+        if len(messages) > self.limits.max_messages:
+            raise APIError(
+                400, f"messages holds more than {self.limits.max_messages} messages", param="messages"
+            )
+        plain = []
+        for i, m in enumerate(messages):
+            where = f"messages[{i}]"
+            if m.role not in ROLES:
+                raise APIError(
+                    400,
+                    f"{where}.role is {quote(m.role)}, which is not one of {', '.join(ROLES)}",
+                    param=f"{where}.role",
+                )
+            content = m.content
+            if isinstance(content, list):
+                texts = []
+                for j, part in enumerate(content):
+                    if part.type in _MEDIA_PARTS:
+                        raise APIError(
+                            400,
+                            f"{where}.content[{j}] is an {part.type} part: the model {self.model!r} takes "
+                            f"text only, so {_MEDIA_PARTS[part.type]} inputs are not supported",
+                            param=f"{where}.content",
+                        )
+                    if part.type != "text" or not isinstance(part.text, str):
+                        raise APIError(
+                            400,
+                            f"{where}.content[{j}] must be a text part ({{'type': 'text', 'text': ...}}), "
+                            f"got type {quote(part.type)}",
+                            param=f"{where}.content",
+                        )
+                    texts.append(part.text)
+                content = "".join(texts)
+            has_tool_calls = bool(getattr(m, "tool_calls", None))
+            if content is None and not (m.role == "assistant" and has_tool_calls):
+                raise APIError(400, f"{where} has no content", param=f"{where}.content")
+            if m.role == "tool" and not getattr(m, "tool_call_id", None):
+                raise APIError(
+                    400, f"{where} is a tool message without tool_call_id", param=f"{where}.tool_call_id"
+                )
+            role = "system" if m.role == "developer" else m.role
+            plain.append({"role": role, "content": content if content is not None else ""})
+        return plain
+
+    async def chat_ids(self, messages, add_generation_prompt: bool, **context) -> list[int]:
+        """Token ids of chat messages through the model's template, rendered off the event loop."""
+        plain = self.plain_messages(messages)
+        try:
+            self.llm.check_prompt_size(sum(len(m["content"]) for m in plain))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        try:
+            return await self.llm.encode_chat(plain, add_generation_prompt=add_generation_prompt, **context)
+        except ValueError as e:
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _logprobs(self, entries) -> list[TokenLogprob]:
+        out = []
+        for entry in entries:
+            tok, lp = entry[0]
+            text = self.llm.token_text(tok)
+            tops = []
+            for i, v in entry[1:]:
+                t = self.llm.token_text(i)
+                tops.append(TopLogprob(token=t, logprob=v, bytes=list(t.encode())))
+            out.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=tops))
+        return out
+
+    async def _stream(self, name, gens, params, prompt_len, include_usage):
+        created = int(time.time())
+        holdback = self.holdback(params)
+        emitted = [0] * len(gens)
+        lp_sent = [0] * len(gens)
+        finals: list[RequestOutput | None] = [None] * len(gens)
+
+        def chunk(i, delta, finish=None, logprobs=None, stop_reason=None):
+            choice = ChatChunkChoice(
+                index=i, delta=delta, logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason
+            )
+            return ChatCompletionChunk(id=name, created=created, model=self.model, choices=[choice])
+
+        for i in range(len(gens)):
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        async for i, out in merged(gens):
+            if out.finish_reason == "error":
+                raise ENGINE_FAILED
+            delta = safe_delta(out, emitted, i, holdback)
+            logprobs = None
+            if params.logprobs is not None and out.logprobs:
+                logprobs = ChatLogprobs(content=self._logprobs(out.logprobs[lp_sent[i] :]))
+                lp_sent[i] = len(out.logprobs)
+            if out.finished:
+                finals[i] = out
+                yield chunk(i, ChatDelta(content=delta or None), out.finish_reason, logprobs, out.stop_reason)
+            elif delta or logprobs:
+                yield chunk(i, ChatDelta(content=delta), None, logprobs)
+        if include_usage:
+            done = [f for f in finals if f is not None]
+            yield ChatCompletionChunk(
+                id=name,
+                created=created,
+                model=self.model,
+                choices=[],
+                usage=self.usage(prompt_len, done, done[0].num_cached_tokens if done else 0),
+            )
