@@ -161,24 +161,100 @@ CASES = [
     ("n of a million", "/v1/chat/completions", {**_messages(), "n": 10**6}, {}, 400, "n"),
     ("n of a thousand", "/v1/chat/completions", {**_messages(), "n": 1000}, {}, 400, "n"),
     ("10 MB chat prompt", "/v1/chat/completions", _messages("a " * 5_000_000), {}, 400, "messages"),
-    ("10 MB text prompt", "/v1/completions", {"prompt": "a " * 5_000_000, "max_tokens": 1}, {}, 400, "prompt"),
+    (
+        "10 MB text prompt",
+        "/v1/completions",
+        {"prompt": "a " * 5_000_000, "max_tokens": 1},
+        {},
+        400,
+        "prompt",
+    ),
     ("prompt of too many ids", "/v1/completions", {"prompt": [1] * 5000, "max_tokens": 1}, {}, 400, "prompt"),
-    ("invalid UTF-8", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, None),
+    (
+        "invalid UTF-8",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        {},
+        400,
+        None,
+    ),
     ("not JSON", "/v1/chat/completions", b"{nope", {}, 400, None),
     ("JSON nested 5000 deep", "/v1/chat/completions", _deep_bytes(5000), {}, 400, None),
-    ("schema nested 100 deep", "/v1/chat/completions", {**_messages(), "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _deep(100)}}}, {}, 400, "response_format"),  # noqa: E501
+    (
+        "schema nested 100 deep",
+        "/v1/chat/completions",
+        {
+            **_messages(),
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _deep(100)}},
+        },
+        {},
+        400,
+        "response_format",
+    ),  # noqa: E501
     ("unknown role", "/v1/chat/completions", _messages(role="wizard"), {}, 400, "messages[0].role"),
-    ("message without content", "/v1/chat/completions", {"messages": [{"role": "user"}]}, {}, 400, "messages[0].content"),  # noqa: E501
+    (
+        "message without content",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user"}]},
+        {},
+        400,
+        "messages[0].content",
+    ),  # noqa: E501
     ("empty messages", "/v1/chat/completions", {"messages": []}, {}, 400, "messages"),
-    ("tool message without tool_call_id", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]}, {}, 400, "messages[1].tool_call_id"),  # noqa: E501
-    ("image part", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, {}, 400, "messages[0].content"),  # noqa: E501
+    (
+        "tool message without tool_call_id",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
+        {},
+        400,
+        "messages[1].tool_call_id",
+    ),  # noqa: E501
+    (
+        "image part",
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                    ],
+                }
+            ]
+        },
+        {},
+        400,
+        "messages[0].content",
+    ),  # noqa: E501
     ("1 MB model name", "/v1/chat/completions", {**_messages(), "model": "m" * 2**20}, {}, 404, "model"),
-    ("top_logprobs out of range", "/v1/chat/completions", {**_messages(), "logprobs": True, "top_logprobs": 50}, {}, 400, "top_logprobs"),  # noqa: E501
-    ("logit_bias outside the vocabulary", "/v1/chat/completions", {**_messages(), "logit_bias": {"99999999": 1}}, {}, 400, "logit_bias"),  # noqa: E501
+    (
+        "top_logprobs out of range",
+        "/v1/chat/completions",
+        {**_messages(), "logprobs": True, "top_logprobs": 50},
+        {},
+        400,
+        "top_logprobs",
+    ),  # noqa: E501
+    (
+        "logit_bias outside the vocabulary",
+        "/v1/chat/completions",
+        {**_messages(), "logit_bias": {"99999999": 1}},
+        {},
+        400,
+        "logit_bias",
+    ),  # noqa: E501
     ("too many stop strings", "/v1/completions", {"prompt": "hi", "stop": ["x"] * 1000}, {}, 400, "stop"),
     ("too many prompts", "/v1/completions", {"prompt": ["hi"] * 10_000}, {}, 400, "prompt"),
     ("negative temperature", "/v1/completions", {"prompt": "hi", "temperature": -1}, {}, 400, "temperature"),
-    ("60 KB X-Request-Id", "/v1/chat/completions", {**_messages(), "model": "nope"}, {"X-Request-Id": "r" * 60_000}, 404, "model"),  # noqa: E501
+    (
+        "60 KB X-Request-Id",
+        "/v1/chat/completions",
+        {**_messages(), "model": "nope"},
+        {"X-Request-Id": "r" * 60_000},
+        404,
+        "model",
+    ),  # noqa: E501
 ]
 
 
@@ -245,7 +321,9 @@ def test_the_same_x_request_id_twice_at_once_is_fine(server):
         threads, codes = [], []
         for _ in range(2):
             t = threading.Thread(
-                target=lambda: codes.append(_send(c, server, "/v1/completions", body, {"X-Request-Id": "same"}))
+                target=lambda: codes.append(
+                    _send(c, server, "/v1/completions", body, {"X-Request-Id": "same"})
+                )
             )
             t.start()
             threads.append(t)
@@ -273,7 +351,9 @@ def test_a_client_that_leaves_mid_upload_is_not_a_server_error(server):
         with socket.create_connection((host, int(port))) as s:
             s.sendall(
                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n" + b'{"prompt": "' + b"a" * 1000
+                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+                + b'{"prompt": "'
+                + b"a" * 1000
             )
             time.sleep(0.2)
     time.sleep(0.5)
@@ -337,7 +417,9 @@ def test_sigterm_aborts_what_outlasts_the_shutdown_timeout():
 
         def run():
             last = None
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as r:
+            with httpx.stream(
+                "POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=120
+            ) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
                         chunk = json.loads(line[6:])
