@@ -9,6 +9,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from tessera.formats import FormatError, open_checkpoint  # noqa: E402
+from tessera.formats.hf_checkpoint import config_from_hf_dict  # noqa: E402
 
 
 def write_tiny_gguf(path, arch="llama", extra_tensor=None):
@@ -108,10 +109,11 @@ def test_hf_folder_without_config_is_named(tmp_path):
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     from tessera.models import expected_shapes, load_model
 
-    ck = open_checkpoint(_hf_folder(tmp_path / "m", TINY, {"x": torch.zeros(1)}))
-    tensors = {k: torch.zeros(s) for k, s in expected_shapes(ck.config).items()}
+    tensors = {
+        k: torch.zeros(s) for k, s in expected_shapes(config_from_hf_dict(TINY, "config.json")).items()
+    }
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(15, 8)
-    ck = open_checkpoint(_hf_folder(tmp_path / "m2", TINY, tensors))
+    ck = open_checkpoint(_hf_folder(tmp_path / "m", TINY, tensors))
     with pytest.raises(
         FormatError, match=r"tensor model.layers.0.mlp.up_proj.weight has shape \[15, 8\], expected \[16, 8\]"
     ):
@@ -121,11 +123,12 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
     from tessera.models import expected_shapes, load_model
 
-    ck = open_checkpoint(_hf_folder(tmp_path / "m", TINY, {"x": torch.zeros(1)}))
-    tensors = {k: torch.zeros(s) for k, s in expected_shapes(ck.config).items()}
+    tensors = {
+        k: torch.zeros(s) for k, s in expected_shapes(config_from_hf_dict(TINY, "config.json")).items()
+    }
     del tensors["model.norm.weight"]
     with pytest.raises(FormatError, match="tensor model.norm.weight is missing"):
-        load_model(open_checkpoint(_hf_folder(tmp_path / "m2", TINY, tensors)))
+        load_model(open_checkpoint(_hf_folder(tmp_path / "m", TINY, tensors)))
 
 
 def test_corrupt_safetensors_is_named(tmp_path):

@@ -10,6 +10,17 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .config_values import (
+    MAX_SIZE,
+    check_embedding,
+    check_layer_count,
+    head_dim_for,
+    read_float,
+    read_int,
+    read_optional_int,
+    short_name,
+    shown,
+)
 from .errors import FormatError
 from .gguf_quants import BLOCK_LAYOUT
 from .quantized import QuantizedTensor
@@ -41,7 +52,9 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+# the metadata (under "<arch>.") that head_dim_for checks: hidden size, heads, kv heads, head dim
+_HEAD_KEYS = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length")
+_LAYER_RE = re.compile(r"blk\.(0|[1-9]\d{0,8})\.(.+)")
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -65,7 +78,8 @@ def unpermute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class GGUFCheckpoint:
-    """One ``.gguf`` file. Opening reads the header and checks every tensor; weights load lazily."""
+    """One ``.gguf`` file. Opening reads the header, checks every tensor's type and extent and
+    every config value against the tensors present; weights load lazily."""
 
     def __init__(self, path: str | Path) -> None:
         from .gguf_file import GGUFFile
@@ -75,7 +89,9 @@ class GGUFCheckpoint:
             raise FormatError(f"{self.path}: no such file")
         try:
             self._reader = GGUFFile(self.path)
-        except Exception as e:  # ValueError, struct or numpy errors on damage
+        except ValueError as e:  # the reader's own account of the damage
+            raise FormatError(f"{self.path}: not a readable GGUF file: {e}") from e
+        except Exception as e:  # struct, numpy or OS errors on damage
             raise FormatError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
         self.metadata = self._read_metadata()
         self._check_tensors()
@@ -87,26 +103,27 @@ class GGUFCheckpoint:
     def _check_tensors(self) -> None:
         size = self.path.stat().st_size
         for t in self._reader.tensors:
-            qtype = t.tensor_type.name
+            qtype, name = t.tensor_type.name, short_name(t.name)
             if qtype not in BLOCK_LAYOUT:
                 raise FormatError(
-                    f"{self.path}: tensor {t.name} has type {qtype}, which this build cannot read "
+                    f"{self.path}: tensor {name} has type {qtype}, which this build cannot read "
                     f"(supported: {', '.join(BLOCK_LAYOUT)})"
                 )
             if t.data_offset + t.n_bytes > size:
                 raise FormatError(
-                    f"{self.path}: tensor {t.name} ends at byte {t.data_offset + t.n_bytes} "
+                    f"{self.path}: tensor {name} ends at byte {t.data_offset + t.n_bytes} "
                     f"but the file has {size} bytes (truncated?)"
                 )
             if gguf_to_hf_name(t.name) is None:
-                raise FormatError(f"{self.path}: tensor {t.name} is not part of a known architecture")
+                raise FormatError(f"{self.path}: tensor {name} is not part of a known architecture")
 
     def _read_config(self) -> ModelConfig:
         meta, src = self.metadata, self.path
         arch = meta.get("general.architecture")
-        if arch not in _GGUF_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in _GGUF_ARCHITECTURES:
             raise FormatError(
-                f"{src}: architecture {arch!r} is not supported (supported: {', '.join(_GGUF_ARCHITECTURES)})"
+                f"{src}: architecture {shown(arch)} is not supported "
+                f"(supported: {', '.join(_GGUF_ARCHITECTURES)})"
             )
 
         def get(key: str, default=None, required: bool = False):
@@ -117,38 +134,93 @@ class GGUFCheckpoint:
                 return default
             return meta[full]
 
-        hidden = int(get("embedding_length", required=True))
-        heads = int(get("attention.head_count", required=True))
-        kv_heads = int(get("attention.head_count_kv", heads))
-        head_dim = int(get("attention.key_length", hidden // heads))
-        names = {t.name for t in self._reader.tensors}
+        def get_int(key: str, default: int | None = None, maximum: int = MAX_SIZE) -> int:
+            value = get(key, default, required=default is None)
+            return read_int(value, f"{arch}.{key}", src, maximum=maximum)
+
+        hidden = get_int("embedding_length")
+        heads = get_int("attention.head_count")
+        kv_heads = get_int("attention.head_count_kv", heads)
+        key_length = get("attention.key_length")
+        if key_length is not None:
+            key_length = get_int("attention.key_length")
+        keys = tuple(f"{arch}.{k}" for k in _HEAD_KEYS)
+        head_dim = head_dim_for(hidden, heads, kv_heads, key_length, keys, src)
+        for key in ("attention.value_length", "rope.dimension_count"):
+            if get(key) is not None and get_int(key) != head_dim:
+                raise FormatError(
+                    f"{src}: {arch}.{key} is {get(key)} but the head size is {head_dim} (not supported)"
+                )
+        n_layers = get_int("block_count", maximum=2**64)  # bounded next by the blocks present
+        tensors = self._reader.tensors
+        layers = {int(m.group(1)) for m in (_LAYER_RE.fullmatch(t.name) for t in tensors) if m}
+        check_layer_count(n_layers, f"{arch}.block_count", src, layers, "the file", "block")
+
+        tokens = meta.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens) if isinstance(tokens, list) else 0
+        vocab = get("vocab_size")
+        if vocab is None:
+            if not n_tokens:
+                raise FormatError(
+                    f"{src}: neither {arch}.vocab_size nor tokenizer.ggml.tokens says the vocab size"
+                )
+            vocab = n_tokens
+        vocab = read_int(vocab, f"{arch}.vocab_size", src)
+        if n_tokens > vocab:
+            raise FormatError(
+                f"{src}: tokenizer.ggml.tokens has {n_tokens} tokens but {arch}.vocab_size is {vocab}"
+            )
+        embedding = next((t for t in tensors if t.name == "token_embd.weight"), None)
+        if embedding is None:
+            raise FormatError(f"{src}: tensor token_embd.weight is missing")
+        check_embedding(
+            vocab,
+            hidden,
+            (f"{arch}.vocab_size", f"{arch}.embedding_length"),
+            src,
+            "token_embd.weight",
+            tuple(reversed(embedding.shape)),
+        )
+
+        names = {t.name for t in tensors}
         scaling = None
         scaling_type = get("rope.scaling.type")
         if scaling_type == "linear":
-            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+            factor = read_float(get("rope.scaling.factor", 1.0), f"{arch}.rope.scaling.factor", src)
+            scaling = {"rope_type": "linear", "factor": factor}
         elif scaling_type not in (None, "none"):
-            raise FormatError(f"{src}: rope scaling {scaling_type!r} is not supported (supported: linear)")
-        vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+            raise FormatError(
+                f"{src}: rope scaling {shown(scaling_type)} is not supported (supported: linear)"
+            )
+        eos = [
+            read_int(meta[k], k, src, minimum=0)
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+            if k in meta
+        ]
+        sliding = get("attention.sliding_window")
         return ModelConfig(
             architecture=_GGUF_ARCHITECTURES[arch],
-            vocab_size=int(vocab),
+            vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length", required=True)),
-            num_hidden_layers=int(get("block_count", required=True)),
+            intermediate_size=get_int("feed_forward_length"),
+            num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=read_float(
+                get("attention.layer_norm_rms_epsilon", 1e-5), f"{arch}.attention.layer_norm_rms_epsilon", src
+            ),
+            rope_theta=read_float(get("rope.freq_base", 10000.0), f"{arch}.rope.freq_base", src),
             rope_scaling=scaling,
-            max_position_embeddings=int(get("context_length", 2048)),
+            max_position_embeddings=get_int("context_length", 2048),
             tie_word_embeddings="output.weight" not in names,
             qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names,
-            sliding_window=get("attention.sliding_window"),
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+            sliding_window=None if sliding is None else get_int("attention.sliding_window"),
+            bos_token_id=read_optional_int(
+                meta.get("tokenizer.ggml.bos_token_id"), "tokenizer.ggml.bos_token_id", src
+            ),
+            eos_token_ids=tuple(dict.fromkeys(eos)),
         )
 
     @property
@@ -178,7 +250,8 @@ class GGUFCheckpoint:
             else:
                 value = QuantizedTensor(qtype, raw.reshape(shape[0] if len(shape) > 1 else 1, -1), shape)
             kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
-            if kind in permute_heads:
+            # rows that are not the config's heads are left as they are for the loader's shape check
+            if kind in permute_heads and shape[0] == permute_heads[kind] * self.config.head_dim:
                 n = permute_heads[kind]
                 if isinstance(value, QuantizedTensor):
                     value = QuantizedTensor(value.scheme, unpermute_rope_rows(value.data, n), shape)

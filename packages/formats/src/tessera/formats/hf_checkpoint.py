@@ -2,88 +2,150 @@
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .config_values import (
+    MAX_SIZE,
+    check_embedding,
+    check_layer_count,
+    head_dim_for,
+    read_bool,
+    read_float,
+    read_int,
+    read_optional_int,
+    read_token_ids,
+    short_name,
+    shown,
+)
 from .errors import FormatError
+from .json_file import read_json_object
 from .tokenizer import Tokenizer
 
+_LAYER_TENSOR = re.compile(r"model\.layers\.(0|[1-9]\d{0,8})\..+")
+_EMBEDDING = "model.embed_tokens.weight"
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not readable JSON ({e})") from e
+
+def _rope_scaling(scaling, source) -> dict | None:
+    """HF's rope_scaling with its numbers checked (they divide frequencies and wavelengths)."""
+    if not isinstance(scaling, dict):
+        raise FormatError(f"{source}: rope_scaling is {shown(scaling)}, not an object")
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    scaling["rope_type"] = kind
+    if kind == "default":
+        return None
+    if kind not in ("llama3", "linear", "dynamic"):
+        raise FormatError(
+            f"{source}: rope scaling {shown(kind)} is not supported (supported: llama3, linear, dynamic)"
+        )
+    scaling["factor"] = read_float(scaling.get("factor"), "rope_scaling.factor", source)
+    if kind == "llama3":
+        scaling["original_max_position_embeddings"] = read_int(
+            scaling.get("original_max_position_embeddings"),
+            "rope_scaling.original_max_position_embeddings",
+            source,
+        )
+        low = read_float(scaling.get("low_freq_factor", 1.0), "rope_scaling.low_freq_factor", source)
+        high = read_float(scaling.get("high_freq_factor", 4.0), "rope_scaling.high_freq_factor", source)
+        if low == high:
+            raise FormatError(f"{source}: rope_scaling.low_freq_factor and high_freq_factor are both {low}")
+        scaling["low_freq_factor"], scaling["high_freq_factor"] = low, high
+    return scaling
 
 
 def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
-    """Our ModelConfig from the fields of an HF config.json (transformers 4.x or 5.x layout)."""
+    """Our ModelConfig from the fields of an HF config.json (transformers 4.x or 5.x layout).
+
+    Every value is checked before anything is built from it; a bad one is a FormatError that names
+    the field and the value.
+    """
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{source}: holds {shown(cfg)}, expected a JSON object")
     arch = cfg.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise FormatError(
-            f"{source}: architecture {arch!r} is not supported "
+            f"{source}: architecture {shown(arch)} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        rope = dict(cfg.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
-        rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-        scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-        if scaling:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
-            elif scaling["rope_type"] not in ("llama3", "linear", "dynamic"):
-                raise FormatError(
-                    f"{source}: rope scaling {scaling['rope_type']!r} is not supported "
-                    "(supported: llama3, linear, dynamic)"
-                )
-        sliding = cfg.get("sliding_window")
-        if arch == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding = None
-        layer_types = cfg.get("layer_types")
-        if sliding is not None and layer_types is not None and arch == "qwen2":
-            layer_types = tuple(layer_types)
-        eos = cfg.get("eos_token_id")
-        eos = () if eos is None else tuple([eos] if isinstance(eos, int) else eos)
-        attn_bias = bool(cfg.get("attention_bias", False))
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=True if arch == "qwen2" else attn_bias,
-            o_bias=attn_bias if arch == "llama" else False,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(sliding) if sliding else None,
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos,
-            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
-            extra={"layer_types": layer_types} if layer_types else {},
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, FormatError):
-            raise
-        raise FormatError(f"{source}: config.json is missing or has a bad field ({e!r})") from e
+
+    def required(key: str, maximum: int = MAX_SIZE) -> int:
+        if key not in cfg:
+            raise FormatError(f"{source}: {key} is missing")
+        return read_int(cfg[key], key, source, maximum=maximum)
+
+    def optional(key: str, default: int | None) -> int | None:
+        value = cfg.get(key)
+        return default if value is None else read_int(value, key, source)
+
+    hidden = required("hidden_size")
+    heads = required("num_attention_heads")
+    kv_heads = optional("num_key_value_heads", heads)
+    keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    head_dim = head_dim_for(hidden, heads, kv_heads, optional("head_dim", None), keys, source)
+    n_layers = required("num_hidden_layers", maximum=2**64)  # bounded by the layers present when opened
+
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
+    if not isinstance(rope, dict):
+        raise FormatError(f"{source}: rope_parameters is {shown(rope)}, not an object")
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_theta = read_float(theta, "rope_theta", source)
+    scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    scaling = _rope_scaling(scaling, source) if scaling else None
+
+    use_sliding = read_bool(cfg.get("use_sliding_window"), "use_sliding_window", source)
+    sliding = cfg.get("sliding_window")
+    if arch == "qwen2" and not use_sliding:
+        sliding = None
+    sliding = read_optional_int(sliding or None, "sliding_window", source, minimum=1)
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise FormatError(f"{source}: layer_types is {shown(layer_types)}, not a list of strings")
+        if len(layer_types) != n_layers:
+            raise FormatError(
+                f"{source}: layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}"
+            )
+        layer_types = tuple(layer_types)
+    attn_bias = read_bool(cfg.get("attention_bias"), "attention_bias", source)
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if not isinstance(dtype, str):
+        raise FormatError(f"{source}: torch_dtype is {shown(dtype)}, not a string")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=required("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=required("intermediate_size"),
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=read_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
+        rope_theta=rope_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=optional("max_position_embeddings", 2048),
+        tie_word_embeddings=read_bool(cfg.get("tie_word_embeddings"), "tie_word_embeddings", source),
+        qkv_bias=True if arch == "qwen2" else attn_bias,
+        o_bias=attn_bias if arch == "llama" else False,
+        mlp_bias=read_bool(cfg.get("mlp_bias"), "mlp_bias", source),
+        sliding_window=sliding,
+        bos_token_id=read_optional_int(cfg.get("bos_token_id"), "bos_token_id", source),
+        eos_token_ids=read_token_ids(cfg.get("eos_token_id"), "eos_token_id", source),
+        torch_dtype=dtype,
+        extra={"layer_types": layer_types} if layer_types else {},
+    )
 
 
 class HFCheckpoint:
-    """An HF folder with ``config.json`` and ``model.safetensors`` or a sharded index."""
+    """An HF folder with ``config.json`` and ``model.safetensors`` or a sharded index.
+
+    Opening reads config.json and every safetensors header (not the tensor data), and checks that
+    the config's layer count and embedding size agree with the tensors the files hold.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
@@ -92,21 +154,26 @@ class HFCheckpoint:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise FormatError(f"{self.path}: no config.json (is this an HF model folder?)")
-        self.config = config_from_hf_dict(_read_json(config_path), str(config_path))
+        self.config = config_from_hf_dict(read_json_object(config_path), str(config_path))
         gen = self.path / "generation_config.json"
-        self.generation_config = _read_json(gen) if gen.is_file() else {}
+        self.generation_config = read_json_object(gen) if gen.is_file() else {}
+        self._gen_eos = read_token_ids(self.generation_config.get("eos_token_id"), "eos_token_id", gen)
         self._files = self._weight_files()
-        self._check_files()
+        self._check_files(config_path)
 
     def _weight_files(self) -> dict[str, list[str]]:
         """safetensors file -> the tensor names it should hold."""
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise FormatError(f"{index}: has no weight_map")
             files: dict[str, list[str]] = {}
             for name, file in weight_map.items():
+                if not isinstance(file, str) or Path(file).name != file:
+                    raise FormatError(
+                        f"{index}: tensor {short_name(str(name))} maps to {shown(file)}, not a file name"
+                    )
                 files.setdefault(file, []).append(name)
             return files
         single = self.path / "model.safetensors"
@@ -114,9 +181,11 @@ class HFCheckpoint:
             return {"model.safetensors": []}
         raise FormatError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
 
-    def _check_files(self) -> None:
+    def _check_files(self, config_path: Path) -> None:
         from safetensors import SafetensorError, safe_open
 
+        layers: set[int] = set()
+        embedding: tuple[str, tuple[int, ...]] | None = None
         for file, expected in self._files.items():
             path = self.path / file
             if not path.is_file():
@@ -124,15 +193,27 @@ class HFCheckpoint:
             try:
                 with safe_open(path, framework="pt") as f:
                     keys = set(f.keys())
+                    if _EMBEDDING in keys:
+                        embedding = (file, tuple(f.get_slice(_EMBEDDING).get_shape()))
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
             missing = [n for n in expected if n not in keys]
             if missing:
                 raise FormatError(f"{path}: tensor {missing[0]} is listed in the index but absent")
+            for key in keys:
+                m = _LAYER_TENSOR.fullmatch(key)
+                if m:
+                    layers.add(int(m.group(1)))
+        c = self.config
+        holder = next(iter(self._files)) if len(self._files) == 1 else "the sharded checkpoint"
+        check_layer_count(c.num_hidden_layers, "num_hidden_layers", config_path, layers, holder, "layer")
+        if embedding is not None:
+            file, shape = embedding
+            keys = ("vocab_size", "hidden_size")
+            check_embedding(c.vocab_size, c.hidden_size, keys, config_path, f"{_EMBEDDING} in {file}", shape)
 
     def tokenizer(self) -> Tokenizer:
-        eos = self.generation_config.get("eos_token_id")
-        eos_ids = tuple([eos] if isinstance(eos, int) else eos or ()) + self.config.eos_token_ids
+        eos_ids = self._gen_eos + self.config.eos_token_ids
         return Tokenizer.from_hf_folder(self.path, eos_token_ids=tuple(dict.fromkeys(eos_ids)))
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from .chat_template import render_chat_template
+from .config_values import read_bool, read_int, shown
 from .errors import FormatError
+from .json_file import read_json_object
 
 # GGUF tokenizer.ggml.pre -> pre-tokenizer. The regexes are the ones llama.cpp uses for each type
 # (the same as the original HF tokenizers').
@@ -52,6 +53,21 @@ def _gguf_pre_tokenizer(pre: str, source: str):
         )
     split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
     return pre_tokenizers.Sequence([split, byte_level])
+
+
+def _gguf_list(meta: dict, key: str, kind: type, source: str, required: bool = False) -> list:
+    """A GGUF metadata array whose items are all ``kind``; absent is ``[]`` unless ``required``."""
+    value = meta.get(key)
+    if value is None:
+        if required:
+            raise FormatError(f"{source}: metadata key {key} is missing")
+        return []
+    if not isinstance(value, list) or (required and not value):
+        raise FormatError(f"{source}: {key} is {shown(value)}, expected a list")
+    bad = next((v for v in value if not isinstance(v, kind) or isinstance(v, bool)), None)
+    if bad is not None:
+        raise FormatError(f"{source}: {key} holds {shown(bad)}, expected only {kind.__name__} items")
+    return value
 
 
 class Tokenizer:
@@ -110,13 +126,38 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict, source: str) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise FormatError(f"{source}: tokenizer model {kind!r} is not supported (supported: 'gpt2' BPE)")
-        tokens: list[str] = meta["tokenizer.ggml.tokens"]
-        types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+            raise FormatError(
+                f"{source}: tokenizer model {shown(kind)} is not supported (supported: 'gpt2' BPE)"
+            )
+        tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, source, required=True)
+        types = _gguf_list(meta, "tokenizer.ggml.token_type", int, source) or [1] * len(tokens)
+        if len(types) != len(tokens):
+            raise FormatError(
+                f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+            )
+        merges = [tuple(m.split(" ", 1)) for m in _gguf_list(meta, "tokenizer.ggml.merges", str, source)]
+        if any(len(m) != 2 for m in merges):
+            bad = next(" ".join(m) for m in merges if len(m) != 2)
+            raise FormatError(f"{source}: tokenizer.ggml.merges holds {shown(bad)}, not two tokens")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if not isinstance(pre, str):
+            raise FormatError(f"{source}: tokenizer.ggml.pre is {shown(pre)}, not a string")
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise FormatError(f"{source}: tokenizer.chat_template is {shown(template)}, not a string")
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(key)
+            if value is None:
+                return None
+            return read_int(value, key, source, minimum=0, maximum=len(tokens) - 1)
+
+        bos = token_id("tokenizer.ggml.bos_token_id")
+        eos = [token_id(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
+        add_bos = read_bool(meta.get("tokenizer.ggml.add_bos_token"), "tokenizer.ggml.add_bos_token", source)
         vocab = {t: i for i, t in enumerate(tokens)}
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        hf.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), source)
+        hf.pre_tokenizer = _gguf_pre_tokenizer(pre, source)
         hf.decoder = decoders.ByteLevel()
         added = [
             AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
@@ -124,17 +165,15 @@ class Tokenizer:
             if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
         ]
         hf.add_tokens(added)
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        if add_bos and bos is not None:
             hf.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
             )
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
         return cls(
             hf,
             bos_token_id=bos,
-            eos_token_ids=tuple(dict.fromkeys(eos)),
-            chat_template=meta.get("tokenizer.chat_template"),
+            eos_token_ids=tuple(dict.fromkeys(i for i in eos if i is not None)),
+            chat_template=template,
             source=source,
         )
 
@@ -148,7 +187,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise FormatError(f"{path}: not a readable tokenizer ({e})") from e
         cfg_path = folder / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
 
         def token_id(entry) -> int | None:
             if isinstance(entry, dict):
@@ -157,10 +196,18 @@ class Tokenizer:
 
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next(
+                (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                None,
+            )
+        if template is not None and not isinstance(template, str):
+            raise FormatError(f"{cfg_path}: chat_template is {shown(template)}, not a string")
         jinja = folder / "chat_template.jinja"
         if template is None and jinja.is_file():
-            template = jinja.read_text()
+            try:
+                template = jinja.read_bytes().decode("utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise FormatError(f"{jinja}: not a readable UTF-8 text file ({e})") from e
         eos = token_id(cfg.get("eos_token"))
         eos_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
         return cls(

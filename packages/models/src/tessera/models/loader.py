@@ -15,10 +15,13 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2"
 
 # tensors some checkpoints carry that we recompute
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_LAYER = re.compile(r"model\.layers\.(0|[1-9]\d{0,8})\.(.+)")
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def _global_and_layer_shapes(
+    config: ModelConfig,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Shapes of the tensors outside the layers, and of one layer's tensors (by their name in it)."""
     c = config
     h, i, q, kv = c.hidden_size, c.intermediate_size, c.q_size, c.kv_size
     shapes: dict[str, tuple[int, ...]] = {
@@ -48,10 +51,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         per_layer["self_attn.o_proj.bias"] = (h,)
     if c.mlp_bias:
         per_layer |= {"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)}
-    for n in range(c.num_hidden_layers):
+    return shapes, per_layer
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes, per_layer = _global_and_layer_shapes(config)
+    for n in range(config.num_hidden_layers):
         for k, s in per_layer.items():
             shapes[f"model.layers.{n}.{k}"] = s
     return shapes
+
+
+def _expected_names(config: ModelConfig):
+    shapes, per_layer = _global_and_layer_shapes(config)
+    yield from shapes
+    for n in range(config.num_hidden_layers):
+        for k in per_layer:
+            yield f"model.layers.{n}.{k}"
 
 
 def _shape(t) -> tuple[int, ...]:
@@ -103,10 +119,21 @@ def load_model(
     cls = MODEL_CLASSES.get(config.architecture)
     if cls is None:
         raise FormatError(f"{checkpoint.path}: no model class for architecture {config.architecture!r}")
-    shapes = expected_shapes(config)
+    # shapes are looked up per name, never built for every layer: the layer count comes from a
+    # file, and the checkpoint checked it against the tensors present, but a Checkpoint is a protocol
+    global_shapes, per_layer = _global_and_layer_shapes(config)
+
+    def expected(name: str) -> tuple[int, ...] | None:
+        if name in global_shapes:
+            return global_shapes[name]
+        m = _LAYER.fullmatch(name)
+        if m is None or int(m.group(1)) >= config.num_hidden_layers:
+            return None
+        return per_layer.get(m.group(2))
+
     tensors: dict[str, torch.Tensor] = {}
     freq_factors = None
-    total = len(shapes)
+    total = len(global_shapes) + config.num_hidden_layers * len(per_layer)
     for name, value in checkpoint.weights():
         if _IGNORED.fullmatch(name):
             continue
@@ -115,14 +142,15 @@ def load_model(
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if name not in shapes:
+        shape = expected(name)
+        if shape is None:
             raise FormatError(
                 f"{checkpoint.path}: unexpected tensor {name} for a {config.architecture} model"
             )
-        if _shape(value) != shapes[name]:
+        if _shape(value) != shape:
             raise FormatError(
                 f"{checkpoint.path}: tensor {name} has shape {list(_shape(value))}, "
-                f"expected {list(shapes[name])} from the config"
+                f"expected {list(shape)} from the config"
             )
         # the embedding stays packed only when it is also the LM head (rows are gathered from it)
         keep_packed = (
@@ -137,9 +165,9 @@ def load_model(
         tensors[name] = value
         if progress is not None:
             progress(len(tensors), total)
-    missing = [n for n in shapes if n not in tensors]
-    if missing:
-        raise FormatError(f"{checkpoint.path}: tensor {missing[0]} is missing ({len(missing)} missing)")
+    if len(tensors) < total:
+        first = next(n for n in _expected_names(config) if n not in tensors)
+        raise FormatError(f"{checkpoint.path}: tensor {first} is missing ({total - len(tensors)} missing)")
 
     model = cls(config, dtype, device)
     if freq_factors is not None:
