@@ -388,13 +388,15 @@ def test_a_full_queue_answers_503_with_retry_after_and_counts_it(server):
 def test_sigterm_drains_running_requests_then_exits():
     proc, url = _start("--shutdown-timeout", "60")
     try:
-        baseline = _stream_text(url, STREAM_BODY)
+        # long enough (a few seconds) to still be running when the signal comes
+        body = {**STREAM_BODY, "max_tokens": 600, "ignore_eos": True}
+        baseline = _stream_text(url, body)
         result: dict = {}
-        streamer = threading.Thread(target=lambda: result.setdefault("text", _stream_text(url, STREAM_BODY)))
+        streamer = threading.Thread(target=lambda: result.setdefault("text", _stream_text(url, body)))
         streamer.start()
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
         health = httpx.get(f"{url}/health", timeout=5)
         assert health.status_code == 503 and health.headers["retry-after"]
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, headers=AUTH, timeout=5)

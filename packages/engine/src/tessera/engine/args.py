@@ -49,6 +49,7 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # auto | int8 | fp8
     scheduling_policy: str = "fcfs"  # fcfs | priority
     quantized_weights: str = "packed"  # packed | dequantize
+    batch_invariant: bool = True  # a request's tokens do not depend on what runs beside it
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +116,16 @@ class EngineArgs:
             "has them (CPU with AVX512-BF16 and VNNI: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, "
             "Q6_K), or dequantized to the compute dtype "
             "at load (default: %(default)s)",
+        )
+        g.add_argument(
+            "--batch-invariant",
+            action=argparse.BooleanOptionalAction,
+            default=EngineArgs.batch_invariant,
+            help="every kernel gives a token the same result whatever runs beside it, so a seeded "
+            "request's tokens do not depend on the batch, the prefix cache or prompt chunking "
+            "(like vLLM's VLLM_BATCH_INVARIANT). Free on the CPU's default bf16 kernels; "
+            "--no-batch-invariant lets float32 and quantized-KV attention run long prompts "
+            "through torch's SDPA, faster for them (default: on)",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
 

@@ -158,7 +158,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"tessera: serving {ns.model} at {url}/v1 (health: {url}/health)", file=sys.stderr, flush=True)
 
     app = build_app(
-        AsyncLLM(llm), ns.served_model_name or ns.model, ns.api_key, on_ready=ready, limits=limits
+        AsyncLLM(llm),
+        ns.served_model_name or ns.model,
+        ns.api_key,
+        on_ready=ready,
+        limits=limits,
+        tool_call_parser=ns.tool_call_parser,
+        enable_auto_tool_choice=ns.enable_auto_tool_choice,
     )
     serve(app, ns.host, ns.port, ns.log_level)
     return 0
@@ -224,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may finish before they are aborted "
         "(default: %(default)s)",
+    )
+    from .server.tool_parsers import TOOL_PARSERS
+
+    tools = serve.add_argument_group("tool calling")
+    tools.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=["auto", *sorted(TOOL_PARSERS)],
+        help="how tool calls are read out of the model's text for tool_choice auto; auto: from the chat "
+        "template (llama3_json for Llama 3's, else hermes) (default: %(default)s)",
+    )
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='let the model decide whether to call a tool (tool_choice "auto", the default when tools are '
+        "given); --no-enable-auto-tool-choice refuses it with a 400 (default: on)",
     )
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)

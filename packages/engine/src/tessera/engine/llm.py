@@ -95,7 +95,9 @@ class LLM:
             *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        runner = ModelRunner(self.model, num_blocks, args.block_size, kv_dtype, self.eos_token_ids)
+        runner = ModelRunner(
+            self.model, num_blocks, args.block_size, kv_dtype, self.eos_token_ids, args.batch_invariant
+        )
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

@@ -46,8 +46,10 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype,
         eos_token_ids: tuple[int, ...] = (),
+        batch_invariant: bool = True,
     ) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
         self.device = model.device
         self.block_size = block_size
         c = model.config
@@ -131,6 +133,7 @@ class ModelRunner:
             block_tables=table.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             token_seq_lens=seq_lens_t.long().repeat_interleave(counts).to(dev),
+            batch_invariant=self.batch_invariant,
         )
         hidden = self.model.forward(
             torch.tensor(ids, dtype=torch.int64, device=dev),

@@ -127,14 +127,18 @@ def build_app(
     api_key: str | None = None,
     on_ready=None,
     limits: ServerLimits | None = None,
+    *,
+    tool_call_parser: str = "auto",
+    enable_auto_tool_choice: bool = True,
 ) -> Starlette:
     limits = limits or ServerLimits()
     metrics = Metrics(llm.stats, llm.num_waiting)
     llm.on_finish = metrics.on_finish
     life = Lifecycle(limits.shutdown_timeout)
-    chat = ServingChat(llm, served_model, limits)
+    tool_options = dict(tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
+    chat = ServingChat(llm, served_model, limits, **tool_options)
     completion = ServingCompletion(llm, served_model, limits)
-    tokens = ServingTokenization(llm, served_model, limits)
+    tokens = ServingTokenization(llm, served_model, limits, **tool_options)  # renders calls as chat does
     created = int(time.time())
 
     def check_auth(request: Request) -> None:

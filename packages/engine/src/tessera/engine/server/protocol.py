@@ -55,14 +55,53 @@ class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    arguments: str | dict  # OpenAI sends a JSON string; a decoded object is taken too
+
+
+class ToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """A call an assistant message made earlier in the conversation."""
+
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=False):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+
+
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+    description: str | None = None
+    parameters: Any = None  # a JSON schema object; checked by hand so the error names the tool
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=False):
+    type: str
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=False):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=False):
+    type: str
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # none | auto | required | a named function
+    parallel_tool_calls: bool = True
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -135,9 +174,21 @@ class ChatLogprobs(_Out, kw_only=True):
     content: list[TokenLogprob]
 
 
+class FunctionCallOut(_Out, kw_only=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(_Out, kw_only=True):
+    id: str
+    type: str = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Out, kw_only=True):
     role: str = "assistant"
-    content: str
+    content: str | None  # null when the answer is tool calls only
+    tool_calls: list[ToolCallOut] | msgspec.UnsetType = msgspec.UNSET  # left out when there are none
 
 
 class ChatChoice(_Out, kw_only=True):
@@ -157,9 +208,25 @@ class ChatCompletionResponse(_Out, kw_only=True):
     usage: Usage
 
 
+class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A call's first delta carries id, type and name (and arguments ""); later ones only
+    fragments of the arguments."""
+
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Out, kw_only=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from starlette.requests import Request
@@ -25,6 +26,10 @@ from .protocol import (
 )
 from .serving_engine import OpenAIServing
 from .sse import sse_response
+from .tool_choice import ToolPlan, plan_tools
+from .tool_output import ToolCallStream, finish_reason, tool_message
+from .tool_parsers import ToolOutputReader, template_knows_tools, tool_parser
+from .tool_prompt import template_inputs
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # parts a text-only model can't take: refused, never silently dropped
@@ -32,6 +37,15 @@ _MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "video_url": "vide
 
 
 class ServingChat(OpenAIServing):
+    def __init__(
+        self, llm, model, limits, *, tool_call_parser: str = "auto", enable_auto_tool_choice: bool = True
+    ) -> None:
+        super().__init__(llm, model, limits)
+        template = llm.tokenizer.chat_template
+        self.tool_parser = tool_parser(tool_call_parser, template)
+        self.template_knows_tools = template_knows_tools(template)
+        self.auto_tool_choice = enable_auto_tool_choice
+
     async def create(self, request: Request, req: ChatCompletionRequest, rid: str) -> Response:
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
@@ -39,7 +53,8 @@ class ServingChat(OpenAIServing):
         self.admit(req.n)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        ids = await self.chat_ids(req.messages, req.add_generation_prompt)
+        tools = plan_tools(req, self.limits, auto_enabled=self.auto_tool_choice)
+        ids = await self.chat_ids(req.messages, req.add_generation_prompt, tools=tools.tools)
         params = sampling_params(
             req,
             max_tokens=max_tokens if max_tokens is not None else self.room(ids),
@@ -47,25 +62,38 @@ class ServingChat(OpenAIServing):
             vocab_size=self.llm.vocab_size,
             limits=self.limits,
             logprobs_param="top_logprobs",
+            structured=tools.constraint,
         )
-        prepared = await self.prepare(ids, params, max_tokens_given=max_tokens is not None, param="messages")
+        try:
+            prepared = await self.prepare(
+                ids, params, max_tokens_given=max_tokens is not None, param="messages"
+            )
+        except APIError as e:  # the grammar came from a tool's parameters
+            if tools.constraint is not None and e.param == "response_format":
+                e.param = "tools"
+            raise
         self.admit(req.n)  # again: others may have queued while this one was tokenized
         gens = start_choices(self.llm, prepared, params, rid, req)
         name = f"chatcmpl-{rid}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_response(self._stream(name, gens, params, len(ids), include_usage))
+            return sse_response(self._stream(name, gens, params, len(ids), include_usage, tools))
         finals = await run_to_end(request, gens)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=f.text),
-                logprobs=ChatLogprobs(content=self._logprobs(f.logprobs or [])) if req.logprobs else None,
-                finish_reason=f.finish_reason,
-                stop_reason=f.stop_reason,
+        reader = self.tool_reader(tools)
+        choices = []
+        for i, f in enumerate(finals):
+            message, finish = AssistantMessage(content=f.text), f.finish_reason
+            if reader is not None:
+                message, finish = tool_message(f.text, f.finish_reason, reader, tools.parallel)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatLogprobs(content=self._logprobs(f.logprobs or [])) if req.logprobs else None,
+                    finish_reason=finish,
+                    stop_reason=f.stop_reason,
+                )
             )
-            for i, f in enumerate(finals)
-        ]
         return ChatCompletionResponse(
             id=name,
             created=int(time.time()),
@@ -122,14 +150,26 @@ class ServingChat(OpenAIServing):
                     400, f"{where} is a tool message without tool_call_id", param=f"{where}.tool_call_id"
                 )
             role = "system" if m.role == "developer" else m.role
-            plain.append({"role": role, "content": content if content is not None else ""})
+            entry = {"role": role, "content": content if content is not None else ""}
+            if has_tool_calls:
+                entry["tool_calls"] = m.tool_calls
+            if m.tool_call_id is not None:
+                entry["tool_call_id"] = m.tool_call_id
+            plain.append(entry)
         return plain
 
-    async def chat_ids(self, messages, add_generation_prompt: bool, **context) -> list[int]:
-        """Token ids of chat messages through the model's template, rendered off the event loop."""
-        plain = self.plain_messages(messages)
+    async def chat_ids(
+        self, messages, add_generation_prompt: bool, tools: list[dict] | None = None, **context
+    ) -> list[int]:
+        """Token ids of chat messages (and the tools the prompt shows) through the model's
+        template, rendered off the event loop."""
+        plain, extra = template_inputs(
+            self.plain_messages(messages), tools or [], self.tool_parser, self.template_knows_tools
+        )
+        context |= extra
+        chars = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in plain)
         try:
-            self.llm.check_prompt_size(sum(len(m["content"]) for m in plain))
+            self.llm.check_prompt_size(chars + len(json.dumps(extra)))
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         try:
@@ -138,6 +178,11 @@ class ServingChat(OpenAIServing):
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     # -- outputs --------------------------------------------------------------------------------
+
+    def tool_reader(self, tools: ToolPlan) -> ToolOutputReader | None:
+        """What reads calls out of the output: the constrained output's reader, the server's
+        parser for "auto", none when no tools are in play."""
+        return tools.reader or (self.tool_parser if tools.choice == "auto" else None)
 
     def _logprobs(self, entries) -> list[TokenLogprob]:
         out = []
@@ -151,8 +196,10 @@ class ServingChat(OpenAIServing):
             out.append(TokenLogprob(token=text, logprob=lp, bytes=list(text.encode()), top_logprobs=tops))
         return out
 
-    async def _stream(self, name, gens, params, prompt_len, include_usage):
+    async def _stream(self, name, gens, params, prompt_len, include_usage, tools: ToolPlan):
         created = int(time.time())
+        reader = self.tool_reader(tools)
+        calls = [ToolCallStream(reader, tools.parallel) if reader else None for _ in gens]
         holdback = self.holdback(params)
         emitted = [0] * len(gens)
         lp_sent = [0] * len(gens)
@@ -174,7 +221,20 @@ class ServingChat(OpenAIServing):
             if params.logprobs is not None and out.logprobs:
                 logprobs = ChatLogprobs(content=self._logprobs(out.logprobs[lp_sent[i] :]))
                 lp_sent[i] = len(out.logprobs)
-            if out.finished:
+            if calls[i] is not None:  # text that may start a call is held back until it is known
+                deltas = calls[i].deltas(delta, out.finished)
+                if out.finished:
+                    finals[i] = out
+                    finish = finish_reason(out.finish_reason, calls[i].has_calls)
+                    last = deltas.pop() if deltas else ChatDelta()
+                for d in deltas:
+                    yield chunk(i, d, None, logprobs)
+                    logprobs = None
+                if out.finished:
+                    yield chunk(i, last, finish, logprobs, out.stop_reason)
+                elif logprobs:
+                    yield chunk(i, ChatDelta(), None, logprobs)
+            elif out.finished:
                 finals[i] = out
                 yield chunk(i, ChatDelta(content=delta or None), out.finish_reason, logprobs, out.stop_reason)
             elif delta or logprobs:
