@@ -5,11 +5,8 @@ the server's memory stays flat. Then graceful shutdown on SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -29,73 +26,14 @@ STREAM_BODY = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(*extra: str):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tessera.engine.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--kv-cache-memory",
-            "128MiB",
-            "--max-model-len",
-            str(MAX_MODEL_LEN),
-            "--log-level",
-            "info",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
-
-
-def _stop(proc) -> str:
-    proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
-
-
-class _Url(str):
-    proc: subprocess.Popen
+SERVE_ARGS = ("--api-key", KEY, "--kv-cache-memory", "128MiB", "--max-model-len", str(MAX_MODEL_LEN))
 
 
 @pytest.fixture(scope="module")
-def server():
-    proc, url = _start("--max-waiting-requests", "64")
-    url = _Url(url)
-    url.proc = proc
-    yield url
-    log = _stop(proc)
-    assert "Traceback" not in log, log[-3000:]
+def server(serve_default_model):
+    with serve_default_model(*SERVE_ARGS, "--log-level", "info", "--max-waiting-requests", "64") as url:
+        yield url
+    assert "Traceback" not in url.log, url.log[-3000:]
 
 
 def _rss_mb(pid: int) -> float:
@@ -385,8 +323,9 @@ def test_a_full_queue_answers_503_with_retry_after_and_counts_it(server):
     assert "tessera_num_requests_waiting" in metrics
 
 
-def test_sigterm_drains_running_requests_then_exits():
-    proc, url = _start("--shutdown-timeout", "60")
+def test_sigterm_drains_running_requests_then_exits(start_default_model_server):
+    url = start_default_model_server(*SERVE_ARGS, "--shutdown-timeout", "60")
+    proc = url.proc
     try:
         # long enough (a few seconds) to still be running when the signal comes
         body = {**STREAM_BODY, "max_tokens": 600, "ignore_eos": True}
@@ -411,8 +350,9 @@ def test_sigterm_drains_running_requests_then_exits():
     assert "Traceback" not in log, log
 
 
-def test_sigterm_aborts_what_outlasts_the_shutdown_timeout():
-    proc, url = _start("--shutdown-timeout", "1")
+def test_sigterm_aborts_what_outlasts_the_shutdown_timeout(start_default_model_server):
+    url = start_default_model_server(*SERVE_ARGS, "--shutdown-timeout", "1")
+    proc = url.proc
     try:
         body = {**STREAM_BODY, "max_tokens": 900, "ignore_eos": True}
         result: dict = {}

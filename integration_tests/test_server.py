@@ -3,11 +3,7 @@ HTTP for what a client library would never send."""
 
 import asyncio
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,58 +16,13 @@ openai = pytest.importorskip("openai")
 KEY = "test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tessera.engine.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--kv-cache-memory",
-            "192MiB",
-            "--max-model-len",
-            "1024",
-            # fp32, not the CPU's bf16 default: answers and logprobs are checked against
-            # transformers' fp32 run of the same weights
-            "--dtype",
-            "float32",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def server(serve_default_model):
+    # fp32, not the CPU's bf16 default: answers and logprobs are checked against transformers' fp32
+    # run of the same weights
+    args = ("--api-key", KEY, "--kv-cache-memory", "192MiB", "--max-model-len", "1024", "--dtype", "float32")
+    with serve_default_model(*args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

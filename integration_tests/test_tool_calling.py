@@ -3,11 +3,6 @@ client, LangChain and instructor. Forced calls ("required", a named function) al
 calls whose arguments satisfy the function's schema; "auto" calls are read from the model's text."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -55,57 +50,12 @@ PARIS = [{"role": "user", "content": "What's the weather in Paris?"}]
 AUTO_PROMPT = [{"role": "user", "content": "What's the weather in Paris? Reply with <tool_call>."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tessera.engine.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--kv-cache-memory",
-            "192MiB",
-            "--max-model-len",
-            "2048",
-            # fp32, as test_server.py: the greedy answers below (the auto call) are this dtype's
-            "--dtype",
-            "float32",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-    else:
-        proc.kill()
-        raise RuntimeError("server did not become healthy")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def server(serve_default_model):
+    # fp32, as test_server.py: the greedy answers below (the auto call) are this dtype's
+    args = ("--api-key", KEY, "--kv-cache-memory", "192MiB", "--max-model-len", "2048", "--dtype", "float32")
+    with serve_default_model(*args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
