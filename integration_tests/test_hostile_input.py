@@ -379,3 +379,30 @@ def test_sigterm_aborts_what_outlasts_the_shutdown_timeout(start_default_model_s
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_same_seeded_request_gives_the_same_text_three_times(server):
+    """Issue 10's report: n=3, seed=7, temperature 0.9, default dtype; the second send hits the
+    prefix cache, the third runs beside another request."""
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story about a dragon and a baker."}],
+        "n": 3,
+        "seed": 7,
+        "temperature": 0.9,
+        "max_tokens": 32,
+    }
+    with httpx.Client(timeout=120) as c:
+        first = _send(c, server, "/v1/chat/completions", body, {}).json()
+        second = _send(c, server, "/v1/chat/completions", body, {}).json()
+        other = threading.Thread(
+            target=lambda: _send(
+                c, server, "/v1/completions", {"prompt": "Hello there", "max_tokens": 40}, {}
+            )
+        )
+        other.start()
+        third = _send(c, server, "/v1/chat/completions", body, {}).json()
+        other.join()
+    texts = [[ch["message"]["content"] for ch in r["choices"]] for r in (first, second, third)]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert texts[0] == texts[1] == texts[2]
+    assert len(set(texts[0])) > 1  # the choices differ from each other (seeds 7, 8, 9)

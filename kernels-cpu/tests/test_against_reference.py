@@ -54,10 +54,11 @@ MIXED = [(17, 17), (1, 1), (33, 1), (20, 7), (64, 1), (100, PREFILL_THRESHOLD + 
 @pytest.mark.parametrize("hq,hk", [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("window", [None, 1, 5, 40])
-def test_paged_attention_matches_the_reference(kv_dtype, hq, hk, block_size, window):
+@pytest.mark.parametrize("batch_invariant", [True, False])  # False: long runs through SDPA
+def test_paged_attention_matches_the_reference(kv_dtype, hq, hk, block_size, window, batch_invariant):
     batch = make_batch(MIXED, hq, hk, 32, block_size, kv_dtype, seed=hq * 7 + block_size)
     q, cache, qsl, lens, bt, scales = batch
-    ours = paged_attention(q, cache, qsl, lens, bt, 0.17, window, scales)
+    ours = paged_attention(q, cache, qsl, lens, bt, 0.17, window, scales, batch_invariant)
     ref = reference.paged_attention(q, cache, qsl, lens, bt, 0.17, window, scales)
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 

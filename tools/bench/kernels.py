@@ -143,7 +143,7 @@ def main() -> None:
             saved = native.library
             try:
                 native.library = lambda: None
-                t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
+                t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125, None, None, False)
             finally:
                 native.library = saved
             flops = sum(HQ * D * 4 * (new * (tot - new) + new * new / 2) for tot, new in cases)
@@ -190,7 +190,7 @@ def main() -> None:
             cpu_attention.PREFILL_THRESHOLD = 10**9
             t_numba = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
             cpu_attention.PREFILL_THRESHOLD = 0
-            t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125)
+            t_sdpa = timeit(paged_attention, q, cache, qsl, lens, bt, 0.125, None, None, False)
         finally:
             cpu_attention.PREFILL_THRESHOLD = saved
         rows.append(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tessera.engine import LLM, parse_size
+from tessera.engine import LLM, EngineArgs, parse_size
 from tessera.engine.cli import build_parser
 
 
@@ -46,6 +46,13 @@ def test_cli_engine_options_are_named_as_vllm_names_them():
         and ns.scheduling_policy == "priority"
     )
     assert build_parser().parse_args(["generate", "hi"]).enable_prefix_caching is True
+
+
+def test_batch_invariance_is_on_unless_turned_off():
+    on = build_parser().parse_args(["generate", "hi"])
+    off = build_parser().parse_args(["generate", "hi", "--no-batch-invariant"])
+    assert EngineArgs.from_cli(on).batch_invariant is True
+    assert EngineArgs.from_cli(off).batch_invariant is False
 
 
 def test_a_context_that_cannot_fit_in_the_kv_cache_is_refused_with_the_numbers(default_model_path):

@@ -47,6 +47,32 @@ def test_a_seeded_row_does_not_depend_on_the_rest_of_the_batch():
     assert draw([0, 1, 2, 3]) == alone == draw([0, 3])
 
 
+def test_a_seeded_rows_draw_depends_on_its_seed_and_output_position_alone():
+    """A request rebuilt after preemption has a fresh generator: its draw for output token k is
+    still the one a request never preempted makes at k."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 5000)
+    p = SamplingParams(temperature=1.0, seed=99)
+    cpu = torch.device("cpu")
+    g = make_generator(99, cpu)
+    run, outputs = [], []
+    for _ in range(6):  # one generator across steps, as a request that runs through
+        (tok,) = Sampler()(logits, [SamplingRow(p, g, [1, 2], list(outputs))]).token_ids
+        run.append(tok)
+        outputs.append(tok)
+    fresh = [
+        Sampler()(logits, [SamplingRow(p, make_generator(99, cpu), [1, 2], run[:k])]).token_ids[0]
+        for k in range(6)
+    ]
+    assert fresh == run
+    assert len(set(run)) > 1  # the draws do move from step to step
+    other = SamplingParams(temperature=1.0, seed=100)
+    assert [
+        Sampler()(logits, [SamplingRow(other, make_generator(100, cpu), [1, 2], run[:k])]).token_ids[0]
+        for k in range(6)
+    ] != run
+
+
 def kept_set(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The tokens a filter keeps, written from the definitions: the k most likely; of those, the
     most likely ones until their mass reaches top_p; and only tokens with at least min_p times

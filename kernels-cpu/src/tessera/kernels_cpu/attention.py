@@ -1,5 +1,7 @@
 """Paged attention on the CPU: for bf16, one C kernel (AVX512-BF16 flash attention) for every
-sequence; otherwise a Numba kernel for short query runs and torch's fused SDPA for long ones."""
+sequence; otherwise a Numba kernel, and with ``batch_invariant=False`` torch's fused SDPA for
+long query runs (faster, but its results for a token depend on the length of the run it rides
+in, so a request's tokens could depend on chunking and on the prefix cache)."""
 
 from __future__ import annotations
 
@@ -209,6 +211,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
     if query.dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype == torch.float16:
         return reference_paged_attention(
@@ -217,14 +220,17 @@ def paged_attention(
     qsl = query_start_loc.numpy()
     lens = seq_lens.numpy()
     if _c_kernel_takes(query, kv_cache, scale) and (lib := native.library()) is not None:
-        # bf16: the C kernel is faster than the Numba one for decodes too (tools/bench/kernels.py)
+        # bf16: the C kernel is faster than the Numba one for decodes too (tools/bench/kernels.py),
+        # and batch-invariant at no cost
         out = torch.empty_like(query)
         _native_bf16(
             lib, query, kv_cache, qsl, lens, block_tables, np.arange(len(lens)), scale, sliding_window, out
         )
         return out
     n_new = np.diff(qsl)
-    long_runs = n_new >= PREFILL_THRESHOLD
+    # the Numba kernel computes each token alone (the same bits in any run); SDPA's blocking
+    # follows the run's length
+    long_runs = np.zeros_like(n_new, dtype=bool) if batch_invariant else n_new >= PREFILL_THRESHOLD
     out = torch.empty_like(query)
     if not long_runs.all():
         table = FP8_TABLE

@@ -1,11 +1,19 @@
 // Flash attention over a paged bf16 KV cache with AVX512-BF16 dot products.
 //
-// One call handles every long query run of a step. A work item is (sequence, KV head, tile of
+// One call handles every query run of a step. A work item is (sequence, KV head, tile of
 // query tokens); the rows of a tile are its tokens times the query heads that share the KV head
 // (GQA), so each key is read once per tile for all of them. Keys are visited in tiles of 64:
 // the tile is repacked from the paged cache into the pair-interleaved layout vdpbf16ps wants,
 // scores go to a small fp32 buffer, an online softmax updates each row's max and sum, and the
 // probabilities (bf16) multiply the repacked V tile into fp32 accumulators.
+//
+// Batch invariance: a row's result depends only on its query, its position and the cache, never
+// on the other rows of its tile, how its run was chunked, or which layout ran it. Every row does
+// the same arithmetic in the same order: key tiles start at multiples of 64 (absolute positions),
+// each score is one vdpbf16ps chain over the head's dimension pairs, the tile's weights are
+// rounded to bf16 and summed (as are the P V products) by vdpbf16ps over the key pairs in order,
+// and keys a row does not see add exact zeros. The decode layout (a few new tokens) only puts
+// other things in the lanes: keys for the scores, dims for P V.
 //
 // Built at first use with the machine's C compiler (see native.py); without AVX512-BF16 the
 // library reports so and Python keeps its other path.
@@ -79,6 +87,31 @@ static inline void key_rows(const job_t *jb, const int32_t *table, int kh, int k
     }
 }
 
+// The first key tile a query at `pos` visits: the tile (at a multiple of BK) holding its first
+// visible key, whatever the tile of queries it rides in, so its keys are always summed in the
+// same groups.
+static inline int first_key_tile(int pos, int W) {
+    const int lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0;
+    return lo / BK * BK;
+}
+
+// fp32 -> bf16 bits, round to nearest even (finite values), the same in both layouts
+static inline uint16_t bf16_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+static inline __m256i bf16_bits16(__m512 x) {
+    __m512i b = _mm512_castps_si512(x);
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                             _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+// two bf16 ones: vdpbf16ps with it adds a pair of weights to a row's normaliser
+#define BF16_ONE_PAIR 0x3F803F80
+
 #define DECODE_Q 4  // runs of at most this many new tokens take the decode layout
 #define DECODE_G 16
 
@@ -107,7 +140,7 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     const int R = nt * G;
     const int32_t *table = jb->block_tables + (int64_t)seq * jb->bt_stride;
     const int p_lo = first_pos + t0, p_hi = first_pos + t0 + nt - 1;  // the tile's query positions
-    const int k_lo = W > 0 && p_lo - W + 1 > 0 ? p_lo - W + 1 : 0;
+    const int k_lo = first_key_tile(p_lo, W);
     const int k_end = p_hi + 1;
 
     // queries, pair-packed by rows; padding rows are zero and see every key of the tile
@@ -129,6 +162,7 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     for (int d = 0; d < D; d++) memset(sc->ot + d * NR, 0, sizeof(float) * 16 * RV);
     const __m512 scale = _mm512_set1_ps(jb->scale);
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    const __m512i ones = _mm512_set1_epi32(BF16_ONE_PAIR);
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i lo_pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
@@ -208,10 +242,8 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
                 }
                 __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);  // [e0 x16 | e1 x16]
                 packed = _mm512_permutexvar_epi16(interleave, packed);
-                // the normaliser sums the rounded weights, the ones that multiply V
-                __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(packed, 16));
-                __m512 r1 = _mm512_castsi512_ps(_mm512_and_si512(packed, _mm512_set1_epi32((int)0xFFFF0000u)));
-                l[v] = _mm512_add_ps(l[v], _mm512_add_ps(r0, r1));
+                // the normaliser sums the rounded weights, the ones that multiply V, pair by pair
+                l[v] = _mm512_dpbf16_ps(l[v], (__m512bh)ones, (__m512bh)packed);
                 _mm512_storeu_si512(sc->pp + p * NR + 16 * v, packed);
             }
         }
@@ -250,47 +282,43 @@ static inline __attribute__((always_inline)) void run_item_rv(const job_t *jb, i
     for (int v = 0; v < RV; v++) _mm512_storeu_ps(inv + 16 * v, _mm512_div_ps(_mm512_set1_ps(1.0f), l[v]));
     for (int r = 0; r < R; r++) {
         uint16_t *dst = jb->out + ((int64_t)(q_start + t0 + r / G) * H + kh * G + r % G) * D;
-        for (int d = 0; d < D; d++) {
-            float x = sc->ot[d * NR + r] * inv[r];
-            uint32_t bits;
-            memcpy(&bits, &x, 4);
-            bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even (finite values)
-            dst[d] = (uint16_t)(bits >> 16);
-        }
+        for (int d = 0; d < D; d++) dst[d] = bf16_bits(sc->ot[d * NR + r] * inv[r]);
     }
 }
 
-// Decode-sized runs (a few new tokens, at most 16 query heads per KV head) leave most of the 16
-// row lanes above empty, so they take a layout of their own: one query token per item, its
-// heads' scores computed key by key along the head dimension and summed across lanes 16 keys
-// at a time, probabilities kept in fp32, and P V accumulated with FMAs over the value rows.
-static const int32_t HSUM_IDX[4][2][16] = {
-    // w = 16: two keys' 16 lanes -> two keys of 8 lanes
-    {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-     {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
-    // w = 8: four keys of 4 lanes
-    {{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27},
-     {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31}},
-    // w = 4: eight keys of 2 lanes
-    {{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29},
-     {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31}},
-    // w = 2: sixteen keys of 1 lane
-    {{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30},
-     {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}},
-};
+// Decode-sized runs (a few new tokens, at most 16 query heads per KV head) would leave most of
+// the 16 row lanes above empty, so they take a layout of their own: one query token per item,
+// keys in the lanes for the scores (the K tile repacked transposed) and dims in the lanes for
+// P V. Per row it is the arithmetic of the tile layout, operation for operation: the same
+// vdpbf16ps chains (same operands, same order), maxima, exponentials, bf16 weights and
+// normaliser, so a token gets the same bits here as inside a prefill tile.
 
-// lane k of the result = the sum of the 16 lanes of v[k]
-static inline __m512 hsum16(__m512 *v) {
-    int n = 16;
-    for (int level = 0; level < 4; level++) {
-        const __m512i ia = _mm512_loadu_si512(HSUM_IDX[level][0]), ib = _mm512_loadu_si512(HSUM_IDX[level][1]);
-        for (int i = 0; i < n / 2; i++)
-            v[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], ia, v[2 * i + 1]),
-                                 _mm512_permutex2var_ps(v[2 * i], ib, v[2 * i + 1]));
-        n /= 2;
+// r[i] (16 dwords each) -> r[j] holds dword j of every r[i], in lane i
+static inline void transpose16(__m512i *r) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
     }
-    return v[0];
+    __m512i u[16];  // u[4b + k], 128-bit lane L: dword 4L + k of rows 4b..4b+3
+    for (int b = 0; b < 4; b++) {
+        u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+        u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
+        r[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[8 + k] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        r[4 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
 }
+
+static inline float lane0(__m512 x) { return _mm512_cvtss_f32(x); }
 
 // KV heads [kh0, kh1) of one query token (the item's), all of them over each tile of keys:
 // the K/V rows of a token hold every KV head side by side, so running them together reads
@@ -301,107 +329,144 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
                                                                int kh0, int kh1, const int DC, const int GC) {
     const int si = (int)(item >> 40), t = (int)(item & 0xFFFFFF);
     const int seq = jb->seqs[si];
-    const int D = DC ? DC : jb->D, H = jb->H, G = GC ? GC : H / jb->KH, W = jb->window, DV = D / 32;
+    const int D = DC ? DC : jb->D, P = D / 2, H = jb->H, G = GC ? GC : H / jb->KH, W = jb->window;
     const int q_start = jb->qsl[seq], nq = jb->qsl[seq + 1] - q_start;
     const int pos = jb->seq_lens[seq] - nq + t;
-    const int k_lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0, k_end = pos + 1;
+    const int k_lo = first_key_tile(pos, W), k_end = pos + 1;
     const int32_t *table = jb->block_tables + (int64_t)seq * jb->bt_stride;
     const int nr = (kh1 - kh0) * G, row_bytes = jb->KH * D * 2;
-    const uint16_t *qbase = jb->q + ((int64_t)(q_start + t) * H + kh0 * G) * D;  // rows r = (kh - kh0) G + g
-    float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS];
+    // rows r = (kh - kh0) G + g; word j of row r: q32[r P + j]
+    const uint32_t *q32 = (const uint32_t *)(jb->q + ((int64_t)(q_start + t) * H + kh0 * G) * D);
+    float m[DECODE_MAX_ROWS], l[DECODE_MAX_ROWS], alpha[DECODE_MAX_ROWS];
     for (int r = 0; r < nr; r++) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
     }
-    float *o = sc->ot;  // [nr][D]
-    float *p = sc->st;  // [G][BK]: scores, then probabilities, of one KV head
+    float *o = sc->ot;      // [nr][D]
+    uint32_t *kt = sc->qp;  // [BK/16][P][16]: dimension pair j of 16 keys, keys in lanes
+    float *s = sc->st;      // [G][BK]: one KV head's scores
+    uint32_t *pw = sc->pp;  // [G][BK/2]: its weights, bf16 pairs of keys
     memset(o, 0, sizeof(float) * nr * D);
-    const __m512 scale = _mm512_set1_ps(jb->scale);
+    const __m512 scale = _mm512_set1_ps(jb->scale), neg_inf = _mm512_set1_ps(-INFINITY);
+    const __m512i ones = _mm512_set1_epi32(BF16_ONE_PAIR);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lo_pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                              39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_pairs = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                              55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
     for (int k0 = k_lo; k0 < k_end; k0 += BK) {
         const int nk = (k_end - k0) < BK ? (k_end - k0) : BK;
+        const int ng = (nk + 15) / 16, np = (nk + 1) / 2;
         int64_t row_off[BK];  // of KV head 0
         key_rows(jb, table, 0, k0, nk, row_off);
         // the cache rows are scattered over blocks and rarely in cache: the next tile's rows
-        // are asked for (into L2: a tile's rows need more than L1 holds) one row per key
-        // while this tile's arithmetic runs, so the loads overlap it without a burst of
-        // prefetches that would stall the core (the first tile's rows were asked for by the
-        // previous item, see prefetch_first_keys)
+        // are asked for (into L2: a tile's rows need more than L1 holds) one row per key while
+        // this tile's K rows are repacked and its V rows multiplied, so the loads overlap the
+        // work without a burst of prefetches that would stall the core (the first tile's rows
+        // were asked for by the previous item, see prefetch_first_keys)
         int64_t next_off[BK];
         const int nn = k0 + BK < k_end ? ((k_end - k0 - BK) < BK ? (k_end - k0 - BK) : BK) : 0;
         if (nn) key_rows(jb, table, 0, k0 + BK, nn, next_off);
         const int pf_lo = kh0 * D * 2, pf_hi = kh1 * D * 2 < row_bytes ? kh1 * D * 2 : row_bytes;
         for (int kh = kh0; kh < kh1; kh++) {
             const int r0 = (kh - kh0) * G;
-            // scores, 16 keys per vector
-            for (int g = 0; g < G; g++) {
-                __m512bh qv[MAX_D / 32];
-                const uint16_t *qrow = qbase + (int64_t)(r0 + g) * D;
-                for (int c = 0; c < DV; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qrow + c * 32);
-                for (int kg = 0; kg < nk; kg += 16) {
-                    const int nkg = (nk - kg) < 16 ? (nk - kg) : 16;
-                    __m512 part[16];
-                    if (kh == kh0 && g == 0)
-                        for (int kk = kg; kk < kg + 16 && kk < nn; kk++)
-                            for (int c = pf_lo; c < pf_hi; c += 64)
-                                _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + c, _MM_HINT_T1);
-                    for (int kk = 0; kk < 16; kk++) {
-                        __m512 acc = _mm512_setzero_ps();
-                        if (kk < nkg) {
-                            const uint16_t *kr = jb->k_cache + row_off[kg + kk] + kh * D;
-                            for (int c = 0; c < DV; c++)
-                                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(kr + c * 32), qv[c]);
-                        }
-                        part[kk] = acc;
-                    }
-                    __m512 sv = _mm512_mul_ps(hsum16(part), scale);
-                    sv = _mm512_mask_blend_ps((__mmask16)((1u << nkg) - 1), _mm512_set1_ps(-INFINITY), sv);
-                    _mm512_storeu_ps(p + g * BK + kg, sv);
+            // K^T: 16 keys x 16 pairs at a time
+            for (int c = 0; c < ng; c++) {
+                if (kh == kh0)
+                    for (int kk = 16 * c; kk < 16 * c + 16 && kk < nn; kk++)
+                        for (int b = pf_lo; b < pf_hi; b += 64)
+                            _mm_prefetch((const char *)(jb->k_cache + next_off[kk]) + b, _MM_HINT_T1);
+                for (int j0 = 0; j0 < P; j0 += 16) {
+                    __m512i rows[16];
+                    for (int i = 0; i < 16; i++)
+                        rows[i] = 16 * c + i < nk ? _mm512_loadu_si512(jb->k_cache + row_off[16 * c + i] + kh * D + 2 * j0)
+                                                  : _mm512_setzero_si512();
+                    transpose16(rows);
+                    for (int i = 0; i < 16; i++) _mm512_storeu_si512(kt + ((int64_t)c * P + j0 + i) * 16, rows[i]);
                 }
             }
-            // online softmax per head
-            const int nv = (nk + 15) / 16;
-            __m512 alpha_v[DECODE_G];
+            // scores (unscaled) of 4 heads x 64 keys per pass
+            for (int g0 = 0; g0 < G; g0 += 4) {
+                const int na = (G - g0) < 4 ? (G - g0) : 4;
+                __m512 acc[4][BK / 16];
+                for (int a = 0; a < 4; a++)
+                    for (int c = 0; c < BK / 16; c++) acc[a][c] = _mm512_setzero_ps();
+                for (int j = 0; j < P; j++) {
+                    __m512bh kv[BK / 16];
+                    for (int c = 0; c < ng; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kt + ((int64_t)c * P + j) * 16);
+                    for (int a = 0; a < na; a++) {
+                        const __m512bh b = (__m512bh)_mm512_set1_epi32((int)q32[(int64_t)(r0 + g0 + a) * P + j]);
+                        for (int c = 0; c < ng; c++) acc[a][c] = _mm512_dpbf16_ps(acc[a][c], kv[c], b);
+                    }
+                }
+                for (int a = 0; a < na; a++)
+                    for (int c = 0; c < ng; c++) _mm512_storeu_ps(s + (g0 + a) * BK + 16 * c, acc[a][c]);
+            }
+            // online softmax per head; masked keys and those past the tile weigh exactly 0
             for (int g = 0; g < G; g++) {
                 const int r = r0 + g;
-                __m512 mx = _mm512_set1_ps(-INFINITY);
-                for (int c = 0; c < nv; c++) mx = _mm512_max_ps(mx, _mm512_loadu_ps(p + g * BK + c * 16));
-                const float m_new = fmaxf(m[r], _mm512_reduce_max_ps(mx));
-                const float alpha = m[r] == -INFINITY ? 0.0f : expf(m[r] - m_new);
-                __m512 sum = _mm512_setzero_ps();
-                for (int c = 0; c < nv; c++) {
-                    const int valid = (nk - c * 16) < 16 ? (nk - c * 16) : 16;
-                    __m512 e = _mm512_maskz_mov_ps((__mmask16)((1u << valid) - 1),
-                                                   exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + g * BK + c * 16), _mm512_set1_ps(m_new))));
-                    _mm512_storeu_ps(p + g * BK + c * 16, e);
-                    sum = _mm512_add_ps(sum, e);
+                __m512 x[BK / 16], mx = neg_inf;
+                for (int c = 0; c < ng; c++) {
+                    const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(16 * c));
+                    __mmask16 ok = _mm512_cmplt_epi32_mask(key, _mm512_set1_epi32(nk));
+                    if (W > 0) ok &= _mm512_cmpgt_epi32_mask(_mm512_add_epi32(key, _mm512_set1_epi32(k0)),
+                                                             _mm512_set1_epi32(pos - W));
+                    x[c] = _mm512_mask_blend_ps(ok, neg_inf, _mm512_loadu_ps(s + g * BK + 16 * c));
+                    mx = _mm512_max_ps(mx, x[c]);
                 }
-                l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
-                m[r] = m_new;
-                alpha_v[g] = _mm512_set1_ps(alpha);
+                const __m512 mv = _mm512_set1_ps(m[r]);
+                const __m512 m_new = _mm512_max_ps(mv, _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(mx)), scale));
+                const __m512 msafe = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, neg_inf, _CMP_NEQ_OQ), m_new);
+                const __m512 al = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mv, neg_inf, _CMP_NEQ_OQ),
+                                                      exp_ps(_mm512_sub_ps(mv, msafe)));
+                m[r] = lane0(m_new);
+                l[r] = lane0(_mm512_mul_ps(_mm512_set1_ps(l[r]), al));
+                alpha[r] = lane0(al);
+                for (int c = 0; c < ng; c += 2) {
+                    const __m512 e0 = exp_ps(_mm512_fmsub_ps(x[c], scale, msafe));
+                    const __m512 e1 = c + 1 < ng ? exp_ps(_mm512_fmsub_ps(x[c + 1], scale, msafe)) : _mm512_setzero_ps();
+                    _mm512_storeu_si512(pw + g * (BK / 2) + 8 * c, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                }
             }
-            // O = alpha O + P V: 4 heads x 64 dims of accumulators, value rows converted once each
+            // O = alpha O + V^T P and l = alpha l + the weights, pair by pair: 4 heads x 64 dims
             for (int g0 = 0; g0 < G; g0 += 4) {
-                const int ng = (G - g0) < 4 ? (G - g0) : 4;
+                const int na = (G - g0) < 4 ? (G - g0) : 4;
                 for (int d0 = 0; d0 < D; d0 += 64) {
                     const int nc = (D - d0) >= 64 ? 4 : (D - d0) / 16;
-                    __m512 acc[4][4];
-                    float *ob = o + (int64_t)(r0 + g0) * D + d0;
-                    for (int a = 0; a < ng; a++)
-                        for (int c = 0; c < nc; c++) acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(ob + a * D + c * 16), alpha_v[g0 + a]);
-                    for (int kk = 0; kk < nk; kk++) {
-                        if (kh == kh0 && g0 == 0 && d0 == 0 && kk < nn)
-                            for (int c = pf_lo; c < pf_hi; c += 64)
-                                _mm_prefetch((const char *)(jb->v_cache + next_off[kk]) + c, _MM_HINT_T1);
-                        const uint16_t *vr = jb->v_cache + row_off[kk] + kh * D + d0;
-                        __m512 vv[4];
-                        for (int c = 0; c < nc; c++) vv[c] = load_bf16(vr + c * 16);
-                        for (int a = 0; a < ng; a++) {
-                            const __m512 pk = _mm512_set1_ps(p[(g0 + a) * BK + kk]);
-                            for (int c = 0; c < nc; c++) acc[a][c] = _mm512_fmadd_ps(pk, vv[c], acc[a][c]);
+                    const int first = d0 == 0;
+                    __m512 acc[4][4], lacc[4];
+                    for (int a = 0; a < na; a++) {
+                        const int r = r0 + g0 + a;
+                        const __m512 al = _mm512_set1_ps(alpha[r]);
+                        for (int c = 0; c < nc; c++)
+                            acc[a][c] = _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)r * D + d0 + 16 * c), al);
+                        lacc[a] = _mm512_set1_ps(l[r]);
+                    }
+                    for (int p = 0; p < np; p++) {
+                        if (kh == kh0 && g0 == 0 && d0 == 0)  // the next tile's V rows, two per pair
+                            for (int kk = 2 * p; kk < 2 * p + 2 && kk < nn; kk++)
+                                for (int b = pf_lo; b < pf_hi; b += 64)
+                                    _mm_prefetch((const char *)(jb->v_cache + next_off[kk]) + b, _MM_HINT_T1);
+                        // V of keys 2p, 2p+1, pair-interleaved (as the tile layout packs it)
+                        const uint16_t *v0 = jb->v_cache + row_off[2 * p] + kh * D + d0;
+                        const uint16_t *v1 = 2 * p + 1 < nk ? jb->v_cache + row_off[2 * p + 1] + kh * D + d0 : sc->zero;
+                        __m512bh vv[4];
+                        for (int c = 0; c < nc; c += 2) {
+                            const __m512i a = _mm512_loadu_si512(v0 + 16 * c), b = _mm512_loadu_si512(v1 + 16 * c);
+                            vv[c] = (__m512bh)_mm512_permutex2var_epi16(a, lo_pairs, b);
+                            vv[c + 1] = (__m512bh)_mm512_permutex2var_epi16(a, hi_pairs, b);
+                        }
+                        for (int a = 0; a < na; a++) {
+                            const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pw[(g0 + a) * (BK / 2) + p]);
+                            for (int c = 0; c < nc; c++) acc[a][c] = _mm512_dpbf16_ps(acc[a][c], vv[c], w);
+                            if (first) lacc[a] = _mm512_dpbf16_ps(lacc[a], (__m512bh)ones, w);
                         }
                     }
-                    for (int a = 0; a < ng; a++)
-                        for (int c = 0; c < nc; c++) _mm512_storeu_ps(ob + a * D + c * 16, acc[a][c]);
+                    for (int a = 0; a < na; a++) {
+                        const int r = r0 + g0 + a;
+                        for (int c = 0; c < nc; c++) _mm512_storeu_ps(o + (int64_t)r * D + d0 + 16 * c, acc[a][c]);
+                        if (first) l[r] = lane0(lacc[a]);
+                    }
                 }
             }
         }
@@ -409,7 +474,8 @@ static inline __attribute__((always_inline)) void run_decode_t(const job_t *jb, 
     for (int r = 0; r < nr; r++) {
         uint16_t *dst = jb->out + ((int64_t)(q_start + t) * H + kh0 * G + r) * D;
         const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-        for (int d = 0; d < D; d += 16) store_bf16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)r * D + d), inv));
+        for (int d = 0; d < D; d += 16)
+            _mm256_storeu_si256((__m256i *)(dst + d), bf16_bits16(_mm512_mul_ps(_mm512_loadu_ps(o + (int64_t)r * D + d), inv)));
     }
 }
 
@@ -456,8 +522,7 @@ static void prefetch_first_keys(const job_t *jb, int64_t item) {
     const int si = (int)(item >> 40), kh = (int)((item >> 24) & 0xFFFF), t0 = (int)(item & 0xFFFFFF);
     const int seq = jb->seqs[si], W = jb->window;
     const int nq = jb->qsl[seq + 1] - jb->qsl[seq];
-    const int pos = jb->seq_lens[seq] - nq + t0;  // the item's first query token
-    const int k_lo = W > 0 && pos - W + 1 > 0 ? pos - W + 1 : 0;
+    const int k_lo = first_key_tile(jb->seq_lens[seq] - nq + t0, W);  // of the item's first query
     const int nk = jb->seq_lens[seq] - k_lo < BK ? jb->seq_lens[seq] - k_lo : BK;
     if (nk <= 0) return;
     int64_t row_off[BK];

@@ -26,6 +26,7 @@
 #include <string.h>
 
 #define QMT 8   // tokens per pass over a row group's packed bytes
+#define QMT_F32 4  // the same for fp32 inputs: 4 accumulator chains per token at every tile width
 #define QTB 64  // tokens per block of the loop over row groups (many-token products)
 
 typedef struct {
@@ -227,7 +228,9 @@ static inline __m512 scale_m(const qmm_t *a, int64_t i, __m512 dv) {
 static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, int g, int t0, const int MT, const int BITS,
                                                                const int SPB) {
     const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
-    const int split = MT <= 4;  // few tokens: two accumulator chains per token
+    // few tokens: two accumulator chains per token (integer sums: exact in any order, so a
+    // token's result does not depend on the tile width)
+    const int split = MT <= 4;
     const __m512i nib = _mm512_set1_epi8(0x0F);
     __m512 total[QMT];
     for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
@@ -284,15 +287,16 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
                                                                 const int SPB) {
     const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
     const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x0F : 0xFF);
-    __m512 total[QMT];
+    __m512 total[QMT_F32];
     for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const int64_t gb = (int64_t)g * nb + b;
         const uint8_t *q = a->qs + gb * gbb;
         for (int h = 0; h < SPB; h++) {
-            // few tokens: 2 or 4 accumulator chains per token, so FMA latency does not bound it
-            const int chains = MT <= 2 ? 4 : MT <= 4 ? 2 : 1;
-            __m512 acc[4][QMT];
+            // 4 accumulator chains per token (so FMA latency does not bound a decode), at every
+            // tile width: a token's sums go in the same order whatever the tokens beside it
+            const int chains = 4;
+            __m512 acc[4][QMT_F32];
             for (int c = 0; c < chains; c++)
                 for (int t = 0; t < MT; t++) acc[c][t] = _mm512_setzero_ps();
             const int s0 = BITS == 4 ? 0 : h * (8 / SPB), s1 = BITS == 4 ? 4 : (h + 1) * (8 / SPB);
@@ -333,6 +337,11 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
         QMM_CASE(fn, 1, B, S) QMM_CASE(fn, 2, B, S) QMM_CASE(fn, 3, B, S) QMM_CASE(fn, 4, B, S)                   \
         QMM_CASE(fn, 5, B, S) QMM_CASE(fn, 6, B, S) QMM_CASE(fn, 7, B, S) QMM_CASE(fn, 8, B, S) default : break; \
     }
+#define QMM_TILE4(fn, B, S)                                                                   \
+    switch (mt) {                                                                             \
+        QMM_CASE(fn, 1, B, S) QMM_CASE(fn, 2, B, S) QMM_CASE(fn, 3, B, S) QMM_CASE(fn, 4, B, S) \
+        default : break;                                                                      \
+    }
 
 static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
     const int form = (a->f.bits == 4 ? 0 : a->f.spb == 1 ? 1 : 2) + (a->xf ? 3 : 0);
@@ -340,9 +349,9 @@ static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
         case 0: QMM_TILE(qmm_group_i8, 4, 1) break;
         case 1: QMM_TILE(qmm_group_i8, 8, 1) break;
         case 2: QMM_TILE(qmm_group_i8, 8, 2) break;
-        case 3: QMM_TILE(qmm_group_f32, 4, 1) break;
-        case 4: QMM_TILE(qmm_group_f32, 8, 1) break;
-        default: QMM_TILE(qmm_group_f32, 8, 2) break;
+        case 3: QMM_TILE4(qmm_group_f32, 4, 1) break;
+        case 4: QMM_TILE4(qmm_group_f32, 8, 1) break;
+        default: QMM_TILE4(qmm_group_f32, 8, 2) break;
     }
 }
 
@@ -350,10 +359,11 @@ static void qmm_part(void *arg, int part, int n_parts) {
     const qmm_t *a = (const qmm_t *)arg;
     const int groups = a->N / 16;
     const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+    const int tw = a->xf ? QMT_F32 : QMT;
     for (int tb = 0; tb < a->M; tb += QTB) {  // a block of tokens stays in cache over the row groups
         const int te = tb + QTB < a->M ? tb + QTB : a->M;
         for (int g = g0; g < g1; g++)
-            for (int t0 = tb; t0 < te; t0 += QMT) qmm_tile(a, g, t0, te - t0 < QMT ? te - t0 : QMT);
+            for (int t0 = tb; t0 < te; t0 += tw) qmm_tile(a, g, t0, te - t0 < tw ? te - t0 : tw);
     }
 }
 

@@ -39,10 +39,26 @@ def reshape_and_cache(key, value, kv_cache, slot_mapping, kv_scales=None) -> Non
 
 
 def paged_attention(
-    query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window=None, kv_scales=None
+    query,
+    kv_cache,
+    query_start_loc,
+    seq_lens,
+    block_tables,
+    scale,
+    sliding_window=None,
+    kv_scales=None,
+    batch_invariant=True,
 ):
     return lookup("paged_attention", query.device.type)(
-        query, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window, kv_scales
+        query,
+        kv_cache,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale,
+        sliding_window,
+        kv_scales,
+        batch_invariant=batch_invariant,
     )
 
 

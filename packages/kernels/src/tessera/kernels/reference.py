@@ -150,6 +150,7 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch over the paged cache, prefill and decode alike.
 
@@ -157,6 +158,10 @@ def paged_attention(
     tokens: its total length (cached + new) is ``seq_lens[i]``. With a sliding window W a query
     at position p sees keys at positions ``p - W < j <= p``. Only slots a query can see are
     read (blocks out of every query's window may have been given back).
+
+    ``batch_invariant``: a query row's output must not depend on the other rows of the step
+    (their number, how its own run is chunked, prefill or decode). A backend may give that up
+    for speed when it is False; this reference ignores it.
     """
     t, hq, d = query.shape
     hk = kv_cache.shape[3]

@@ -14,3 +14,6 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes
     token_seq_lens: torch.Tensor  # [T] int64: seq_lens of each token's sequence (dynamic RoPE)
+    # kernels must give each row the same bits whatever else runs in the step (DESIGN.md,
+    # Determinism); False lets a backend pick faster, shape-dependent algorithms
+    batch_invariant: bool = True

@@ -52,6 +52,7 @@ class LlamaAttention:
             self.scale,
             self.sliding_window,
             kv_cache.scales,
+            batch_invariant=meta.batch_invariant,
         )
         return ops.linear(out.reshape(t, self.q_size), self.o_weight, self.o_bias)
 

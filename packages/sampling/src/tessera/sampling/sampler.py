@@ -9,13 +9,25 @@ import torch
 
 from .params import SamplingParams
 
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    g.manual_seed(seed & _MASK64)
     return g
+
+
+def draw_seed(seed: int, step: int) -> int:
+    """The seed of a seeded request's draw for its output token ``step``: splitmix64 of the two,
+    so the draw depends on them alone (not on the batch, nor on a preemption that rebuilt the
+    request's state and its generator)."""
+    z = ((seed & _MASK64) + (step + 1) * 0x9E37_79B9_7F4A_7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58_476D_1CE4_E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D0_49BB_1331_11EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def filter_logits(
@@ -177,15 +189,18 @@ class Sampler:
             )
         probs = x.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded row draws its
-        # noise from its own generator, so its tokens don't depend on the rest of the batch.
+        # noise from its own generator, seeded for this output position, so its tokens don't
+        # depend on the rest of the batch or on how often it was preempted.
         noise = torch.empty_like(probs)
         unseeded = []
         for j, i in enumerate(random_rows):
-            g = rows[i].generator
+            g, seed = rows[i].generator, rows[i].params.seed
             if g is None:
                 unseeded.append(j)
-            else:
-                noise[j].exponential_(generator=g)
+                continue
+            if seed is not None:
+                g.manual_seed(draw_seed(seed, len(rows[i].output_token_ids)))
+            noise[j].exponential_(generator=g)
         if unseeded:
             idx = torch.tensor(unseeded, device=dev)
             noise[idx] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_()
