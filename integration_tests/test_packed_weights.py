@@ -40,8 +40,8 @@ def greedy_runs(fast: LLM, ref: LLM, hf_model):
 def test_fp32_greedy_tokens_match_the_dequantized_path(default_model_path, hf_default_model):
     kw = dict(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=256)
     fast = LLM(str(default_model_path), quantized_weights="packed", **kw)
-    assert isinstance(fast.model.layers[0].mlp.gate_up_weight, PackedWeight)
-    assert isinstance(fast.model.lm_head, PackedWeight)  # the tied Q8_0 embedding, packed once
+    assert isinstance(fast.model.layers[0].mlp.gate_up_proj.weight, PackedWeight)
+    assert isinstance(fast.model.lm_head.weight, PackedWeight)  # the tied Q8_0 embedding, packed once
     ref = LLM(str(default_model_path), quantized_weights="dequantize", **kw)
     compared = 0
     for prompt, a, b, margins in greedy_runs(fast, ref, hf_default_model):
@@ -148,8 +148,8 @@ def test_projections_in_different_schemes_stay_packed_side_by_side(tmp_path):
     ref = forward_chunks(load_model(ck, dtype=torch.float32), chunks)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         model = load_model(ck, dtype=dtype, packed_weights=True)
-        qkv = model.layers[0].self_attn.qkv_weight
+        qkv = model.layers[0].self_attn.qkv_proj.weight
         assert isinstance(qkv, RowStack) and [p.scheme for p in qkv.parts] == ["Q4_0", "Q4_0", "Q8_0"]
-        assert isinstance(model.layers[0].mlp.gate_up_weight, PackedWeight)  # one scheme: one weight
+        assert isinstance(model.layers[0].mlp.gate_up_proj.weight, PackedWeight)  # one scheme: one weight
         for got, want in zip(forward_chunks(model, chunks), ref, strict=True):
             assert ((got.double() - want.double()).norm() / want.double().norm()).item() < tol

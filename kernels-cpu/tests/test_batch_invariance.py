@@ -4,6 +4,7 @@ prompt, a chunk that starts mid-sequence as after a prefix-cache hit, a decode),
 layout the kernel picked for it. Exact equality, not closeness: this is what lets a seeded
 request give the same tokens alone, in a batch, or after its prefix was cached."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tessera.kernels import reference, registry
+from tessera.kernels import LinearWeights, reference, registry
 from tessera.kernels_cpu import decoder, native, packed, paged_attention
 
 from .test_decoder import packed_weight, random_model
@@ -174,14 +175,20 @@ def split(tokens: list[int], sizes: list[int]) -> list[list[int]]:
 def llama(dtype: torch.dtype):
     model = random_model(["Q4_0", "Q8_0", "Q4_1", "Q6_K"], qkv_bias=True, window_layer=1)
     # the LM head packed too (as the default model's tied Q8_0 embedding), 304 rows for 16s
-    model.lm_head = packed_weight("Q8_0", 304, 256, np.random.default_rng(1))
+    model.lm_head.weight = packed_weight("Q8_0", 304, 256, np.random.default_rng(1))
     if dtype == torch.float32:
         model.dtype = dtype
-        model.embed_tokens, model.norm = model.embed_tokens.float(), model.norm.float()
-        for layer in model.layers:
-            layer.input_norm = layer.input_norm.float()
-            layer.post_attention_norm = layer.post_attention_norm.float()
-            layer.self_attn.qkv_bias = layer.self_attn.qkv_bias.float()
+        model.embed_tokens.weight = model.embed_tokens.weight.float()
+        model.norm.weight = model.norm.weight.float()
+        model.layer_specs = [
+            dataclasses.replace(
+                s,
+                input_norm=s.input_norm.float(),
+                post_attention_norm=s.post_attention_norm.float(),
+                qkv=LinearWeights(s.qkv.weight, s.qkv.bias.float()),
+            )
+            for s in model.layer_specs
+        ]
     return model
 
 

@@ -1,6 +1,8 @@
 """The fused decoder stack (one C call per step) against the op-by-op path it replaces: the
 same kernels in the same order, so the logits and the KV cache must agree to the bit."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +12,11 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import quantize  # noqa: E402
 
 from tessera.formats import ModelConfig, QuantizedTensor  # noqa: E402
-from tessera.kernels import RowStack, reference, registry  # noqa: E402
+from tessera.kernels import DecoderLayerSpec, LinearWeights, RowStack, reference, registry  # noqa: E402
 from tessera.kernels_cpu import decoder, native, packed  # noqa: E402
-from tessera.models import LlamaForCausalLM  # noqa: E402
+from tessera.models import LoadOptions  # noqa: E402
 from tessera.models.harness import forward_chunks  # noqa: E402
+from tessera.models.llama import LlamaForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C kernels on this machine")
 
@@ -40,8 +43,10 @@ def packed_weight(scheme: str, n: int, k: int, rng) -> packed.PackedWeight:
 def random_model(
     schemes, qkv_bias: bool, window_layer: int | None, seed: int = 0, mixed_qkv: bool = False
 ) -> LlamaForCausalLM:
+    """A 3-layer Llama model in bf16 with random packed weights, set directly on its layers'
+    ``DecoderLayerSpec``s (what the fused stack reads)."""
     cfg = ModelConfig(
-        architecture="LlamaForCausalLM",
+        architecture="llama",
         vocab_size=300,
         hidden_size=256,
         intermediate_size=512,
@@ -51,35 +56,44 @@ def random_model(
         head_dim=32,
         qkv_bias=qkv_bias,
         sliding_window=6 if window_layer is not None else None,
-        extra={}
+        layer_types=None
         if window_layer is None
-        else {
-            "layer_types": ["sliding_attention" if i == window_layer else "full_attention" for i in range(3)]
-        },
+        else tuple("sliding_attention" if i == window_layer else "full_attention" for i in range(3)),
     )
     rng = np.random.default_rng(seed)
-    model = LlamaForCausalLM(cfg, torch.bfloat16, torch.device("cpu"))
+    model = LlamaForCausalLM(cfg, LoadOptions(torch.bfloat16))
     g = torch.Generator().manual_seed(seed)
 
     def bf16(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).bfloat16()
 
-    model.embed_tokens = bf16(300, 256)
-    model.lm_head = bf16(300, 256, scale=0.05)
-    model.norm = 1 + bf16(256, scale=0.1)
+    model.embed_tokens.weight = bf16(300, 256)
+    model.lm_head.weight = bf16(300, 256, scale=0.05)
+    model.norm.weight = 1 + bf16(256, scale=0.1)
     s = iter(schemes * 12)
-    for i, layer in enumerate(model.layers):
-        layer.input_norm = 1 + bf16(256, scale=0.1)
-        layer.post_attention_norm = 1 + bf16(256, scale=0.1)
-        a, m = layer.self_attn, layer.mlp
+    specs = []
+    for i in range(3):
         if mixed_qkv and i == 1:  # q, k and v in different schemes, as in a Q4_K_M file
-            a.qkv_weight = RowStack([packed_weight(next(s), n, 256, rng) for n in (8 * 32, 2 * 32, 2 * 32)])
+            qkv = RowStack([packed_weight(next(s), n, 256, rng) for n in (8 * 32, 2 * 32, 2 * 32)])
         else:
-            a.qkv_weight = packed_weight(next(s), (8 + 2 * 2) * 32, 256, rng)
-        a.qkv_bias = bf16((8 + 2 * 2) * 32, scale=0.1) if qkv_bias else None
-        a.o_weight = packed_weight(next(s), 256, 256, rng)
-        m.gate_up_weight = packed_weight(next(s), 1024, 256, rng)
-        m.down_weight = packed_weight(next(s), 256, 512, rng)
+            qkv = packed_weight(next(s), (8 + 2 * 2) * 32, 256, rng)
+        specs.append(
+            DecoderLayerSpec(
+                input_norm=1 + bf16(256, scale=0.1),
+                post_attention_norm=1 + bf16(256, scale=0.1),
+                qkv=LinearWeights(qkv, bf16((8 + 2 * 2) * 32, scale=0.1) if qkv_bias else None),
+                o=LinearWeights(packed_weight(next(s), 256, 256, rng)),
+                gate_up=LinearWeights(packed_weight(next(s), 1024, 256, rng)),
+                down=LinearWeights(packed_weight(next(s), 256, 512, rng)),
+                num_heads=8,
+                num_kv_heads=2,
+                head_dim=32,
+                scale=32**-0.5,
+                eps=cfg.rms_norm_eps,
+                sliding_window=cfg.layer_window(i),
+            )
+        )
+    model.layer_specs = specs
     return model
 
 
@@ -120,13 +134,16 @@ def test_fused_stack_is_bit_identical_to_the_op_by_op_path(
         assert torch.equal(g_, w_)
 
 
-@pytest.mark.parametrize("why", ["a dense weight", "another kind of layer"])
+@pytest.mark.parametrize("why", ["a dense weight", "an int8 KV cache"])
 def test_layers_it_does_not_take_run_op_by_op(monkeypatch, why):
     model = random_model(["Q4_0"], False, None)
+    kv_dtype = None
     if why == "a dense weight":
-        model.layers[1].mlp.down_weight = model.layers[1].mlp.down_weight.dequantize(torch.bfloat16)
-    else:  # same attributes, other semantics (a Gemma-style layer): never run as a Llama one
-        model.layers[1].layer_kind = "gemma"
+        spec = model.layer_specs[1]
+        dense = LinearWeights(spec.down.weight.dequantize(torch.bfloat16))
+        model.layer_specs[1] = dataclasses.replace(spec, down=dense)
+    else:
+        kv_dtype = torch.int8
     calls = []
     real = reference.decoder_layers
 
@@ -135,7 +152,7 @@ def test_layers_it_does_not_take_run_op_by_op(monkeypatch, why):
         return real(*args)
 
     monkeypatch.setattr(decoder.reference, "decoder_layers", spy)
-    (logits, *_) = forward_chunks(model, CHUNKS, block_size=4)
+    (logits, *_) = forward_chunks(model, CHUNKS, block_size=4, kv_dtype=kv_dtype)
     assert calls and torch.isfinite(logits).all()
 
 
@@ -144,9 +161,10 @@ def test_a_plan_follows_replaced_weights_and_goes_with_its_model():
 
     model = random_model(["Q4_0"], False, None)
     (before,) = forward_chunks(model, CHUNKS[:1], block_size=4)
-    assert model.layers[0] in decoder._plans
+    assert model.layer_specs[0] in decoder._plans
     # a weight swapped after the first step: the next step uses the new one
-    model.layers[2].mlp.down_weight = random_model(["Q8_0"], False, None, seed=5).layers[2].mlp.down_weight
+    new = random_model(["Q8_0"], False, None, seed=5).layer_specs[2].down
+    model.layer_specs[2] = dataclasses.replace(model.layer_specs[2], down=new)
     (after,) = forward_chunks(model, CHUNKS[:1], block_size=4)
     try:
         registry.unregister("decoder_layers", "cpu")

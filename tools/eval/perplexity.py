@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 from tessera.engine import resolve_model
+from tessera.engine.llm import kv_storage_dtype
 from tessera.formats import open_checkpoint
-from tessera.models import kv_storage_dtype, load_model
+from tessera.models import load_model
 from tessera.models.harness import forward_chunks
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")

@@ -71,14 +71,16 @@ def test_int8_kv_cache_fits_about_four_times_the_tokens_of_fp32(default_model_pa
     assert out.token_ids
 
 
-def test_auto_dtype_is_bf16_where_the_cpu_kernels_run_and_fp32_elsewhere(monkeypatch):
+def test_auto_dtype_is_what_the_device_backend_prefers(monkeypatch):
+    """bf16 where the CPU backend's C kernels run, fp32 elsewhere; bf16 on GPUs (no backend
+    declared there yet): asked through the kernels registry, never by naming a backend."""
     import torch
 
-    from tessera.engine.llm import _auto_dtype
+    from tessera.kernels import preferred_dtype
 
-    assert _auto_dtype(torch.device("cuda")) == torch.bfloat16
+    assert preferred_dtype(torch.device("cuda")) == torch.bfloat16
     native = pytest.importorskip("tessera.kernels_cpu.native")
     monkeypatch.setattr(native, "library", lambda: None)  # no compiler, or a CPU without AVX512-BF16
-    assert _auto_dtype(torch.device("cpu")) == torch.float32
+    assert preferred_dtype(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(native, "library", lambda: object())
-    assert _auto_dtype(torch.device("cpu")) == torch.bfloat16
+    assert preferred_dtype(torch.device("cpu")) == torch.bfloat16

@@ -309,7 +309,9 @@ CASES = {
         tensors={k: v for k, v in gguf_tensors().items() if k != "token_embd.weight"},
     ),
     "gguf-unknown-architecture": _gguf(
-        "falcon", "architecture 'falcon' is not supported (supported: llama, qwen2)", arch="falcon"
+        "falcon",
+        "architecture 'falcon' is not supported (supported: llama, qwen2, gemma3, qwen2moe, qwen3moe)",
+        arch="falcon",
     ),
     "gguf-no-token-list": _gguf(
         "notokens",

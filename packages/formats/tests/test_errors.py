@@ -69,7 +69,8 @@ def test_unknown_tensor_type_is_named(tmp_path):
 def test_unknown_gguf_architecture_is_named(tmp_path):
     p = write_tiny_gguf(tmp_path / "g.gguf", arch="falcon")
     with pytest.raises(
-        FormatError, match=r"g.gguf: architecture 'falcon' is not supported \(supported: llama, qwen2\)"
+        FormatError,
+        match=r"g.gguf: architecture 'falcon' is not supported \(supported: llama, qwen2, gemma3, qwen2moe, ",
     ):
         open_checkpoint(p)
 

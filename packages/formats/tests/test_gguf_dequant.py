@@ -6,7 +6,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tessera.formats import BLOCK_LAYOUT, GGUFCheckpoint, QuantizedTensor  # noqa: E402
+from tessera.formats import BLOCK_LAYOUT, QuantizedTensor  # noqa: E402
 
 # byte offsets of the float16 scale fields in each block (random bytes there could be inf/nan)
 _F16_FIELDS = {
@@ -75,25 +75,3 @@ def test_every_tensor_of_the_default_model_dequantizes_as_gguf_does(default_mode
         np.testing.assert_array_equal(qt.dequantize().numpy(), expected, err_msg=t.name)
         checked.add(t.tensor_type.name)
     assert checked == {"Q4_1", "Q8_0"}
-
-
-def test_unpermuted_q_and_k_rows_equal_transformers_reverse_permutation(default_model_path):
-    """llama.cpp permutes q/k rows for its rotary layout; we restore HF's order on load."""
-    ck = GGUFCheckpoint(default_model_path)
-    c = ck.config
-    weights = dict(ck.weights())
-    reader = gguf.GGUFReader(default_model_path)
-    raw = {t.name: t for t in reader.tensors}
-
-    def hf_reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-        # transformers.integrations.ggml's reverse_permute_weights, written out
-        dim = w.shape[0] // n_head // 2
-        return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-    for ours, theirs, heads in [
-        ("model.layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight", c.num_attention_heads),
-        ("model.layers.3.self_attn.k_proj.weight", "blk.3.attn_k.weight", c.num_key_value_heads),
-    ]:
-        t = raw[theirs]
-        expected = hf_reverse_permute(gguf.quants.dequantize(t.data, t.tensor_type), heads)
-        np.testing.assert_array_equal(weights[ours].dequantize().numpy(), expected)

@@ -1,14 +1,16 @@
-"""A stack of Llama-family decoder layers in one C call per step (csrc/decoder_bf16.c): bf16,
+"""A stack of ``DecoderLayerSpec`` layers in one C call per step (csrc/decoder_bf16.c): bf16,
 packed weights, a bf16 cache. Same kernels in the same order as the op-by-op path, so the
 results are the same to the bit, without the Python call, tensors and thread wake-ups of ~10
 ops per layer (at one sequence, those cost more than the arithmetic).
 
-Anything else (fp32, dequantized weights, a quantized cache, ...) runs op by op.
+Anything else (fp32, dequantized weights, a quantized cache, ...) runs op by op; the reason is
+logged once.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import weakref
 
 import torch
@@ -19,6 +21,15 @@ from . import native
 from .packed import PackedWeight
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+log = logging.getLogger(__name__)
+_told: set[str] = set()
+
+
+def _op_by_op(reason: str, layers, x, residual, cos, sin, kv_caches, metas):
+    if reason not in _told:
+        _told.add(reason)
+        log.info("fused decoder layers: running op by op (%s)", reason)
+    return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, metas)
 
 
 class _Weight(ctypes.Structure):
@@ -98,9 +109,9 @@ def _tensors(layers) -> list:
     replaced (or the cache list is another)."""
     out = []
     for ly in layers:
-        a, m = ly.self_attn, ly.mlp
-        out += [ly.input_norm, ly.post_attention_norm, a.qkv_weight, a.qkv_bias, a.o_weight, a.o_bias]
-        out += [m.gate_up_weight, m.gate_up_bias, m.down_weight, m.down_bias]
+        out += [ly.input_norm, ly.post_attention_norm]
+        for w in (ly.qkv, ly.o, ly.gate_up, ly.down):
+            out += [w.weight, w.bias]
     return out
 
 
@@ -109,20 +120,19 @@ class _Plan:
     the tensors it points into (so the pointers stay valid) but not the layers."""
 
     def __init__(self, layers, kv_caches) -> None:
-        self.ok = False
+        self.ok, self.reason = False, ""
         self.owned, self.kv_caches = _tensors(layers), kv_caches
         self.scratch = torch.empty(0, dtype=torch.bfloat16)  # the step's intermediates
         self.keep: list = []
         first = layers[0]
-        a0 = first.self_attn
-        self.H, self.KH, self.D = a0.num_heads, a0.num_kv_heads, a0.head_dim
-        self.eps, self.scale = float(first.eps), float(a0.scale)
-        self.hidden = a0.o_weight.shape[0] if isinstance(a0.o_weight, (PackedWeight, RowStack)) else 0
-        self.inter = (
-            first.mlp.down_weight.shape[1]
-            if isinstance(first.mlp.down_weight, (PackedWeight, RowStack))
-            else 0
-        )
+        self.H, self.KH, self.D = first.num_heads, first.num_kv_heads, first.head_dim
+        self.eps, self.scale = float(first.eps), float(first.scale)
+        packed = (PackedWeight, RowStack)
+        self.hidden = first.hidden_size if isinstance(first.o.weight, packed) else 0
+        self.inter = first.intermediate_size if isinstance(first.down.weight, packed) else 0
+        if not self.hidden or not self.inter:
+            self.reason = "weights are not packed (load GGUF weights with --quantized-weights packed)"
+            return
         if not (
             self.hidden % 16 == 0
             and self.hidden > 0
@@ -135,15 +145,15 @@ class _Plan:
             and self.H // self.KH <= 64
             and self.scale > 0
         ):
+            self.reason = f"shapes outside the C kernel's (hidden {self.hidden}, head {self.D})"
             return
         arr = (_Layer * len(layers))()
         for i, (layer, cache) in enumerate(zip(layers, kv_caches, strict=True)):
-            a, m = layer.self_attn, layer.mlp
             data = cache.data
             if (
-                (a.num_heads, a.num_kv_heads, a.head_dim) != (self.H, self.KH, self.D)
+                (layer.num_heads, layer.num_kv_heads, layer.head_dim) != (self.H, self.KH, self.D)
                 or float(layer.eps) != self.eps
-                or float(a.scale) != self.scale
+                or float(layer.scale) != self.scale
                 or not _bf16_vec(layer.input_norm, self.hidden)
                 or not _bf16_vec(layer.post_attention_norm, self.hidden)
                 or cache.scales is not None
@@ -151,12 +161,10 @@ class _Plan:
                 or not data.is_contiguous()
                 or tuple(data.shape[3:]) != (self.KH, self.D)
             ):
+                self.reason = f"layer {i}: differs from layer 0, or its norms/cache are not bf16"
                 return
             ws = [
-                _weight(a.qkv_weight, a.qkv_bias, self.keep),
-                _weight(a.o_weight, a.o_bias, self.keep),
-                _weight(m.gate_up_weight, m.gate_up_bias, self.keep),
-                _weight(m.down_weight, m.down_bias, self.keep),
+                _weight(w.weight, w.bias, self.keep) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
             ]
             shapes = [
                 ((self.H + 2 * self.KH) * self.D, self.hidden),
@@ -168,6 +176,7 @@ class _Plan:
                 w is None or (sum(p.N for p in w.part[: w.n_parts]), w.part[0].K) != s
                 for w, s in zip(ws, shapes, strict=True)
             ):
+                self.reason = f"layer {i}: a weight in a scheme the C matmul does not take"
                 return
             arr[i] = _Layer(
                 layer.input_norm.data_ptr(),
@@ -175,10 +184,11 @@ class _Plan:
                 *ws,
                 data[0].data_ptr(),
                 data[1].data_ptr(),
-                int(a.sliding_window or 0),
+                int(layer.sliding_window or 0),
             )
         self.block_size = kv_caches[0].data.shape[2]
         if any(c.data.shape[2] != self.block_size for c in kv_caches):
+            self.reason = "layers with different block sizes"
             return
         self.arr = arr
         self.ok = True
@@ -205,29 +215,31 @@ def _int32(t: torch.Tensor) -> bool:
     return t.dtype == torch.int32 and t.is_contiguous()
 
 
-def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
+def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
+    args = (layers, x, residual, cos, sin, kv_caches, attn_metadata)
     lib = native.library()
-    if (
-        lib is None
-        or x.dtype != torch.bfloat16
-        or x.dim() != 2
-        or not layers
-        or len(layers) != len(kv_caches)
-        or not all(getattr(ly, "layer_kind", None) == "llama" for ly in layers)
-    ):
-        return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, meta)
+    if lib is None:
+        return _op_by_op("the C kernels are not built", *args)
+    if x.dtype != torch.bfloat16 or x.dim() != 2:
+        return _op_by_op(f"activations in {x.dtype}, the C stack is bf16", *args)
+    if not layers or len(layers) != len(kv_caches):
+        return _op_by_op("no layers, or not one cache per layer", *args)
+    meta = attn_metadata[0]
+    if any(m is not meta for m in attn_metadata):
+        return _op_by_op("layers with different block tables (KV cache groups)", *args)
     plan = _plan(layers, kv_caches)
+    if not plan.ok:
+        return _op_by_op(plan.reason, *args)
     T = x.shape[0]
     if (
-        not plan.ok
-        or x.shape[1] != plan.hidden
+        x.shape[1] != plan.hidden
         or cos.dtype != torch.float32
         or cos.shape != (T, plan.D // 2)
         or (residual is not None and residual.shape != x.shape)
         or not (_int32(meta.query_start_loc) and _int32(meta.seq_lens) and _int32(meta.block_tables))
         or meta.slot_mapping.dtype != torch.int64
     ):
-        return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, meta)
+        return _op_by_op("step inputs of another dtype or layout (fp32 cos/sin, int32 tables)", *args)
     cos, sin = cos.contiguous(), sin.contiguous()
     slots = meta.slot_mapping.contiguous()
     x = x.clone(memory_format=torch.contiguous_format)

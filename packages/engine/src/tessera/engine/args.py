@@ -6,6 +6,8 @@ import argparse
 import re
 from dataclasses import dataclass, fields
 
+from tessera.kvcache import QUANTIZED_KV_DTYPES
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -92,7 +94,7 @@ class EngineArgs:
         g.add_argument(
             "--kv-cache-dtype",
             default="auto",
-            choices=["auto", "int8", "fp8"],
+            choices=["auto", *QUANTIZED_KV_DTYPES],
             help="KV storage: the model's dtype, or int8 / fp8 e4m3 with per-token scales",
         )
         g.add_argument(

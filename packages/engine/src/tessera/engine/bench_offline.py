@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+from tessera.kernels import backend
+
 from .args import EngineArgs
 
 
@@ -121,17 +123,13 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
 
 
 def _common(ns: argparse.Namespace, llm) -> dict:
-    try:  # the CPU backend is an optional package
-        from tessera.kernels_cpu import native
-
-        c_kernels = native.library() is not None
-    except ImportError:
-        c_kernels = False
+    declared = backend(llm.model.device.type)
     return {
         "model": ns.model,
         "dtype": str(llm.model.dtype).removeprefix("torch."),
         "quantized_weights": ns.quantized_weights,
-        "c_kernels": c_kernels,
+        "kernels": declared[0] if declared else "reference",
+        **({"c_kernels": declared[1]["c_kernels"]} if declared and "c_kernels" in declared[1] else {}),
     }
 
 

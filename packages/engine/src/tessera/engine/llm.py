@@ -9,8 +9,16 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from tessera.formats import open_checkpoint
-from tessera.kvcache import KVCacheManager, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
-from tessera.models import kv_storage_dtype, load_model
+from tessera.kernels import preferred_dtype
+from tessera.kvcache import (
+    KV_CACHE_DTYPES,
+    QUANTIZED_KV_DTYPES,
+    KVCacheManager,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+    plan_num_blocks,
+)
+from tessera.models import load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
@@ -46,7 +54,7 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer()
         device = _device(args.device) if args.device else current_platform().device
         if args.dtype == "auto":
-            dtype = _auto_dtype(device)
+            dtype = preferred_dtype(device)
         else:
             dtype = _DTYPES[args.dtype]
         if args.quantized_weights not in ("packed", "dequantize"):
@@ -251,17 +259,13 @@ class LLM:
         return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
 
 
-def _auto_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs, and on CPUs where the CPU backend's bf16 kernels run (AVX512-BF16 and VNNI,
-    a C compiler: 3x fp32's decode speed with int8 products over packed weights); fp32 on other
-    CPUs, where bf16 would run through torch's slower reference ops."""
-    if device.type != "cpu":
-        return torch.bfloat16
-    try:
-        from tessera.kernels_cpu import native
-    except ImportError:
-        return torch.float32
-    return torch.bfloat16 if native.library() is not None else torch.float32
+def kv_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of ``--kv-cache-dtype name`` ("auto": the model's)."""
+    if name == "auto":
+        return model_dtype
+    if name not in QUANTIZED_KV_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {name!r} (known: auto, {', '.join(QUANTIZED_KV_DTYPES)})")
+    return getattr(torch, KV_CACHE_DTYPES[name].torch_name)
 
 
 def _device(name: str) -> torch.device:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.models import AttentionMetadata, LayerKVCache, LlamaForCausalLM
+from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 
@@ -41,7 +41,7 @@ class CachedRequestState:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         num_blocks: int,
         block_size: int,
         kv_dtype: torch.dtype,
@@ -52,14 +52,11 @@ class ModelRunner:
         self.batch_invariant = batch_invariant
         self.device = model.device
         self.block_size = block_size
-        c = model.config
         # uninitialized, not zeros: pages map as blocks get used, and attention reads only
         # slots that reshape_and_cache has written
         self.kv_caches = [
-            LayerKVCache.allocate(
-                num_blocks, block_size, c.num_key_value_heads, c.head_dim, kv_dtype, self.device
-            )
-            for _ in range(c.num_hidden_layers)
+            LayerKVCache.allocate(num_blocks, block_size, s.num_kv_heads, s.head_dim, kv_dtype, self.device)
+            for s in model.kv_cache_spec()
         ]
         self.sampler = Sampler(eos_token_ids)
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
@@ -96,10 +93,7 @@ class ModelRunner:
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput({})
-        bs = self.block_size
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
@@ -110,36 +104,23 @@ class ModelRunner:
             start = st.num_computed_tokens
             end = start + n
             ids.extend(st.token_ids[start:end])
-            blocks = st.block_ids
-            for p in range(start, end):
-                positions.append(p)
-                slots.append(blocks[p // bs] * bs + p % bs)
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            tables.append(blocks)
+            tables.append(st.block_ids)
             if end == len(st.token_ids):  # caught up: this step yields a token
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(rid)
-        width = max(len(t) for t in tables)
         dev = self.device
-        table = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-        counts = torch.tensor(list(so.num_scheduled_tokens.values()))
-        meta = AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=seq_lens_t.to(dev),
-            block_tables=table.to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            token_seq_lens=seq_lens_t.long().repeat_interleave(counts).to(dev),
-            batch_invariant=self.batch_invariant,
+        positions, metas = build_attention_metadata(
+            list(so.num_scheduled_tokens.values()),
+            seq_lens,
+            [tables],
+            self.block_size,
+            dev,
+            self.batch_invariant,
         )
         hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_caches,
-            meta,
+            torch.tensor(ids, dtype=torch.int64, device=dev), positions, self.kv_caches, metas[0]
         )
         prompt_lps = self._prompt_logprobs(so, hidden, qsl)
         for rid, n in so.num_scheduled_tokens.items():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# HF model_type / GGUF general.architecture values of the Llama family that tessera runs.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# The architectures whose config tessera reads (our names: HF's model_type, "gemma3" for
+# Gemma 3's text model); which of them have a model class is tessera.models' registry.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,31 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # per layer "full_attention" | "sliding_attention" where layers differ (else all are full,
+    # or all slide when sliding_window is set)
+    layer_types: tuple[str, ...] | None = None
+    hidden_act: str = "silu"  # the MLP's gate activation: silu | gelu_pytorch_tanh
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Gemma 3, Qwen3)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim)
+    rope_local_theta: float | None = None  # rope base of sliding layers where it differs (Gemma 3)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    # mixture of experts: num_experts == 0 is a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # per expert
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum 1
+    dense_layers: tuple[int, ...] = ()  # layers of a MoE model with an ordinary MLP
     extra: dict = field(default_factory=dict)
+
+    def layer_type(self, layer: int) -> str:
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "sliding_attention" if self.sliding_window is not None else "full_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` in tokens, None for full attention."""
+        return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
 
     @property
     def q_size(self) -> int:

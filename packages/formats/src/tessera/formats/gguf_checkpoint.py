@@ -28,53 +28,21 @@ from .tokenizer import Tokenizer
 
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-# GGUF general.architecture -> our architecture (Mistral GGUFs say "llama")
-_GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "rope_freqs.weight": "model.rotary_emb.freq_factors",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+# GGUF general.architecture -> our architecture (Mistral GGUFs say "llama"; so does Mixtral, told
+# apart by its expert count)
+_GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "gemma3": "gemma3",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
 }
 # the metadata (under "<arch>.") that head_dim_for checks: hidden size, heads, kv heads, head dim
 _HEAD_KEYS = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length")
 _LAYER_RE = re.compile(r"blk\.(0|[1-9]\d{0,8})\.(.+)")
-
-
-def gguf_to_hf_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def unpermute_rope_rows(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's converter, which interleaves each head's rotary halves row-wise.
-
-    The converter maps HF row ``(h, j, i)`` (half j, index i) to ``(h, i, j)``; we map back.
-    ``rows`` may be float rows or packed quantized rows: whole rows move.
-    """
-    out = rows.shape[0]
-    per_half = out // n_heads // 2
-    return rows.reshape(n_heads, per_half, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+# llama.cpp's Gemma 3: five sliding-window layers, then one global, with the local rope base fixed
+_GEMMA3_PATTERN = 6
+_GEMMA3_LOCAL_THETA = 10000.0
 
 
 class GGUFCheckpoint:
@@ -114,8 +82,6 @@ class GGUFCheckpoint:
                     f"{self.path}: tensor {name} ends at byte {t.data_offset + t.n_bytes} "
                     f"but the file has {size} bytes (truncated?)"
                 )
-            if gguf_to_hf_name(t.name) is None:
-                raise FormatError(f"{self.path}: tensor {name} is not part of a known architecture")
 
     def _read_config(self) -> ModelConfig:
         meta, src = self.metadata, self.path
@@ -198,11 +164,53 @@ class GGUFCheckpoint:
             if k in meta
         ]
         sliding = get("attention.sliding_window")
+        sliding = None if sliding is None else get_int("attention.sliding_window")
+        ours = _GGUF_ARCHITECTURES[arch]
+        extra: dict = {}
+        if ours == "gemma3":
+            if sliding is None:
+                raise FormatError(f"{src}: metadata key {arch}.attention.sliding_window is missing")
+            extra = {
+                "layer_types": tuple(
+                    "full_attention" if (i + 1) % _GEMMA3_PATTERN == 0 else "sliding_attention"
+                    for i in range(n_layers)
+                ),
+                "hidden_act": "gelu_pytorch_tanh",
+                "qk_norm": True,
+                "rope_local_theta": _GEMMA3_LOCAL_THETA,
+            }
+            cap = get("final_logit_softcapping")
+            if cap is not None:
+                extra["final_logit_softcapping"] = read_float(cap, f"{arch}.final_logit_softcapping", src)
+        n_experts = get("expert_count")
+        if n_experts is not None and get_int("expert_count", maximum=4096) > 0:
+            if ours == "llama":
+                ours = "mixtral"
+            if ours not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+                raise FormatError(f"{src}: {arch}.expert_count is set, but {arch} has no experts")
+            experts = get_int("expert_count", maximum=4096)
+            ff = "feed_forward_length" if ours == "mixtral" else "expert_feed_forward_length"
+            shared = get("expert_shared_feed_forward_length")
+            extra |= {
+                "num_experts": experts,
+                "num_experts_per_tok": get_int("expert_used_count", maximum=experts),
+                "moe_intermediate_size": get_int(ff),
+                "shared_expert_intermediate_size": 0
+                if shared is None
+                else get_int("expert_shared_feed_forward_length"),
+                # llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE only
+                "norm_topk_prob": ours != "qwen2_moe",
+                "qk_norm": ours == "qwen3_moe",
+            }
+        elif ours in ("qwen2_moe", "qwen3_moe"):
+            raise FormatError(f"{src}: metadata key {arch}.expert_count is missing")
+        ff_key = "feed_forward_length"
+        intermediate = get_int(ff_key) if get(ff_key) is not None or "num_experts" not in extra else 0
         return ModelConfig(
-            architecture=_GGUF_ARCHITECTURES[arch],
+            architecture=ours,
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=get_int("feed_forward_length"),
+            intermediate_size=intermediate,
             num_hidden_layers=n_layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
@@ -216,11 +224,12 @@ class GGUFCheckpoint:
             tie_word_embeddings="output.weight" not in names,
             qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names,
-            sliding_window=None if sliding is None else get_int("attention.sliding_window"),
+            sliding_window=sliding,
             bos_token_id=read_optional_int(
                 meta.get("tokenizer.ggml.bos_token_id"), "tokenizer.ggml.bos_token_id", src
             ),
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            **extra,
         )
 
     @property
@@ -231,16 +240,11 @@ class GGUFCheckpoint:
         return Tokenizer.from_gguf_metadata(self.metadata, str(self.path))
 
     def tensor_names(self) -> list[str]:
-        return [gguf_to_hf_name(t.name) for t in self._reader.tensors]
+        return [t.name for t in self._reader.tensors]
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-        """(our name, tensor) for every tensor; float types as float tensors, others packed."""
-        permute_heads = {}
-        if self.metadata.get("general.architecture") == "llama":
-            permute_heads = {
-                "attn_q": self.config.num_attention_heads,
-                "attn_k": self.config.num_key_value_heads,
-            }
+        """(GGUF name, tensor) for every tensor: float types as float tensors, others packed
+        (an expert tensor ``[E, N, K]`` as E packed matrices). The model maps the names."""
         for t in self._reader.tensors:
             qtype = t.tensor_type.name
             shape = tuple(reversed(t.shape))
@@ -248,13 +252,6 @@ class GGUFCheckpoint:
             if qtype in _FLOAT_TYPES:
                 value: torch.Tensor | QuantizedTensor = raw.view(_FLOAT_TYPES[qtype]).reshape(shape)
             else:
-                value = QuantizedTensor(qtype, raw.reshape(shape[0] if len(shape) > 1 else 1, -1), shape)
-            kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
-            # rows that are not the config's heads are left as they are for the loader's shape check
-            if kind in permute_heads and shape[0] == permute_heads[kind] * self.config.head_dim:
-                n = permute_heads[kind]
-                if isinstance(value, QuantizedTensor):
-                    value = QuantizedTensor(value.scheme, unpermute_rope_rows(value.data, n), shape)
-                else:
-                    value = unpermute_rope_rows(value, n)
-            yield gguf_to_hf_name(t.name), value
+                rows = shape[:-1] if len(shape) > 1 else (1,)
+                value = QuantizedTensor(qtype, raw.reshape(*rows, -1), shape)
+            yield t.name, value

@@ -67,9 +67,12 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
     if not isinstance(cfg, dict):
         raise FormatError(f"{source}: holds {shown(cfg)}, expected a JSON object")
     arch = cfg.get("model_type")
+    if arch == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        cfg, arch = {**cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
+    arch = _MODEL_TYPES.get(arch, arch) if isinstance(arch, str) else arch
     if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise FormatError(
-            f"{source}: architecture {shown(arch)} is not supported "
+            f"{source}: architecture {shown(cfg.get('model_type'))} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
 
@@ -82,6 +85,10 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
         value = cfg.get(key)
         return default if value is None else read_int(value, key, source)
 
+    def optional_float(key: str) -> float | None:
+        value = cfg.get(key)
+        return None if value is None else read_float(value, key, source)
+
     hidden = required("hidden_size")
     heads = required("num_attention_heads")
     kv_heads = optional("num_key_value_heads", heads)
@@ -92,6 +99,16 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
     rope = cfg.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
     if not isinstance(rope, dict):
         raise FormatError(f"{source}: rope_parameters is {shown(rope)}, not an object")
+    local_theta = None
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3 in transformers 5)
+        local = rope.get("sliding_attention") or {}
+        if "rope_theta" in local:
+            local_theta = read_float(
+                local["rope_theta"], "rope_parameters.sliding_attention.rope_theta", source
+            )
+        rope = rope["full_attention"]
+    if arch == "gemma3" and local_theta is None:
+        local_theta = read_float(cfg.get("rope_local_base_freq", 10000.0), "rope_local_base_freq", source)
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     rope_theta = read_float(theta, "rope_theta", source)
     scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
@@ -99,22 +116,41 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
 
     use_sliding = read_bool(cfg.get("use_sliding_window"), "use_sliding_window", source)
     sliding = cfg.get("sliding_window")
-    if arch == "qwen2" and not use_sliding:
+    if arch in ("qwen2", "qwen2_moe", "qwen3_moe") and not use_sliding:
         sliding = None
     sliding = read_optional_int(sliding or None, "sliding_window", source, minimum=1)
     layer_types = cfg.get("layer_types")
+    if layer_types is None and arch == "gemma3":
+        _check_layer_list(n_layers, source)
+        pattern = read_int(cfg.get("sliding_window_pattern", 6), "sliding_window_pattern", source)
+        layer_types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+        ]
     if layer_types is not None:
-        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-            raise FormatError(f"{source}: layer_types is {shown(layer_types)}, not a list of strings")
+        if not isinstance(layer_types, list) or not all(
+            t in ("full_attention", "sliding_attention") for t in layer_types
+        ):
+            raise FormatError(
+                f"{source}: layer_types is {shown(layer_types)}, "
+                "not a list of 'full_attention' / 'sliding_attention'"
+            )
         if len(layer_types) != n_layers:
             raise FormatError(
                 f"{source}: layer_types has {len(layer_types)} entries but num_hidden_layers is {n_layers}"
             )
+        if "sliding_attention" in layer_types and sliding is None:
+            raise FormatError(f"{source}: layer_types has sliding layers but sliding_window is not set")
         layer_types = tuple(layer_types)
     attn_bias = read_bool(cfg.get("attention_bias"), "attention_bias", source)
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     if not isinstance(dtype, str):
         raise FormatError(f"{source}: torch_dtype is {shown(dtype)}, not a string")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise FormatError(
+            f"{source}: activation {shown(act)} is not supported (supported: silu, gelu_pytorch_tanh)"
+        )
+    moe = _moe_fields(cfg, arch, n_layers, source)
     return ModelConfig(
         architecture=arch,
         vocab_size=required("vocab_size"),
@@ -128,16 +164,67 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=scaling,
         max_position_embeddings=optional("max_position_embeddings", 2048),
-        tie_word_embeddings=read_bool(cfg.get("tie_word_embeddings"), "tie_word_embeddings", source),
-        qkv_bias=True if arch == "qwen2" else attn_bias,
-        o_bias=attn_bias if arch == "llama" else False,
+        tie_word_embeddings=read_bool(
+            cfg.get("tie_word_embeddings"), "tie_word_embeddings", source, default=arch == "gemma3"
+        ),
+        qkv_bias=True if arch in ("qwen2", "qwen2_moe") else attn_bias,
+        o_bias=attn_bias if arch in ("llama", "gemma3") else False,
         mlp_bias=read_bool(cfg.get("mlp_bias"), "mlp_bias", source),
         sliding_window=sliding,
         bos_token_id=read_optional_int(cfg.get("bos_token_id"), "bos_token_id", source),
         eos_token_ids=read_token_ids(cfg.get("eos_token_id"), "eos_token_id", source),
         torch_dtype=dtype,
-        extra={"layer_types": layer_types} if layer_types else {},
+        layer_types=layer_types,
+        hidden_act=act,
+        qk_norm=arch in ("gemma3", "qwen3_moe"),
+        query_pre_attn_scalar=optional_float("query_pre_attn_scalar"),
+        rope_local_theta=local_theta,
+        final_logit_softcapping=optional_float("final_logit_softcapping"),
+        **moe,
     )
+
+
+def _check_layer_list(n_layers: int, source) -> None:
+    """Before a per-layer list is built from a layer count that the tensors haven't bounded yet."""
+    if n_layers > 65536:
+        raise FormatError(f"{source}: num_hidden_layers is {shown(n_layers)}, more than any model has")
+
+
+# HF model_type -> our architecture name
+_MODEL_TYPES = {"gemma3_text": "gemma3"}
+
+
+def _moe_fields(cfg: dict, arch: str, n_layers: int, source) -> dict:
+    """The expert counts and sizes of a mixture-of-experts config (nothing for a dense one)."""
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    experts_key = "num_local_experts" if "num_local_experts" in cfg else "num_experts"
+    experts = read_int(cfg.get(experts_key), experts_key, source, maximum=4096)
+    top_k = read_int(cfg.get("num_experts_per_tok"), "num_experts_per_tok", source, maximum=experts)
+    if arch == "mixtral":
+        size, shared, norm = read_int(cfg.get("intermediate_size"), "intermediate_size", source), 0, True
+    else:
+        size = read_int(cfg.get("moe_intermediate_size"), "moe_intermediate_size", source)
+        shared = 0
+        if arch == "qwen2_moe":
+            shared = read_int(
+                cfg.get("shared_expert_intermediate_size"), "shared_expert_intermediate_size", source
+            )
+        norm = read_bool(cfg.get("norm_topk_prob"), "norm_topk_prob", source)
+    step = read_int(cfg.get("decoder_sparse_step", 1), "decoder_sparse_step", source)
+    _check_layer_list(n_layers, source)
+    dense = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < n_layers for i in dense):
+        raise FormatError(f"{source}: mlp_only_layers is {shown(dense)}, not a list of layer numbers")
+    dense = sorted({*dense, *(i for i in range(n_layers) if (i + 1) % step)})
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": size,
+        "shared_expert_intermediate_size": shared,
+        "norm_topk_prob": norm,
+        "dense_layers": tuple(dense),
+    }
 
 
 class HFCheckpoint:

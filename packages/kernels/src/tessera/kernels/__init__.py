@@ -1,7 +1,23 @@
 """Op signatures, the dispatch registry, and the pure-torch reference of every op."""
 
 from . import ops, reference
-from .registry import implementations, lookup, register, unregister
+from .capabilities import preferred_dtype
+from .decoder import DecoderLayerSpec, LinearWeights
+from .registry import backend, declare_backend, explain, implementations, lookup, register, unregister
 from .weights import RowStack
 
-__all__ = ["RowStack", "implementations", "lookup", "ops", "reference", "register", "unregister"]
+__all__ = [
+    "DecoderLayerSpec",
+    "LinearWeights",
+    "RowStack",
+    "backend",
+    "declare_backend",
+    "explain",
+    "implementations",
+    "lookup",
+    "ops",
+    "preferred_dtype",
+    "reference",
+    "register",
+    "unregister",
+]

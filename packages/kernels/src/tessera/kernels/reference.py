@@ -190,11 +190,41 @@ def paged_attention(
 
 
 @reference("decoder_layers")
-def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
-    """A stack of decoder layers, each op by op: ``layer.forward(x, residual, cos, sin,
-    kv_cache, meta)`` returns ``(x, residual)``. A backend may run the whole stack fused where
-    it recognises the layers by their ``layer_kind`` (the CPU backend: ``"llama"`` layers in
-    bf16 with packed weights), with the same ops in the same order."""
-    for layer, cache in zip(layers, kv_caches, strict=True):
-        x, residual = layer.forward(x, residual, cos, sin, cache, meta)
+def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
+    """A stack of ``DecoderLayerSpec`` layers, op by op; ``attn_metadata`` is one
+    AttentionMetadata per layer. Returns ``(x, residual)`` where the caller adds and norms last.
+    A backend may run the stack fused, with the same ops in the same order."""
+    from . import ops  # ops imports this module
+
+    for ly, cache, meta in zip(layers, kv_caches, attn_metadata, strict=True):
+        if residual is None:
+            residual = x
+            h = ops.rms_norm(x, ly.input_norm, ly.eps)
+        else:
+            h, residual = ops.fused_add_rms_norm(x, residual, ly.input_norm, ly.eps)
+        t = h.shape[0]
+        q_size, kv_size = ly.num_heads * ly.head_dim, ly.num_kv_heads * ly.head_dim
+        qkv = ops.linear(h, ly.qkv.weight, ly.qkv.bias)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = ops.rotary_embedding(q, k, cos, sin, ly.head_dim)
+        k = k.reshape(t, ly.num_kv_heads, ly.head_dim)
+        ops.reshape_and_cache(
+            k, v.reshape(t, ly.num_kv_heads, ly.head_dim), cache.data, meta.slot_mapping, cache.scales
+        )
+        out = ops.paged_attention(
+            q.reshape(t, ly.num_heads, ly.head_dim),
+            cache.data,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            ly.scale,
+            ly.sliding_window,
+            cache.scales,
+            batch_invariant=meta.batch_invariant,
+        )
+        h = ops.linear(out.reshape(t, q_size), ly.o.weight, ly.o.bias)
+        h, residual = ops.fused_add_rms_norm(h, residual, ly.post_attention_norm, ly.eps)
+        x = ops.linear(
+            ops.silu_and_mul(ops.linear(h, ly.gate_up.weight, ly.gate_up.bias)), ly.down.weight, ly.down.bias
+        )
     return x, residual

@@ -14,7 +14,10 @@ from importlib.metadata import entry_points
 logger = logging.getLogger(__name__)
 
 _IMPLS: dict[tuple[str, str], Callable] = {}
+_NOTES: dict[tuple[str, str], str] = {}
 _REFERENCE: dict[str, Callable] = {}
+# device type -> (backend name, a callable giving its capabilities once asked)
+_BACKENDS: dict[str, tuple[str, Callable[[], dict]]] = {}
 _backends_loaded = False
 
 
@@ -28,8 +31,9 @@ def reference(op: str):
     return wrap
 
 
-def register(op: str, device_type: str):
-    """Decorator for a backend: ``@register("rms_norm", "cpu")``."""
+def register(op: str, device_type: str, note: str = ""):
+    """Decorator for a backend: ``@register("rms_norm", "cpu")``; ``note`` says when the
+    implementation runs fused or falls back (``tessera info`` shows it)."""
 
     def wrap(fn: Callable) -> Callable:
         if op not in _REFERENCE:
@@ -38,6 +42,7 @@ def register(op: str, device_type: str):
         # by one of them loading later
         load_backends()
         _IMPLS[(op, device_type)] = fn
+        _NOTES[(op, device_type)] = note
         return fn
 
     return wrap
@@ -45,6 +50,37 @@ def register(op: str, device_type: str):
 
 def unregister(op: str, device_type: str) -> None:
     _IMPLS.pop((op, device_type), None)
+    _NOTES.pop((op, device_type), None)
+
+
+def declare_backend(device_type: str, name: str, capabilities: Callable[[], dict]) -> None:
+    """A backend says what it is for ``device_type``. ``capabilities()`` is called when someone
+    asks (it may build or probe things) and returns at least ``preferred_dtype``, the compute
+    dtype its kernels run fastest in, and may add facts worth showing (``tessera info``)."""
+    _BACKENDS[device_type] = (name, capabilities)
+
+
+def backend(device_type: str) -> tuple[str, dict] | None:
+    """(name, capabilities) of the backend declared for ``device_type``, or None."""
+    load_backends()
+    if device_type not in _BACKENDS:
+        return None
+    name, caps = _BACKENDS[device_type]
+    return name, caps()
+
+
+def explain(device_type: str) -> list[tuple[str, str, str]]:
+    """For every op: (op, what runs it on ``device_type``, the backend's note or why the
+    reference runs)."""
+    load_backends()
+    rows = []
+    for op, ref in sorted(_REFERENCE.items()):
+        fn = _IMPLS.get((op, device_type))
+        if fn is None:
+            rows.append((op, f"{ref.__module__}.{ref.__name__}", "reference: no backend registered it"))
+        else:
+            rows.append((op, f"{fn.__module__}.{fn.__name__}", _NOTES.get((op, device_type), "")))
+    return rows
 
 
 def load_backends() -> None:

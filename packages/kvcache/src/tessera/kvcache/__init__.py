@@ -3,11 +3,20 @@ tables, memory planning. No torch."""
 
 from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
 from .kv_cache_manager import KVCacheManager, cdiv
-from .memory import KV_CACHE_DTYPES, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
+from .memory import (
+    KV_CACHE_DTYPES,
+    QUANTIZED_KV_DTYPES,
+    KVDtype,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+    plan_num_blocks,
+)
 from .prefix_hash import BlockHash, hash_block, hash_blocks
 
 __all__ = [
     "KV_CACHE_DTYPES",
+    "KVDtype",
+    "QUANTIZED_KV_DTYPES",
     "BlockHash",
     "BlockPool",
     "FreeBlockQueue",

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-# storage dtype name -> (bytes per element, bytes of scale per token per head per K/V)
+from typing import NamedTuple
+
+
+class KVDtype(NamedTuple):
+    element_bytes: int
+    scale_bytes: int  # per token, head and K/V (a float32 scale where stored quantized)
+    torch_name: str  # the torch dtype that holds it
+
+
+# The one table of KV storage dtypes: names as --kv-cache-dtype takes them (and torch's names of
+# the float ones, which "auto" resolves to)
 KV_CACHE_DTYPES = {
-    "float32": (4, 0),
-    "float16": (2, 0),
-    "bfloat16": (2, 0),
-    "int8": (1, 4),  # float32 scale per token and head
-    "fp8": (1, 4),  # float8 e4m3 with a float32 scale per token and head
+    "float32": KVDtype(4, 0, "float32"),
+    "float16": KVDtype(2, 0, "float16"),
+    "bfloat16": KVDtype(2, 0, "bfloat16"),
+    "int8": KVDtype(1, 4, "int8"),
+    "fp8": KVDtype(1, 4, "float8_e4m3fn"),  # e4m3
 }
+QUANTIZED_KV_DTYPES = tuple(name for name, d in KV_CACHE_DTYPES.items() if d.scale_bytes)
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str | int) -> int:
@@ -20,7 +31,7 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     else:
         if dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"unknown KV cache dtype {dtype!r} (known: {', '.join(KV_CACHE_DTYPES)})")
-        elem, scale = KV_CACHE_DTYPES[dtype]
+        elem, scale, _ = KV_CACHE_DTYPES[dtype]
     return 2 * num_layers * num_kv_heads * (head_dim * elem + scale)
 
 

@@ -1,19 +1,37 @@
-"""Layers and architectures on a ragged, paged batch."""
+"""Layers and architectures on a ragged, paged batch, and the contract they keep."""
 
-from .attention_metadata import AttentionMetadata
-from .kv_cache import KV_STORAGE_DTYPES, LayerKVCache, kv_storage_dtype
-from .llama import LlamaForCausalLM
-from .loader import MODEL_CLASSES, expected_shapes, load_model
+from .attention_metadata import AttentionMetadata, build_attention_metadata, per_layer
+from .kv_cache import LayerKVCache
+from .linear import (
+    ColumnParallelLinear,
+    LoadOptions,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from .loader import expected_shapes, load_model
+from .parallel import TPInfo
+from .registry import CausalLM, KVCacheSpec, model_class, supported_architectures
 from .rotary import RotaryEmbedding
 
 __all__ = [
-    "MODEL_CLASSES",
     "AttentionMetadata",
-    "KV_STORAGE_DTYPES",
+    "CausalLM",
+    "ColumnParallelLinear",
+    "KVCacheSpec",
     "LayerKVCache",
-    "kv_storage_dtype",
-    "LlamaForCausalLM",
+    "LoadOptions",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "ReplicatedLinear",
     "RotaryEmbedding",
+    "RowParallelLinear",
+    "TPInfo",
+    "build_attention_metadata",
     "expected_shapes",
     "load_model",
+    "model_class",
+    "per_layer",
+    "supported_architectures",
 ]

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-# --kv-cache-dtype names -> storage dtype ("auto" is the model's dtype)
-KV_STORAGE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+from tessera.kernels.reference import is_quantized_kv
 
 
 @dataclass
@@ -30,18 +29,10 @@ class LayerKVCache:
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
         data = torch.empty(shape, dtype=dtype, device=device)
         scales = None
-        if dtype in KV_STORAGE_DTYPES.values():
+        if is_quantized_kv(dtype):
             scales = torch.empty(shape[:4], dtype=torch.float32, device=device)
             if fill is not None:
                 scales.fill_(fill)
         elif fill is not None:
             data.fill_(fill)
         return cls(data, scales)
-
-
-def kv_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    if name == "auto":
-        return model_dtype
-    if name not in KV_STORAGE_DTYPES:
-        raise ValueError(f"unknown KV cache dtype {name!r} (known: auto, {', '.join(KV_STORAGE_DTYPES)})")
-    return KV_STORAGE_DTYPES[name]

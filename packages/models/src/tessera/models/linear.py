@@ -1,0 +1,212 @@
+"""Linear layers that own their weights.
+
+A layer is told its full (unsharded) shape and its tensor-parallel rank; loading a checkpoint
+tensor keeps this rank's part; ``finish`` hands the part to the layer's quantization method,
+which prepares it once for the active kernel backend. Column-parallel layers split the outputs,
+row-parallel ones the inputs (their products are summed across ranks); merged and QKV layers
+are several checkpoint tensors stacked by output rows into one matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tessera.formats import FormatError, QuantizedTensor
+from tessera.kernels import LinearWeights, RowStack, ops
+
+from .parallel import NO_TP, TPInfo, narrow_cols, narrow_rows
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How weights are prepared: compute dtype, device, packed GGUF weights kept packed for the
+    backend's quantized matmul (else dequantized once at load), the tensor-parallel rank."""
+
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    packed_weights: bool = False
+    tp: TPInfo = TPInfo()
+
+
+# -- quantization methods: what a loaded weight becomes for ops.linear -----------------------
+
+
+class Unquantized:
+    name = "unquantized"
+
+    def prepare(self, weight: torch.Tensor, opts: LoadOptions):
+        return weight.to(device=opts.device, dtype=opts.dtype)
+
+
+class GGUFPacked:
+    """A GGUF weight kept packed: the backend repacks it for its quantized matmul, or
+    dequantizes it where it has none."""
+
+    name = "gguf"
+
+    def prepare(self, weight: QuantizedTensor, opts: LoadOptions):
+        return ops.prepare_linear_weight(weight.to(opts.device), opts.dtype)
+
+
+class GGUFDequantized:
+    name = "gguf-dequantized"
+
+    def prepare(self, weight: QuantizedTensor, opts: LoadOptions):
+        return weight.to(opts.device).dequantize(opts.dtype)
+
+
+def quant_method(weight, opts: LoadOptions):
+    """The method for a loaded tensor (GPTQ and EXL2 will add theirs here)."""
+    if isinstance(weight, QuantizedTensor):
+        return GGUFPacked() if opts.packed_weights else GGUFDequantized()
+    return Unquantized()
+
+
+def prepare_stacked(parts: list, opts: LoadOptions):
+    """Parts stacked by output rows, as one weight for ``ops.linear``: packed parts of one
+    scheme are one packed weight (their rows are whole blocks); a mix of schemes is a RowStack
+    of the parts as the backend prepared them, or one tensor where all came out dense."""
+    if len(parts) == 1:
+        return quant_method(parts[0], opts).prepare(parts[0], opts)
+    if (
+        opts.packed_weights
+        and all(isinstance(p, QuantizedTensor) for p in parts)
+        and len({(p.scheme, p.shape[1]) for p in parts}) == 1
+    ):
+        data = torch.cat([p.data.reshape(p.shape[0], -1) for p in parts])
+        shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+        return GGUFPacked().prepare(QuantizedTensor(parts[0].scheme, data, shape), opts)
+    prepared = [quant_method(p, opts).prepare(p, opts) for p in parts]
+    if all(isinstance(p, torch.Tensor) for p in prepared):
+        return torch.cat(prepared)
+    return RowStack(prepared)
+
+
+# -- layers -----------------------------------------------------------------------------------
+
+
+class LinearBase:
+    """``y = x @ W.T + b`` for W ``[out, in]``; subclasses say which part a rank holds."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPInfo = NO_TP):
+        self.in_features, self.out_features, self.has_bias, self.tp = in_features, out_features, bias, tp
+        self.weight = None  # prepared by finish()
+        self.bias: torch.Tensor | None = None
+        self._parts: dict = {}  # shard id -> this rank's part, until finish()
+
+    # the shards a checkpoint supplies: id -> full (unsharded) output rows of that shard
+    def shards(self) -> dict:
+        return {None: self.out_features}
+
+    def weight_shape(self, shard=None) -> tuple[int, int]:
+        return (self.shards()[shard], self.in_features)
+
+    def bias_shape(self, shard=None) -> tuple[int]:
+        return (self.shards()[shard],)
+
+    def load_weight(self, tensor, shard=None) -> None:
+        self._parts[("w", shard)] = self._take(tensor, shard)
+
+    def load_bias(self, tensor, shard=None) -> None:
+        self._parts[("b", shard)] = self._take(tensor, shard, bias=True)
+
+    def _take(self, tensor, shard, bias: bool = False):
+        raise NotImplementedError
+
+    def finish(self, opts: LoadOptions) -> None:
+        ids = list(self.shards())
+        self.weight = prepare_stacked([self._parts.pop(("w", s)) for s in ids], opts)
+        if self.has_bias and ("b", ids[0]) in self._parts:
+            b = [self._parts.pop(("b", s)).to(device=opts.device, dtype=opts.dtype) for s in ids]
+            self.bias = torch.cat(b)
+        self._parts.clear()
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, out_dtype)
+
+    def describe(self) -> LinearWeights:
+        return LinearWeights(self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight (routers, small gates)."""
+
+    def _take(self, tensor, shard, bias=False):
+        return tensor
+
+
+class ColumnParallelLinear(LinearBase):
+    """Outputs split across ranks: rank r holds output rows ``r*out/size ...``."""
+
+    def _part_of(self, shard) -> tuple[int, int]:
+        return self.tp.part(self.shards()[shard], f"{type(self).__name__} output size")
+
+    def _take(self, tensor, shard, bias=False):
+        start, length = self._part_of(shard)
+        return narrow_rows(tensor, start, length) if not bias else tensor.narrow(0, start, length)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matmul (gate|up): each rank
+    holds its part of every one, stacked in order."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias=False, tp: TPInfo = NO_TP):
+        super().__init__(in_features, sum(output_sizes), bias, tp)
+        self.output_sizes = list(output_sizes)
+
+    def shards(self) -> dict:
+        return dict(enumerate(self.output_sizes))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v in one matmul. Query heads split across ranks; key/value heads too where
+    there are at least as many as ranks, else each rank holds (a copy of) the one its query
+    heads use."""
+
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias=False, tp: TPInfo = NO_TP
+    ):
+        super().__init__(hidden, (num_heads + 2 * num_kv_heads) * head_dim, bias, tp)
+        self.head_dim, self.total_heads, self.total_kv_heads = head_dim, num_heads, num_kv_heads
+        if num_heads % tp.size:
+            raise FormatError(f"{num_heads} attention heads do not split over {tp.size} ranks")
+        if num_kv_heads >= tp.size and num_kv_heads % tp.size:
+            raise FormatError(f"{num_kv_heads} key/value heads do not split over {tp.size} ranks")
+        if num_kv_heads < tp.size and tp.size % num_kv_heads:
+            raise FormatError(f"{tp.size} ranks do not share {num_kv_heads} key/value heads evenly")
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+
+    def shards(self) -> dict:
+        d = self.head_dim
+        return {"q": self.total_heads * d, "k": self.total_kv_heads * d, "v": self.total_kv_heads * d}
+
+    def _part_of(self, shard) -> tuple[int, int]:
+        d, r = self.head_dim, self.tp.rank
+        if shard == "q":
+            return r * self.num_heads * d, self.num_heads * d
+        kv_head = (
+            r * self.num_kv_heads
+            if self.total_kv_heads >= self.tp.size
+            else r * self.total_kv_heads // self.tp.size
+        )
+        return kv_head * d, self.num_kv_heads * d
+
+
+class RowParallelLinear(LinearBase):
+    """Inputs split across ranks: each rank multiplies its columns and the partial products
+    are summed across ranks; the bias is added once (rank 0)."""
+
+    def _take(self, tensor, shard, bias=False):
+        if bias:
+            return tensor if self.tp.rank == 0 else torch.zeros_like(tensor)
+        start, length = self.tp.part(self.in_features, f"{type(self).__name__} input size")
+        return narrow_cols(tensor, start, length)
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        out = ops.linear(x, self.weight, self.bias, out_dtype)
+        if self.tp.size > 1:
+            torch.distributed.all_reduce(out)
+        return out

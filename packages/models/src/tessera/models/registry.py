@@ -1,0 +1,102 @@
+"""The model contract and the registry from architecture name to the class that implements it.
+
+A model is built from its ModelConfig and LoadOptions, receives its checkpoint's tensors by
+their names in ``load_weights``, and then serves ``forward`` on a ragged, paged batch. Adding a
+family is one file in this package and a line in ``_REGISTRY``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from tessera.formats import FormatError, ModelConfig
+
+from .attention_metadata import AttentionMetadata
+from .kv_cache import LayerKVCache
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one layer keeps per token: full attention, or a sliding window of ``window`` tokens."""
+
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.sliding_window is None else "sliding"
+
+
+class CausalLM(Protocol):
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[T, hidden]`` embeddings (a multimodal model merges its encoder's outputs here)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_caches: list[LayerKVCache],
+        attn_metadata: AttentionMetadata | list[AttentionMetadata],
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` after the final norm. ``attn_metadata`` is one per
+        layer (layers of a KV cache group share theirs) or one for all."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[N, vocab]``."""
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        """One per layer, in order."""
+
+    def load_weights(
+        self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Take the checkpoint's tensors by their own names (HF or GGUF) and prepare them."""
+
+
+# architecture (our name: HF model_type; GGUF names are mapped by formats) -> "module:Class"
+_REGISTRY = {
+    "llama": "llama:LlamaForCausalLM",
+    "mistral": "llama:LlamaForCausalLM",
+    "qwen2": "llama:LlamaForCausalLM",
+    "gemma3": "gemma3:Gemma3ForCausalLM",
+    "mixtral": "mixtral:MixtralForCausalLM",
+    "qwen2_moe": "qwen_moe:Qwen2MoeForCausalLM",
+    "qwen3_moe": "qwen_moe:Qwen3MoeForCausalLM",
+}
+# HF ``architectures`` class names -> our names
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+
+
+def supported_architectures() -> list[str]:
+    return list(_REGISTRY)
+
+
+def model_class(architecture: str) -> type:
+    """The class for ``architecture`` (ours or an HF class name); FormatError listing the
+    supported ones otherwise."""
+    name = HF_ARCHITECTURES.get(architecture, architecture)
+    if name not in _REGISTRY:
+        raise FormatError(
+            f"no model class for architecture {architecture!r} (supported: {', '.join(_REGISTRY)})"
+        )
+    module, cls = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
