@@ -24,6 +24,20 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_model_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF), joined from its part packages into the cache on first use."""
+    import importlib.util
+
+    from tessera.engine import KNOWN_MODELS, resolve_model
+
+    model = KNOWN_MODELS["gemma-3-270m"]
+    packages = [package for package, _ in (*model.parts, model.sums)]
+    if any(importlib.util.find_spec(p) is None for p in packages):
+        pytest.skip("Gemma 3 270M is not installed (an optional extra): uv sync --extra gemma")
+    return resolve_model("gemma-3-270m")  # installed but damaged fails here, loudly
+
+
+@pytest.fixture(scope="session")
 def hf_default_model(default_model_path):
     """transformers' own GGUF loader on the default model, fp32: the reference."""
     transformers = pytest.importorskip("transformers")

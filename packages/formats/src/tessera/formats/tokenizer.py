@@ -1,4 +1,5 @@
-"""A text tokenizer built on HF ``tokenizers``, from an HF ``tokenizer.json`` or a GGUF vocab."""
+"""A text tokenizer built on HF ``tokenizers``, from an HF ``tokenizer.json`` or a GGUF vocab
+(byte-level BPE here, Gemma's SentencePiece in ``gguf_sentencepiece``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .chat_template import render_chat_template
 from .config_values import read_bool, read_int, shown
 from .errors import FormatError
+from .gguf_sentencepiece import GEMMA_ARCHITECTURES, gemma_tokenizer
 from .json_file import read_json_object
 
 # GGUF tokenizer.ggml.pre -> pre-tokenizer. The regexes are the ones llama.cpp uses for each type
@@ -70,6 +72,28 @@ def _gguf_list(meta: dict, key: str, kind: type, source: str, required: bool = F
     return value
 
 
+def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int], source: str) -> HFTokenizer:
+    """GPT-2 style BPE over bytes spelled as characters, with the merges the file lists."""
+    merges = [tuple(m.split(" ", 1)) for m in _gguf_list(meta, "tokenizer.ggml.merges", str, source)]
+    if any(len(m) != 2 for m in merges):
+        bad = next(" ".join(m) for m in merges if len(m) != 2)
+        raise FormatError(f"{source}: tokenizer.ggml.merges holds {shown(bad)}, not two tokens")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise FormatError(f"{source}: tokenizer.ggml.pre is {shown(pre)}, not a string")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    hf.pre_tokenizer = _gguf_pre_tokenizer(pre, source)
+    hf.decoder = decoders.ByteLevel()
+    added = [
+        AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
+        for i in range(len(tokens))
+        if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+    ]
+    hf.add_tokens(added)
+    return hf
+
+
 class Tokenizer:
     """Encode, decode, and apply the chat template of one model."""
 
@@ -125,9 +149,12 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        arch = meta.get("general.architecture")
+        sentencepiece = kind == "llama" and arch in GEMMA_ARCHITECTURES
+        if kind != "gpt2" and not sentencepiece:
             raise FormatError(
-                f"{source}: tokenizer model {shown(kind)} is not supported (supported: 'gpt2' BPE)"
+                f"{source}: tokenizer model {shown(kind)} of architecture {shown(arch)} is not supported "
+                f"(supported: 'gpt2' BPE; 'llama' SentencePiece for {', '.join(GEMMA_ARCHITECTURES)})"
             )
         tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, source, required=True)
         types = _gguf_list(meta, "tokenizer.ggml.token_type", int, source) or [1] * len(tokens)
@@ -135,13 +162,6 @@ class Tokenizer:
             raise FormatError(
                 f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
             )
-        merges = [tuple(m.split(" ", 1)) for m in _gguf_list(meta, "tokenizer.ggml.merges", str, source)]
-        if any(len(m) != 2 for m in merges):
-            bad = next(" ".join(m) for m in merges if len(m) != 2)
-            raise FormatError(f"{source}: tokenizer.ggml.merges holds {shown(bad)}, not two tokens")
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if not isinstance(pre, str):
-            raise FormatError(f"{source}: tokenizer.ggml.pre is {shown(pre)}, not a string")
         template = meta.get("tokenizer.chat_template")
         if template is not None and not isinstance(template, str):
             raise FormatError(f"{source}: tokenizer.chat_template is {shown(template)}, not a string")
@@ -155,19 +175,19 @@ class Tokenizer:
         bos = token_id("tokenizer.ggml.bos_token_id")
         eos = [token_id(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")]
         add_bos = read_bool(meta.get("tokenizer.ggml.add_bos_token"), "tokenizer.ggml.add_bos_token", source)
-        vocab = {t: i for i, t in enumerate(tokens)}
-        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        hf.pre_tokenizer = _gguf_pre_tokenizer(pre, source)
-        hf.decoder = decoders.ByteLevel()
-        added = [
-            AddedToken(tokens[i], special=types[i] == _TOKEN_CONTROL, normalized=False)
-            for i in range(len(tokens))
-            if types[i] in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
-        ]
-        hf.add_tokens(added)
+        if sentencepiece:
+            unk = token_id("tokenizer.ggml.unknown_token_id")
+            hf = gemma_tokenizer(tokens, types, None if unk is None else tokens[unk])
+            # a Gemma chat turn ends with <end_of_turn>, which the file does not mark as EOS or EOT:
+            # HF's generation_config lists it beside <eos>, and llama.cpp stops on it by its text
+            if "<end_of_turn>" in tokens:
+                eos.append(tokens.index("<end_of_turn>"))
+        else:
+            hf = _byte_level_bpe(meta, tokens, types, source)
         if add_bos and bos is not None:
+            b = tokens[bos]
             hf.post_processor = processors.TemplateProcessing(
-                single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B", special_tokens=[(tokens[bos], bos)]
+                single=f"{b} $A", pair=f"{b} $A {b}:1 $B:1", special_tokens=[(b, bos)]
             )
         return cls(
             hf,
