@@ -24,6 +24,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return lookup("silu_and_mul", x.device.type)(x)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return lookup("gelu_tanh_and_mul", x.device.type)(x)
+
+
 def linear(
     x: torch.Tensor, weight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:

@@ -51,6 +51,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@reference("gelu_tanh_and_mul")
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` where x is ``[..., 2*I]`` = gate then up (Gemma's MLP)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 @reference("prepare_linear_weight")
 def prepare_linear_weight(weight, dtype: torch.dtype):
     """What ``linear`` will multiply with, made once at load from a packed checkpoint weight

@@ -84,16 +84,21 @@ class RMSNorm:
     def __init__(self, hidden: int, eps: float, offset: float = 0.0) -> None:
         self.hidden, self.eps, self.offset = hidden, eps, offset
         self.weight: torch.Tensor | None = None
+        self._offset_applied = False
 
     def weight_shape(self) -> tuple[int]:
         return (self.hidden,)
 
     def load_weight(self, tensor, shard=None) -> None:
-        self.weight = tensor
+        self.weight, self._offset_applied = tensor, False
+
+    def load_weight_with_offset(self, tensor, shard=None) -> None:
+        """A weight that already holds ``w + offset`` (llama.cpp's converter adds Gemma's 1)."""
+        self.weight, self._offset_applied = tensor, True
 
     def finish(self, opts: LoadOptions) -> None:
-        w = to_dense(self.weight, torch.float32, opts.device) + self.offset
-        self.weight = w.to(opts.dtype)
+        w = to_dense(self.weight, torch.float32, opts.device)
+        self.weight = (w if self._offset_applied else w + self.offset).to(opts.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
