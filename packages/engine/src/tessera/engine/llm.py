@@ -6,10 +6,18 @@ import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import msgspec
 import torch
 
-from tessera.formats import open_checkpoint
-from tessera.kvcache import KVCacheManager, kv_bytes_per_token, num_blocks_for_budget, plan_num_blocks
+from tessera.formats import ModelConfig, open_checkpoint
+from tessera.kvcache import (
+    KVCacheManager,
+    KVCacheSpec,
+    group_layers,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+    plan_num_blocks,
+)
 from tessera.models import kv_storage_dtype, load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
@@ -60,7 +68,14 @@ class LLM:
         c = self.config
         kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
         kv_name = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else str(dtype).removeprefix("torch.")
-        per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_name)
+        groups = group_layers(_kv_cache_specs(c))
+        if len(groups) > 1:
+            # the model runner hands every layer group 0's table until attention metadata is built
+            # per group: until then every layer keeps all its blocks (and attends to its window)
+            full = KVCacheSpec(None, c.num_key_value_heads, c.head_dim)
+            groups = group_layers([full] * c.num_hidden_layers)
+        # a block id is a page in each of the group_size tensors
+        per_token = kv_bytes_per_token(groups.group_size, c.num_key_value_heads, c.head_dim, kv_name)
         budget = args.kv_cache_memory
         if budget is None:
             budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
@@ -80,13 +95,8 @@ class LLM:
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
         )
-        # blocks can leave a request's table only if every layer slides
-        all_sliding = c.sliding_window is not None and "layer_types" not in c.extra
         kv = KVCacheManager(
-            num_blocks,
-            args.block_size,
-            enable_caching=args.enable_prefix_caching,
-            sliding_window=c.sliding_window if all_sliding else None,
+            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching, groups=groups
         )
         scheduler = Scheduler(sched_config, kv)
         eos = (
@@ -172,7 +182,7 @@ class LLM:
                 stop_token_ids=params.stop_token_ids,
                 eos_token_ids=self.eos_token_ids,
                 ignore_eos=params.ignore_eos,
-                sampling_params=params,
+                sampling_params=msgspec.msgpack.encode(params),  # opaque to the scheduler
                 arrival_time=time.monotonic(),
                 priority=priority,
                 cache_salt=cache_salt,
@@ -249,6 +259,19 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
+
+
+def _kv_cache_specs(c: ModelConfig) -> list[KVCacheSpec]:
+    """Per layer: sliding over ``sliding_window`` tokens where ``layer_types`` says so (every layer
+    when the config has no ``layer_types``), full attention otherwise."""
+    types = c.extra.get("layer_types")
+
+    def window(layer: int) -> int | None:
+        if types is not None and types[layer] != "sliding_attention":
+            return None
+        return c.sliding_window
+
+    return [KVCacheSpec(window(i), c.num_key_value_heads, c.head_dim) for i in range(c.num_hidden_layers)]
 
 
 def _auto_dtype(device: torch.device) -> torch.dtype:

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from tessera.models import AttentionMetadata, LayerKVCache, LlamaForCausalLM
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 
+# the engine encoded the request's SamplingParams; nil (no parameters) decodes to None
+_decode_params = msgspec.msgpack.Decoder(SamplingParams | None).decode
+
 
 @dataclass
 class CachedRequestState:
     token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int
+    block_ids: list[list[int]]  # one table per KV cache group
+    num_computed_tokens: int  # the scheduler's count, sent every step the request runs
     params: SamplingParams
     generator: torch.Generator | None
     num_prompt_tokens: int
@@ -71,10 +75,10 @@ class ModelRunner:
         for rid in so.preempted_request_ids:
             self.requests.pop(rid, None)
         for nr in so.new_requests:
-            params = nr.sampling_params or SamplingParams()
+            params = _decode_params(nr.sampling_params) or SamplingParams()
             state = CachedRequestState(
                 list(nr.token_ids),
-                list(nr.block_ids),
+                [list(t) for t in nr.block_ids],
                 nr.num_computed_tokens,
                 params,
                 make_generator(params.seed, self.device),
@@ -89,7 +93,17 @@ class ModelRunner:
                 state.matcher.consume_tokens(state.token_ids[state.num_prompt_tokens :])
             self.requests[nr.request_id] = state
         for cr in so.cached_requests:
-            self.requests[cr.request_id].block_ids.extend(cr.new_block_ids)
+            st = self.requests[cr.request_id]
+            for table, new in zip(st.block_ids, cr.new_block_ids, strict=True):
+                table.extend(new)
+            # the scheduler owns the counts: tokens it did not accept (rejected speculative ones) go
+            if len(st.token_ids) < cr.num_tokens:
+                raise RuntimeError(
+                    f"request {cr.request_id}: the scheduler counts {cr.num_tokens} tokens, the runner "
+                    f"holds only {len(st.token_ids)}"
+                )
+            del st.token_ids[cr.num_tokens :]
+            st.num_computed_tokens = cr.num_computed_tokens
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -110,7 +124,7 @@ class ModelRunner:
             start = st.num_computed_tokens
             end = start + n
             ids.extend(st.token_ids[start:end])
-            blocks = st.block_ids
+            blocks = st.block_ids[0]  # models today have one KV cache group
             for p in range(start, end):
                 positions.append(p)
                 slots.append(blocks[p // bs] * bs + p % bs)
@@ -142,8 +156,6 @@ class ModelRunner:
             meta,
         )
         prompt_lps = self._prompt_logprobs(so, hidden, qsl)
-        for rid, n in so.num_scheduled_tokens.items():
-            self.requests[rid].num_computed_tokens += n
         if not sample_rows:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
