@@ -65,6 +65,12 @@ def hf_greedy(hf, ids, n):
     [
         ("mistral-sliding-window", "MistralConfig", {"sliding_window": 12}),
         ("qwen2-bias", "Qwen2Config", {}),
+        # layer 0 full, layer 1 sliding: two kinds of layer in one model
+        (
+            "qwen2-mixed-layers",
+            "Qwen2Config",
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+        ),
         (
             "llama3-rope",
             "LlamaConfig",
@@ -102,12 +108,31 @@ def test_sliding_window_requests_hold_only_the_blocks_in_their_window(tmp_path):
     build(tmp_path, transformers.MistralConfig, sliding_window=8)
     llm = LLM(str(tmp_path), dtype="float32", block_size=4, kv_cache_memory=256 * 1024, max_model_len=128)
     kv = llm.engine.scheduler.kv
-    assert kv.sliding_window == 8
+    assert kv.windows == [8]  # one group: every layer slides
     held = []
     for out in llm.stream(list(range(2, 42)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)):
         if not out.finished:
-            held.append(kv.num_held_blocks(out.request_id))
+            (n,) = kv.num_held_blocks(out.request_id)
+            held.append(n)
     # the prefill step holds the whole 40-token prompt (10 blocks); from the next step on only the
     # window of 8 tokens is kept: at most 3 blocks plus the one being filled (70 tokens need 18)
     assert held[0] == 10
     assert max(held[1:]) <= 4
+
+
+def test_the_runner_computes_from_the_schedulers_counts_and_drops_tokens_it_did_not_count(tmp_path):
+    hf = build(tmp_path, transformers.MistralConfig, sliding_window=8)
+    llm = LLM(str(tmp_path), dtype="float32", block_size=4, kv_cache_memory=256 * 1024, max_model_len=128)
+    ids = list(range(2, 22))
+    rid = llm.add_request(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    llm.step()  # the prompt, and the first token
+    state = llm.engine.runner.requests[rid]
+    # as if two speculative tokens had been appended and then rejected, and the runner's own
+    # count had drifted: the scheduler's counts put it right
+    state.token_ids += [5, 6]
+    state.num_computed_tokens = 3
+    out = None
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            out = o
+    assert out.token_ids == hf_greedy(hf, ids, 6)

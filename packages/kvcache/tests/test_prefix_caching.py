@@ -19,13 +19,13 @@ class FakeCache:
 
     def write(self, rid: str, tokens: list[int], start: int, end: int) -> None:
         bs = self.kv.block_size
-        ids = self.kv.block_ids(rid)
+        (ids,) = self.kv.block_ids(rid)
         for p in range(start, end):
             self.contents.setdefault(ids[p // bs], [None] * bs)[p % bs] = tokens[p]
 
     def check_hit(self, rid: str, tokens: list[int], num_hit: int) -> None:
         bs = self.kv.block_size
-        ids = self.kv.block_ids(rid)
+        (ids,) = self.kv.block_ids(rid)
         for p in range(num_hit):
             assert self.contents[ids[p // bs]][p % bs] == tokens[p], "a cache hit holds other tokens"
 
@@ -36,7 +36,7 @@ def check_invariants(kv: KVCacheManager) -> None:
     assert len(free) == len(set(free)) == pool.num_free_blocks
     holders: dict[int, int] = {}
     for rid in kv._tables:
-        for b in kv._tables[rid]:
+        for b in kv._tables[rid][0]:
             if b is not None:
                 holders[b.block_id] = holders.get(b.block_id, 0) + 1
     assert not set(free) & set(holders), "a block is both free and in use"
@@ -98,9 +98,9 @@ def test_a_shared_prefix_is_computed_once_and_shared():
     kv.allocate_slots("a", 10, new_computed_blocks=hits)
     kv.cache_blocks("a", prompt, 10)
     hits, n = kv.get_computed_blocks("b", prompt[:8] + [99, 98])
-    assert n == 8 and [b.block_id for b in hits] == kv.block_ids("a")[:2]
+    assert n == 8 and [b.block_id for b in hits[0]] == kv.block_ids("a")[0][:2]
     kv.allocate_slots("b", 10, new_computed_blocks=hits)
-    assert [b.ref_cnt for b in hits] == [2, 2]
+    assert [b.ref_cnt for b in hits[0]] == [2, 2]
     assert kv.prefix_hits == 8 and kv.prefix_queries == 20
 
 
@@ -158,10 +158,10 @@ def test_hashes_are_stable_across_processes():
 def test_sliding_window_frees_blocks_out_of_the_window():
     kv = KVCacheManager(8, 4, sliding_window=6)
     kv.allocate_slots("a", 16)  # 4 blocks
-    assert kv.num_held_blocks("a") == 4
+    assert kv.num_held_blocks("a") == [4]
     # the next token is at position 16 and sees positions 11..16: blocks 0 and 1 are out
     kv.allocate_slots("a", 17, num_computed_tokens=16)
-    assert kv.num_held_blocks("a") == 3  # blocks 2, 3 and the new block 4
+    assert kv.num_held_blocks("a") == [3]  # blocks 2, 3 and the new block 4
     kv.free("a")
     assert kv.num_free_blocks == 8
 

@@ -5,8 +5,9 @@ import random
 import msgspec
 import pytest
 
-from tessera.kvcache import KVCacheManager
+from tessera.kvcache import KVCacheManager, KVCacheSpec, cdiv, group_layers
 from tessera.scheduler import (
+    EngineCoreOutput,
     IllegalTransition,
     ModelRunnerOutput,
     Request,
@@ -49,10 +50,46 @@ def test_several_requests_run_in_one_step():
 
 def test_scheduler_output_crosses_a_process_boundary_as_bytes():
     s = make()
-    s.add_request(Request("a", [1, 2, 3], max_tokens=2))
-    so = s.schedule()
+    # the payload is whatever msgpack the engine made; the scheduler never looks inside
+    payload = msgspec.msgpack.encode({"temperature": 0.5, "logit_bias": {3: -1.5}})
+    s.add_request(Request("a", [1, 2, 3], max_tokens=2, sampling_params=payload))
+    s.add_request(Request("b", [4, 5], max_tokens=2))
+    so, _ = fake_step(s)
     back = msgspec.msgpack.decode(msgspec.msgpack.encode(so), type=SchedulerOutput)
     assert back == so
+    assert bytes(back.new_requests[0].sampling_params) == payload
+    assert msgspec.msgpack.decode(back.new_requests[1].sampling_params) is None  # no parameters
+    so = s.schedule()  # cached requests now: their counts and per-group blocks
+    assert so.cached_requests
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(so), type=SchedulerOutput) == so
+
+
+def test_model_runner_output_with_logprobs_crosses_as_bytes_and_comes_back_equal():
+    ro = ModelRunnerOutput(
+        {"a": [5], "b": [7]},
+        logprobs={"a": [[(5, -0.25), (9, -1.5), (2, -3.0)]]},
+        prompt_logprobs={"b": [[(4, -2.0)], [(1, -0.5), (1, -0.5)]]},
+    )
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(ro), type=ModelRunnerOutput)
+    assert back == ro and isinstance(back.logprobs["a"][0][0], tuple)
+    out = EngineCoreOutput("a", [5], "stop", 5, 3, ro.logprobs["a"], ro.prompt_logprobs["b"])
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=EngineCoreOutput) == out
+
+
+def test_sampling_params_must_arrive_encoded():
+    with pytest.raises(TypeError, match="sampling_params must be msgpack bytes"):
+        Request("a", [1], max_tokens=1, sampling_params={"temperature": 0})
+
+
+def test_cached_requests_carry_the_schedulers_token_counts_at_the_start_of_the_step():
+    s = make(max_num_batched_tokens=4)
+    s.add_request(Request("a", list(range(6)), max_tokens=3))
+    counts = []
+    while s.has_unfinished_requests():
+        so, _ = fake_step(s)
+        counts += [(c.num_computed_tokens, c.num_tokens) for c in so.cached_requests]
+    # prefill 4 (new), prefill 2 of 6, then decode the 7th and 8th token
+    assert counts == [(4, 6), (6, 7), (7, 8)]
 
 
 def test_long_prompts_are_split_across_steps_under_the_token_budget():
@@ -141,3 +178,36 @@ def test_a_cache_too_small_for_max_model_len_is_refused_with_the_numbers():
         ValueError, match="max_model_len 100 needs 25 KV blocks of 4 tokens but the cache has only 10"
     ):
         make(num_blocks=10, block_size=4, max_model_len=100)
+
+
+def test_a_hybrid_cache_sends_a_table_per_group_and_sliding_groups_keep_only_their_window():
+    groups = group_layers([KVCacheSpec(), KVCacheSpec(8), KVCacheSpec(8)])
+    s = Scheduler(SchedulerConfig(max_model_len=64), KVCacheManager(64, 4, groups=groups))
+    s.add_request(Request("a", list(range(20)), max_tokens=30))
+    so, _ = fake_step(s)
+    (new,) = so.new_requests
+    assert len(new.block_ids) == 3 and all(len(t) == 5 for t in new.block_ids)
+    tables = [list(t) for t in new.block_ids]
+    while s.has_unfinished_requests():
+        so, _ = fake_step(s)
+        if not so.cached_requests:
+            continue
+        (cr,) = so.cached_requests
+        assert len(cr.new_block_ids) == 3
+        for t, added in zip(tables, cr.new_block_ids, strict=True):
+            t.extend(added)
+        if s.requests:
+            held = s.kv.num_held_blocks("a")
+            assert held[0] == len(tables[0]) and max(held[1:]) <= cdiv(8, 4) + 1
+    assert s.kv.num_free_blocks == 64
+    # the runner's tables, built from deltas alone, cover all 50 tokens in every group
+    assert all(len(t) == cdiv(49, 4) for t in tables)
+
+
+def test_a_hybrid_cache_too_small_for_max_model_len_is_refused_with_each_groups_share():
+    groups = group_layers([KVCacheSpec(), KVCacheSpec(8)])
+    with pytest.raises(ValueError, match=r"needs 32 KV blocks of 4 tokens \(25 \+ 7 in its groups\) but"):
+        Scheduler(
+            SchedulerConfig(max_model_len=100, max_num_batched_tokens=16),
+            KVCacheManager(30, 4, groups=groups),
+        )

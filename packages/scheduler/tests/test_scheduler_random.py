@@ -5,7 +5,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.kvcache import KVCacheManager
+from tessera.kvcache import KVCacheManager, KVCacheSpec, group_layers
 from tessera.scheduler import ModelRunnerOutput, Request, Scheduler, SchedulerConfig
 
 
@@ -14,7 +14,8 @@ def step(s: Scheduler, rng: random.Random):
     # every scheduled request holds blocks for all the tokens it will have computed
     for rid, n in so.num_scheduled_tokens.items():
         req = s.requests[rid]
-        assert len(s.kv.block_ids(rid)) * s.kv.block_size >= req.num_computed_tokens + n
+        for table in s.kv.block_ids(rid):
+            assert len(table) * s.kv.block_size >= req.num_computed_tokens + n
     assert so.total_num_scheduled_tokens <= s.config.max_num_batched_tokens
     assert len(s.running) <= s.config.max_num_seqs
     sampled = {}
@@ -33,15 +34,24 @@ def step(s: Scheduler, rng: random.Random):
     budget=st.integers(4, 64),
     caching=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
+    windows=st.sampled_from([[None], [5], [None, 3], [None, 4, 4, 9]]),  # a sliding window per group
 )
 def test_random_arrivals_and_aborts_all_end_and_free_everything(
-    seed, num_blocks, block_size, budget, caching, policy
+    seed, num_blocks, block_size, budget, caching, policy, windows
 ):
     rng = random.Random(seed)
-    max_len = min(num_blocks * block_size, 48)
+    kv = KVCacheManager(
+        num_blocks,
+        block_size,
+        enable_caching=caching,
+        groups=group_layers([KVCacheSpec(w) for w in windows]),
+    )
+    max_len = 48  # the longest context one request can hold alone in every group
+    while max_len > 2 and sum(kv.blocks_for_context(max_len, budget)) > num_blocks:
+        max_len -= 1
     s = Scheduler(
         SchedulerConfig(max_model_len=max_len, max_num_seqs=6, max_num_batched_tokens=budget, policy=policy),
-        KVCacheManager(num_blocks, block_size, enable_caching=caching),
+        kv,
     )
     ended: dict[str, str] = {}
     produced: dict[str, int] = {}

@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import msgspec
 import torch
 
 from tessera.formats import open_checkpoint
@@ -14,6 +15,8 @@ from tessera.kvcache import (
     KV_CACHE_DTYPES,
     QUANTIZED_KV_DTYPES,
     KVCacheManager,
+    KVCacheSpec,
+    group_layers,
     kv_bytes_per_token,
     num_blocks_for_budget,
     plan_num_blocks,
@@ -68,14 +71,25 @@ class LLM:
         c = self.config
         kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
         kv_name = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else str(dtype).removeprefix("torch.")
-        per_token = kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_name)
+        # layers grouped by KV kind (full, sliding window): each group has its own block tables
+        # over one pool, and a block id is a page in each of the group_size tensors
+        groups = group_layers(
+            [KVCacheSpec(s.sliding_window, s.num_kv_heads, s.head_dim) for s in self.model.kv_cache_spec()]
+        )
+        self.kv_groups = groups
+        per_token = kv_bytes_per_token(groups.group_size, c.num_key_value_heads, c.head_dim, kv_name)
         budget = args.kv_cache_memory
         if budget is None:
             budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
         max_model_len = args.max_model_len
         if max_model_len is None:
-            fits = num_blocks_for_budget(budget, args.block_size, per_token) * args.block_size
-            max_model_len = min(c.max_position_embeddings, fits)
+            max_model_len = _longest_context(
+                groups,
+                num_blocks_for_budget(budget, args.block_size, per_token),
+                args.block_size,
+                args.max_num_batched_tokens,
+                c.max_position_embeddings,
+            )
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
         num_blocks = plan_num_blocks(budget, args.block_size, per_token, max(max_model_len, args.block_size))
@@ -88,13 +102,8 @@ class LLM:
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
         )
-        # blocks can leave a request's table only if every layer slides
-        all_sliding = c.sliding_window is not None and "layer_types" not in c.extra
         kv = KVCacheManager(
-            num_blocks,
-            args.block_size,
-            enable_caching=args.enable_prefix_caching,
-            sliding_window=c.sliding_window if all_sliding else None,
+            num_blocks, args.block_size, enable_caching=args.enable_prefix_caching, groups=groups
         )
         scheduler = Scheduler(sched_config, kv)
         eos = (
@@ -104,7 +113,13 @@ class LLM:
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         runner = ModelRunner(
-            self.model, num_blocks, args.block_size, kv_dtype, self.eos_token_ids, args.batch_invariant
+            self.model,
+            num_blocks,
+            args.block_size,
+            kv_dtype,
+            self.eos_token_ids,
+            args.batch_invariant,
+            groups,
         )
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -180,7 +195,7 @@ class LLM:
                 stop_token_ids=params.stop_token_ids,
                 eos_token_ids=self.eos_token_ids,
                 ignore_eos=params.ignore_eos,
-                sampling_params=params,
+                sampling_params=msgspec.msgpack.encode(params),  # opaque to the scheduler
                 arrival_time=time.monotonic(),
                 priority=priority,
                 cache_salt=cache_salt,
@@ -257,6 +272,19 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
+
+
+def _longest_context(groups, num_blocks: int, block_size: int, step_tokens: int | None, limit: int) -> int:
+    """The longest context (up to ``limit``) whose blocks, summed over the groups, fit in
+    ``num_blocks`` (sliding groups hold only their window's)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(groups.blocks_for_context(mid, block_size, step_tokens)) <= num_blocks:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def kv_storage_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
+from tessera.kvcache import KVCacheGroups, KVCacheSpec, group_layers
 from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
+
+# the engine encoded the request's SamplingParams; nil (no parameters) decodes to None
+_decode_params = msgspec.msgpack.Decoder(SamplingParams | None).decode
 
 
 @dataclass
 class CachedRequestState:
     token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int
+    block_ids: list[list[int]]  # one table per KV cache group
+    num_computed_tokens: int  # the scheduler's count, sent every step the request runs
     params: SamplingParams
     generator: torch.Generator | None
     num_prompt_tokens: int
@@ -47,17 +52,33 @@ class ModelRunner:
         kv_dtype: torch.dtype,
         eos_token_ids: tuple[int, ...] = (),
         batch_invariant: bool = True,
+        groups: KVCacheGroups | None = None,
     ) -> None:
         self.model = model
         self.batch_invariant = batch_invariant
         self.device = model.device
         self.block_size = block_size
-        # uninitialized, not zeros: pages map as blocks get used, and attention reads only
-        # slots that reshape_and_cache has written
+        specs = model.kv_cache_spec()
+        if groups is None:  # one group of every layer
+            groups = group_layers([KVCacheSpec(s.sliding_window, s.num_kv_heads, s.head_dim) for s in specs])
+        self.num_groups = len(groups)
+        # A block id is a page of each of the group_size tensors; layer L uses tensor j of its
+        # group (vLLM's hybrid allocator): the groups' block ids never collide, so they share
+        # the tensors. Uninitialized, not zeros: pages map as blocks get used, and attention
+        # reads only slots that reshape_and_cache has written.
+        shapes = {(s.num_kv_heads, s.head_dim) for s in specs}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"layers with different KV shapes (heads, head size) {sorted(shapes)} are not supported"
+            )
+        ((kv_heads, head_dim),) = shapes
         self.kv_caches = [
-            LayerKVCache.allocate(num_blocks, block_size, s.num_kv_heads, s.head_dim, kv_dtype, self.device)
-            for s in model.kv_cache_spec()
+            LayerKVCache.allocate(num_blocks, block_size, kv_heads, head_dim, kv_dtype, self.device)
+            for _ in range(groups.group_size)
         ]
+        slots = [groups.layer_slot(layer) for layer in range(len(specs))]
+        self.layer_group = [g for g, _ in slots]
+        self.layer_caches = [self.kv_caches[j] for _, j in slots]
         self.sampler = Sampler(eos_token_ids)
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
         self.requests: dict[str, CachedRequestState] = {}
@@ -68,10 +89,10 @@ class ModelRunner:
         for rid in so.preempted_request_ids:
             self.requests.pop(rid, None)
         for nr in so.new_requests:
-            params = nr.sampling_params or SamplingParams()
+            params = _decode_params(nr.sampling_params) or SamplingParams()
             state = CachedRequestState(
                 list(nr.token_ids),
-                list(nr.block_ids),
+                [list(t) for t in nr.block_ids],
                 nr.num_computed_tokens,
                 params,
                 make_generator(params.seed, self.device),
@@ -86,7 +107,17 @@ class ModelRunner:
                 state.matcher.consume_tokens(state.token_ids[state.num_prompt_tokens :])
             self.requests[nr.request_id] = state
         for cr in so.cached_requests:
-            self.requests[cr.request_id].block_ids.extend(cr.new_block_ids)
+            st = self.requests[cr.request_id]
+            for table, new in zip(st.block_ids, cr.new_block_ids, strict=True):
+                table.extend(new)
+            # the scheduler owns the counts: tokens it did not accept (rejected speculative ones) go
+            if len(st.token_ids) < cr.num_tokens:
+                raise RuntimeError(
+                    f"request {cr.request_id}: the scheduler counts {cr.num_tokens} tokens, the runner "
+                    f"holds only {len(st.token_ids)}"
+                )
+            del st.token_ids[cr.num_tokens :]
+            st.num_computed_tokens = cr.num_computed_tokens
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -106,7 +137,7 @@ class ModelRunner:
             ids.extend(st.token_ids[start:end])
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
-            tables.append(st.block_ids)
+            tables.append(st.block_ids)  # one table per KV cache group
             if end == len(st.token_ids):  # caught up: this step yields a token
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(rid)
@@ -114,17 +145,18 @@ class ModelRunner:
         positions, metas = build_attention_metadata(
             list(so.num_scheduled_tokens.values()),
             seq_lens,
-            [tables],
+            [[t[g] for t in tables] for g in range(self.num_groups)],
             self.block_size,
             dev,
             self.batch_invariant,
         )
         hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.int64, device=dev), positions, self.kv_caches, metas[0]
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions,
+            self.layer_caches,
+            [metas[g] for g in self.layer_group],
         )
         prompt_lps = self._prompt_logprobs(so, hidden, qsl)
-        for rid, n in so.num_scheduled_tokens.items():
-            self.requests[rid].num_computed_tokens += n
         if not sample_rows:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])

@@ -1,13 +1,16 @@
 """All KV blocks, created once: reference counts, an intrusive LRU free list, and the map from
-block hash to cached block.
+cache key to cached block.
 
-A freed block keeps its hash (and stays findable) until it is handed out again: eviction is
-lazy, and the free list's order decides what goes first.
+A freed block keeps its key (and stays findable) until it is handed out again: eviction is
+lazy, and the free list's order decides what goes first. The manager's key is (KV cache group,
+chain hash): the same tokens are cached once per group, each in a block that group owns.
 """
 
 from __future__ import annotations
 
-from .prefix_hash import BlockHash
+from collections.abc import Hashable
+
+CacheKey = Hashable
 
 
 class KVCacheBlock:
@@ -16,7 +19,7 @@ class KVCacheBlock:
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: BlockHash | None = None
+        self.block_hash: CacheKey | None = None  # its cache key, while cached
         self.prev_free: KVCacheBlock | None = None
         self.next_free: KVCacheBlock | None = None
 
@@ -73,7 +76,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
-        self.cached: dict[BlockHash, KVCacheBlock] = {}
+        self.cached: dict[CacheKey, KVCacheBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -116,14 +119,14 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
 
-    def lookup(self, block_hash: BlockHash) -> KVCacheBlock | None:
-        return self.cached.get(block_hash)
+    def lookup(self, key: CacheKey) -> KVCacheBlock | None:
+        return self.cached.get(key)
 
-    def cache(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
-        """Make a full, computed block findable by its hash (first one wins on a duplicate)."""
-        if block.block_hash is None and block_hash not in self.cached:
-            block.block_hash = block_hash
-            self.cached[block_hash] = block
+    def cache(self, block: KVCacheBlock, key: CacheKey) -> None:
+        """Make a full, computed block findable by its key (first one wins on a duplicate)."""
+        if block.block_hash is None and key not in self.cached:
+            block.block_hash = key
+            self.cached[key] = block
 
     def reset_prefix_cache(self) -> int:
         """Forget every hash; returns how many blocks were cached."""

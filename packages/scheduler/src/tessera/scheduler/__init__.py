@@ -2,6 +2,7 @@
 
 from .config import SchedulerConfig
 from .outputs import (
+    NO_SAMPLING_PARAMS,
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
@@ -13,6 +14,7 @@ from .request import IllegalTransition, Request, RequestStatus
 from .scheduler import Scheduler
 
 __all__ = [
+    "NO_SAMPLING_PARAMS",
     "CachedRequestData",
     "EngineCoreOutput",
     "IllegalTransition",

@@ -1,10 +1,18 @@
-"""What crosses from the scheduler to the model runner and back: plain data, only deltas."""
+"""What crosses from the scheduler to the model runner and back: plain data, only deltas.
+
+Every type here decodes from msgpack to a value equal to the one encoded
+(``msgspec.msgpack.decode(data, type=SchedulerOutput)``), so an executor can send them to
+worker processes as bytes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
+
+# Sampling parameters travel as the msgpack encoding their owner (the engine) made: the
+# scheduler passes them through without importing their type, the runner decodes them.
+# msgpack nil: no parameters, the runner's defaults.
+NO_SAMPLING_PARAMS = msgspec.Raw(b"\xc0")
 
 
 class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -12,17 +20,22 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
 
     request_id: str
     token_ids: list[int]
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one table per KV cache group
     num_computed_tokens: int
-    sampling_params: Any = None
+    sampling_params: msgspec.Raw = NO_SAMPLING_PARAMS
     num_prompt_tokens: int = 0  # token_ids beyond this are output tokens (a resumed request)
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
-    """A request the runner already holds: just its new blocks."""
+    """A request the runner already holds: its new blocks, and the token counts the scheduler
+    (their one owner) holds at the start of this step. The runner computes from
+    ``num_computed_tokens`` and drops any tokens of its own past ``num_tokens`` (tokens the
+    scheduler did not accept, such as rejected speculative ones)."""
 
     request_id: str
-    new_block_ids: list[int]
+    new_block_ids: list[list[int]]  # per KV cache group
+    num_computed_tokens: int
+    num_tokens: int
 
 
 class SchedulerOutput(msgspec.Struct, omit_defaults=True):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+
+import msgspec
+
+from .outputs import NO_SAMPLING_PARAMS
 
 
 class RequestStatus(enum.IntEnum):
@@ -70,7 +73,7 @@ class Request:
         stop_token_ids: tuple[int, ...] | list[int] = (),
         eos_token_ids: tuple[int, ...] | list[int] = (),
         ignore_eos: bool = False,
-        sampling_params: Any = None,
+        sampling_params: msgspec.Raw | bytes = NO_SAMPLING_PARAMS,
         arrival_time: float = 0.0,
         priority: int = 0,
         cache_salt: str | None = None,
@@ -80,6 +83,13 @@ class Request:
             raise ValueError(f"request {request_id}: the prompt is empty")
         if max_tokens < 1:
             raise ValueError(f"request {request_id}: max_tokens must be at least 1, got {max_tokens}")
+        if isinstance(sampling_params, bytes):
+            sampling_params = msgspec.Raw(sampling_params)
+        if not isinstance(sampling_params, msgspec.Raw):
+            raise TypeError(
+                f"request {request_id}: sampling_params must be msgpack bytes (msgspec.Raw or bytes, "
+                f"e.g. msgspec.msgpack.encode(params)), got {type(sampling_params).__name__}"
+            )
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -89,7 +99,8 @@ class Request:
         self.stop_token_ids = frozenset(stop_token_ids)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.ignore_eos = ignore_eos
-        self.sampling_params = sampling_params  # opaque: passed to the model runner untouched
+        # msgpack bytes, opaque: passed to the model runner untouched
+        self.sampling_params = sampling_params
         self.arrival_time = arrival_time
         self.priority = priority  # lower runs first under the priority policy
         self.cache_salt = cache_salt

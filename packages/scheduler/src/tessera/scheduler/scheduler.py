@@ -30,11 +30,13 @@ class Scheduler:
         self._seq = itertools.count()
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
-        max_blocks = -(-config.max_model_len // kv_cache.block_size)
-        if max_blocks > kv_cache.num_blocks:
+        # one request of max_model_len tokens must be able to run alone, in every KV cache group
+        per_group = kv_cache.blocks_for_context(config.max_model_len, config.max_num_batched_tokens)
+        if sum(per_group) > kv_cache.num_blocks:
+            split = f" ({' + '.join(map(str, per_group))} in its groups)" if len(per_group) > 1 else ""
             raise ValueError(
-                f"max_model_len {config.max_model_len} needs {max_blocks} KV blocks of "
-                f"{kv_cache.block_size} tokens but the cache has only {kv_cache.num_blocks}"
+                f"max_model_len {config.max_model_len} needs {sum(per_group)} KV blocks of "
+                f"{kv_cache.block_size} tokens{split} but the cache has only {kv_cache.num_blocks}"
             )
 
     # -- admission and exit -------------------------------------------------------------------
@@ -124,7 +126,9 @@ class Scheduler:
                 continue  # req itself was preempted; running[i] is now the next one
             num_scheduled[req.request_id] = n
             budget -= n
-            cached.append(CachedRequestData(req.request_id, new_blocks))
+            cached.append(
+                CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens, req.num_tokens)
+            )
             i = self.running.index(req) + 1
 
         while (
@@ -174,7 +178,7 @@ class Scheduler:
         self._finished_ids, self._preempted_ids = [], []
         return out
 
-    def _allocate(self, req: Request, n: int) -> list[int] | None:
+    def _allocate(self, req: Request, n: int) -> list[list[int]] | None:
         new_blocks = self.kv.allocate_slots(
             req.request_id, req.num_computed_tokens + n, num_computed_tokens=req.num_computed_tokens
         )
