@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,7 +249,7 @@ class GGUFCheckpoint:
             if qtype in _FLOAT_TYPES:
                 value: torch.Tensor | QuantizedTensor = raw.view(_FLOAT_TYPES[qtype]).reshape(shape)
             else:
-                value = QuantizedTensor(qtype, raw.reshape(shape[0] if len(shape) > 1 else 1, -1), shape)
+                value = QuantizedTensor(qtype, raw.reshape(math.prod(shape[:-1]), -1), shape)
             kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
             # rows that are not the config's heads are left as they are for the loader's shape check
             if kind in permute_heads and shape[0] == permute_heads[kind] * self.config.head_dim:
