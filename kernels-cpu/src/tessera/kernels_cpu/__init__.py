@@ -10,6 +10,7 @@ from .attention import paged_attention
 from .cache_write import reshape_and_cache
 from .decoder import decoder_layers
 from .elementwise import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+from .moe import PackedExperts, fused_moe, prepare_expert_weights
 from .packed import PackedWeight, linear, prepare_linear_weight
 
 _registered = False
@@ -55,16 +56,25 @@ def register_all() -> None:
         "whole Llama-kind layers in one C call (bf16, packed weights, bf16 cache), else op by op "
         "(reason logged once)",
     )(decoder_layers)
+    register("prepare_expert_weights", "cpu", "packs each expert for the C matmul, else dequantizes")(
+        prepare_expert_weights
+    )
+    register(
+        "fused_moe", "cpu", "tokens grouped by expert, each active expert's packed weights read once (C)"
+    )(fused_moe)
     _registered = True
 
 
 __all__ = [
+    "PackedExperts",
     "PackedWeight",
     "decoder_layers",
     "linear",
     "prepare_linear_weight",
     "fused_add_rms_norm",
+    "fused_moe",
     "paged_attention",
+    "prepare_expert_weights",
     "register_all",
     "reshape_and_cache",
     "rms_norm",

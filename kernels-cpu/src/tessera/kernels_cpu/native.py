@@ -20,7 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["attention_bf16.c", "elementwise_bf16.c", "qmatmul.c", "decoder_bf16.c", "pool.c"]
+SOURCES = ["attention_bf16.c", "elementwise_bf16.c", "qmatmul.c", "decoder_bf16.c", "moe.c", "pool.c"]
 HEADERS = ["simd.h", "pool.h"]
 # -ffp-contract=off: no FMA the source does not write, so the arithmetic of a row is the source's
 # in every layout and inlining context (batch invariance, csrc/attention_bf16.c)
@@ -103,6 +103,9 @@ def library() -> ctypes.CDLL | None:
     lib.tessera_q_gather_rows.argtypes = [i, p, p, p, i, i, p, i, p, i]
     lib.tessera_q_dequantize_t.argtypes = [i, p, p, p, i, i, p, i, i]
     lib.tessera_llama_layers_bf16.argtypes = [p, i, p, p, p, i]
+    lib.tessera_moe.argtypes = [p, i, i, i, i, i, i, p, p, i, i, p, i, p, p, p, i]
+    lib.tessera_moe_scratch_bytes.argtypes = [i, i, i, i, i, i]
+    lib.tessera_moe_scratch_bytes.restype = ctypes.c_int64
     for fn in (
         lib.tessera_rms_norm_bf16,
         lib.tessera_rotary_bf16,
@@ -113,6 +116,7 @@ def library() -> ctypes.CDLL | None:
         lib.tessera_q_gather_rows,
         lib.tessera_q_dequantize_t,
         lib.tessera_llama_layers_bf16,
+        lib.tessera_moe,
     ):
         fn.restype = i
     return lib

@@ -72,7 +72,8 @@ class PackedWeight:
         return self.rows(torch.arange(self.shape[0]), dtype)
 
 
-def _supported(weight) -> bool:
+def supported(weight) -> bool:
+    """Whether the C kernels take this packed matrix (scheme, whole row groups and blocks)."""
     shape = getattr(weight, "shape", ())
     scheme = getattr(weight, "scheme", None)
     return (
@@ -88,7 +89,7 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     """A packed weight for the C kernels where they take its scheme, else the reference's
     dequantized tensor."""
     lib = native.library()
-    if lib is None or not _supported(weight):
+    if lib is None or not supported(weight):
         return reference.prepare_linear_weight(weight, dtype)
     n, k = weight.shape
     scheme = weight.scheme

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +253,5 @@ class GGUFCheckpoint:
             if qtype in _FLOAT_TYPES:
                 value: torch.Tensor | QuantizedTensor = raw.view(_FLOAT_TYPES[qtype]).reshape(shape)
             else:
-                rows = shape[:-1] if len(shape) > 1 else (1,)
-                value = QuantizedTensor(qtype, raw.reshape(*rows, -1), shape)
+                value = QuantizedTensor(qtype, raw.reshape(math.prod(shape[:-1]), -1), shape)
             yield t.name, value

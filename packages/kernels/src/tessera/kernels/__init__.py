@@ -1,6 +1,6 @@
 """Op signatures, the dispatch registry, and the pure-torch reference of every op."""
 
-from . import ops, reference
+from . import moe, ops, reference
 from .capabilities import preferred_dtype
 from .decoder import DecoderLayerSpec, LinearWeights
 from .registry import backend, declare_backend, explain, implementations, lookup, register, unregister
@@ -15,6 +15,7 @@ __all__ = [
     "explain",
     "implementations",
     "lookup",
+    "moe",
     "ops",
     "preferred_dtype",
     "reference",

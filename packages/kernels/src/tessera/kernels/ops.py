@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as _reference  # noqa: F401  (declares the references)
+from . import moe as _moe  # noqa: F401  (declares the references)
+from . import reference as _reference  # noqa: F401
 from .registry import lookup
 
 
@@ -36,6 +37,22 @@ def linear(
 
 def prepare_linear_weight(weight, dtype: torch.dtype):
     return lookup("prepare_linear_weight", weight.device.type)(weight, dtype)
+
+
+def prepare_expert_weights(weight, dtype: torch.dtype):
+    return lookup("prepare_expert_weights", weight.device.type)(weight, dtype)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    gate_up,
+    down,
+    top_k: int,
+    renormalize: bool,
+    scoring: str = "softmax",
+) -> torch.Tensor:
+    return lookup("fused_moe", x.device.type)(x, router_logits, gate_up, down, top_k, renormalize, scoring)
 
 
 def reshape_and_cache(key, value, kv_cache, slot_mapping, kv_scales=None) -> None:
