@@ -17,6 +17,17 @@ _registered = False
 _C = "C kernels (AVX512-BF16/VNNI) where built, else Numba/torch"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def capabilities() -> dict:
     """bf16 where the C kernels run (int8 products over packed weights: 3x fp32's decode
     speed); fp32 elsewhere, where bf16 would run through torch's slower reference ops."""
@@ -26,7 +37,7 @@ def capabilities() -> dict:
     return {
         "preferred_dtype": torch.bfloat16 if lib is not None else torch.float32,
         "c_kernels": "built" if lib is not None else "unavailable (see log); Numba/torch",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
     }
 

@@ -251,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from . import bench_serve
+    from . import bench_serve, info
+
+    inf = sub.add_parser("info", help="platform, kernel backend and what runs each op, supported models")
+    info.add_args(inf)
+    inf.set_defaults(func=info.run)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
