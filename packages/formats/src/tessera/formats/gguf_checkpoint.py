@@ -192,6 +192,11 @@ class GGUFCheckpoint:
             experts = get_int("expert_count", maximum=4096)
             ff = "feed_forward_length" if ours == "mixtral" else "expert_feed_forward_length"
             shared = get("expert_shared_feed_forward_length")
+            # llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE only,
+            # unless the file says otherwise
+            norm = get("expert_weights_norm", ours != "qwen2_moe")
+            if not isinstance(norm, bool):
+                raise FormatError(f"{src}: {arch}.expert_weights_norm is {shown(norm)}, not true or false")
             extra |= {
                 "num_experts": experts,
                 "num_experts_per_tok": get_int("expert_used_count", maximum=experts),
@@ -199,14 +204,21 @@ class GGUFCheckpoint:
                 "shared_expert_intermediate_size": 0
                 if shared is None
                 else get_int("expert_shared_feed_forward_length"),
-                # llama.cpp renormalises the chosen experts' weights for Mixtral and Qwen3-MoE only
-                "norm_topk_prob": ours != "qwen2_moe",
+                "norm_topk_prob": norm,
                 "qk_norm": ours == "qwen3_moe",
+                # no metadata lists them: a layer with a dense MLP and no router (HF's
+                # mlp_only_layers) is dense; its MLP is feed_forward_length wide
+                "dense_layers": tuple(
+                    i
+                    for i in range(n_layers)
+                    if f"blk.{i}.ffn_down.weight" in names and f"blk.{i}.ffn_gate_inp.weight" not in names
+                ),
             }
         elif ours in ("qwen2_moe", "qwen3_moe"):
             raise FormatError(f"{src}: metadata key {arch}.expert_count is missing")
         ff_key = "feed_forward_length"
-        intermediate = get_int(ff_key) if get(ff_key) is not None or "num_experts" not in extra else 0
+        needs_ff = "num_experts" not in extra or extra["dense_layers"]
+        intermediate = get_int(ff_key) if get(ff_key) is not None or needs_ff else 0
         return ModelConfig(
             architecture=ours,
             vocab_size=vocab,

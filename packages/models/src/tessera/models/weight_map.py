@@ -20,6 +20,8 @@ class _Slot:
     load: Callable
     required: bool
     style: str  # "hf" | "gguf"
+    covers: tuple[str, ...] = ()  # a fused tensor: the parameters (keys) it holds
+    other_shapes: tuple[tuple[int, ...], ...] = ()  # further shapes a converter may write
 
 
 class WeightMap:
@@ -28,6 +30,7 @@ class WeightMap:
         self._slots: dict[str, _Slot] = {}
         self._keys: dict[str, dict[str, str]] = {}  # key -> style -> name
         self._ignored: list[re.Pattern] = []
+        self._fused_names: dict[tuple[str, str], str] = {}  # (key, style) -> fused tensor holding it
 
     def add(
         self,
@@ -75,13 +78,35 @@ class WeightMap:
             gguf_load=gguf_load,
         )
 
+    def add_fused(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        load: Callable,
+        covers: list[str],
+        style: str,
+        other_shapes: tuple[tuple[int, ...], ...] = (),
+    ) -> None:
+        """A tensor that holds in one the parameters declared under the HF names ``covers``
+        (a stack of experts: GGUF's ``ffn_*_exps``, transformers 5's ``experts.gate_up_proj``;
+        or one parameter a converter reshaped, ``other_shapes``): loading it counts as loading
+        them, and a ``style`` file that lacks them is told this name."""
+        self._slots[name] = _Slot(
+            name, tuple(shape), load, False, style, tuple(covers), tuple(map(tuple, other_shapes))
+        )
+        for key in covers:
+            self._fused_names.setdefault((key, style), name)
+
     def shapes(self, style: str = "hf") -> dict[str, tuple[int, ...]]:
         """The required tensors' names (in ``style``: "hf" or "gguf") and shapes."""
         out = {}
-        for names in self._keys.values():
+        for key, names in self._keys.items():
             slot = self._slots[names["hf"]]
             if slot.required and style in names:
                 out[names[style]] = slot.shape
+            elif slot.required and (key, style) in self._fused_names:  # a GGUF expert stack
+                name = self._fused_names[key, style]
+                out[name] = self._slots[name].shape
         return out
 
     def ignore(self, pattern: str) -> None:
@@ -98,21 +123,23 @@ class WeightMap:
                 if any(p.fullmatch(name) for p in self._ignored):
                     continue
                 raise FormatError(f"unexpected tensor {name} for a {self.architecture} model")
-            if slot.key in done:
+            keys = slot.covers or (slot.key,)
+            if any(k in done for k in keys):
                 raise FormatError(f"tensor {name} appears twice")
-            if shape_of(value) != slot.shape:
+            if shape_of(value) != slot.shape and shape_of(value) not in slot.other_shapes:
                 got, want = list(shape_of(value)), list(slot.shape)
                 raise FormatError(f"tensor {name} has shape {got}, expected {want} from the config")
             slot.load(value)
-            done.add(slot.key)
+            done.update(keys)
             styles.add(slot.style)
             if progress is not None:
                 progress(len(done), total)
         style = "gguf" if styles == {"gguf"} else "hf"
         missing = [
-            names.get(style, names["hf"])
+            names.get(style) or self._fused_names.get((key, style)) or names["hf"]
             for key, names in self._keys.items()
             if key not in done and self._slots[names["hf"]].required
         ]
+        missing = list(dict.fromkeys(missing))  # the experts of one fused tensor, named once
         if missing:
             raise FormatError(f"tensor {missing[0]} is missing ({len(missing)} missing)")

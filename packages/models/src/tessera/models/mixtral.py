@@ -1,0 +1,208 @@
+"""Mixtral: Llama's attention, and a sparse mixture-of-experts MLP (``moe.FusedMoE``: each
+token's top 2 of 8 SiLU-gated experts, their weights renormalized).
+
+``ops.decoder_layers`` takes dense Llama-kind layers only, so these layers run op by op. The
+attention, layer and model here serve the Qwen MoE families too (``qwen_moe.py``), which
+differ in their MLP blocks, qkv bias and QK-norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from tessera.formats import ModelConfig
+from tessera.kernels import ops
+
+from .attention_metadata import AttentionMetadata, per_layer
+from .embedding import LMHead, RMSNorm, VocabEmbedding
+from .kv_cache import LayerKVCache
+from .linear import LoadOptions
+from .llama import IGNORED, LlamaAttention
+from .moe import FusedMoE
+from .registry import KVCacheSpec
+from .rotary import RotaryEmbedding
+from .weight_map import WeightMap
+
+
+class MoEAttention(LlamaAttention):
+    """Llama's attention run op by op, with an RMSNorm over each head of q and k before the
+    rotary embedding where the config has QK-norm (Qwen3-MoE: a plain ``w * x / rms(x)``)."""
+
+    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions) -> None:
+        super().__init__(config, layer, opts)
+        c = config
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+
+    def declare(self, wm: WeightMap, hf: str, gguf: str, permuted_heads: tuple[int, int] | None) -> None:
+        super().declare(wm, hf, gguf, permuted_heads)
+        if self.q_norm is not None:
+            wm.add_norm(self.q_norm, f"{hf}.self_attn.q_norm", f"{gguf}.attn_q_norm")
+            wm.add_norm(self.k_norm, f"{hf}.self_attn.k_norm", f"{gguf}.attn_k_norm")
+
+    def finish(self, opts: LoadOptions) -> None:
+        for part in (self.qkv_proj, self.o_proj, self.q_norm, self.k_norm):
+            if part is not None:
+                part.finish(opts)
+
+    def forward(self, x, cos, sin, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj.forward(x)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm.forward(q.reshape(-1, d)).reshape(t, -1)
+            k = self.k_norm.forward(k.reshape(-1, d)).reshape(t, -1)
+        q, k = ops.rotary_embedding(q, k, cos, sin, d)
+        ops.reshape_and_cache(
+            k.reshape(t, self.num_kv_heads, d),
+            v.reshape(t, self.num_kv_heads, d),
+            kv_cache.data,
+            meta.slot_mapping,
+            kv_cache.scales,
+        )
+        out = ops.paged_attention(
+            q.reshape(t, self.num_heads, d),
+            kv_cache.data,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            self.scale,
+            self.sliding_window,
+            kv_cache.scales,
+            batch_invariant=meta.batch_invariant,
+        )
+        return self.o_proj.forward(out.reshape(t, self.num_heads * d))
+
+
+class MoEDecoderLayer:
+    """Pre-norm attention, then a pre-norm MLP block: ``mlp`` is anything with ``finish`` and
+    ``forward`` (experts, experts with a shared expert, or a dense MLP)."""
+
+    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions, mlp) -> None:
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = MoEAttention(c, layer, opts)
+        self.mlp = mlp
+
+    def finish(self, opts: LoadOptions) -> None:
+        self.input_layernorm.finish(opts)
+        self.post_attention_layernorm.finish(opts)
+        self.self_attn.finish(opts)
+        self.mlp.finish(opts)
+
+    def forward(self, x, residual, cos, sin, kv_cache, meta):
+        """``x`` is the last layer's output not yet added to ``residual`` (None at the start)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm.forward(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn.forward(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp.forward(h), residual
+
+
+class MixtralForCausalLM:
+    # llama.cpp converts Mixtral as "llama", interleaving the rotary halves of q/k rows
+    rope_rows_permuted = True
+
+    def __init__(self, config: ModelConfig, opts: LoadOptions) -> None:
+        c = config
+        self.config, self.opts = c, opts
+        self.dtype, self.device = opts.dtype, opts.device
+        self.rotary = RotaryEmbedding(c, opts.device)
+        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size, opts.tp)
+        self.layers = [MoEDecoderLayer(c, i, opts, self.make_mlp(i)) for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = LMHead(self.embed_tokens, c.tie_word_embeddings)
+
+    # -- what the families differ in: the MLP block and its names ---------------------------
+
+    def make_mlp(self, layer: int):
+        c = self.config
+        return FusedMoE(
+            c.hidden_size,
+            c.moe_intermediate_size,
+            c.num_experts,
+            c.num_experts_per_tok,
+            c.norm_topk_prob,
+            self.opts.tp,
+        )
+
+    def declare_mlp(self, wm: WeightMap, mlp, hf: str, gguf: str) -> None:
+        # transformers 5 holds the block under ``mlp`` (its own fused names use that prefix)
+        mlp.declare(wm, f"{hf}.block_sparse_moe", gguf, ("w1", "w3", "w2"), fused_hf=f"{hf}.mlp")
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def weight_map(self) -> WeightMap:
+        c = self.config
+        wm = WeightMap(c.architecture)
+        e = self.embed_tokens
+        wm.add(e.weight_shape(), e.load_weight, "model.embed_tokens.weight", "token_embd.weight")
+        wm.add_norm(self.norm, "model.norm", "output_norm")
+        if c.tie_word_embeddings:
+            wm.ignore(r"lm_head\.weight|output\.weight")
+        else:
+            wm.add(e.weight_shape(), self.lm_head.load_weight, "lm_head.weight", "output.weight")
+        wm.add(
+            (c.head_dim // 2,),
+            self.rotary.set_freq_factors,
+            "model.rotary_emb.freq_factors",
+            "rope_freqs.weight",
+            required=False,
+        )
+        wm.ignore(IGNORED)
+        permuted = (c.num_attention_heads, c.num_key_value_heads) if self.rope_rows_permuted else None
+        for i, layer in enumerate(self.layers):
+            hf, gguf = f"model.layers.{i}", f"blk.{i}"
+            wm.add_norm(layer.input_layernorm, f"{hf}.input_layernorm", f"{gguf}.attn_norm")
+            wm.add_norm(layer.post_attention_layernorm, f"{hf}.post_attention_layernorm", f"{gguf}.ffn_norm")
+            layer.self_attn.declare(wm, hf, gguf, permuted)
+            self.declare_mlp(wm, layer.mlp, hf, gguf)
+        return wm
+
+    def load_weights(
+        self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        self.weight_map().load(weights, progress)
+        self.embed_tokens.finish(self.opts, keep_packed=self.config.tie_word_embeddings)
+        self.lm_head.finish(self.opts)
+        self.norm.finish(self.opts)
+        for layer in self.layers:
+            layer.finish(self.opts)
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def kv_cache_spec(self) -> list[KVCacheSpec]:
+        return [
+            KVCacheSpec(ly.self_attn.num_kv_heads, ly.self_attn.head_dim, ly.self_attn.sliding_window)
+            for ly in self.layers
+        ]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens.forward(input_ids, self.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        kv_caches: list[LayerKVCache],
+        attn_metadata: AttentionMetadata | list[AttentionMetadata],
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        metas = per_layer(attn_metadata, len(self.layers))
+        cos, sin = self.rotary.cos_sin(positions, metas[0].token_seq_lens)
+        x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer, cache, meta in zip(self.layers, kv_caches, metas, strict=True):
+            x, residual = layer.forward(x, residual, cos, sin, cache, meta)
+        x, _ = self.norm.add_forward(x, residual)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.forward(hidden)
