@@ -8,7 +8,6 @@ Its layers are not of the Llama kind (four norms, QK-norm, GELU), so they run op
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
 
 import torch
 
@@ -16,54 +15,21 @@ from tessera.formats import ModelConfig
 from tessera.kernels import ops
 
 from .attention_metadata import AttentionMetadata, per_layer
+from .decoder_model import DecoderModel
 from .embedding import LMHead, RMSNorm, VocabEmbedding
 from .kv_cache import LayerKVCache
-from .linear import LoadOptions, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from .registry import KVCacheSpec
+from .linear import LoadOptions, MergedColumnParallelLinear, RowParallelLinear
+from .llama import LlamaAttention
 from .rotary import RotaryEmbedding
 from .weight_map import WeightMap
 
 
-class Gemma3Attention:
-    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions) -> None:
-        c = config
-        self.qkv_proj = QKVParallelLinear(
-            c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.qkv_bias, opts.tp
-        )
-        self.o_proj = RowParallelLinear(c.q_size, c.hidden_size, c.o_bias, opts.tp)
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, offset=1.0)
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, offset=1.0)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.head_dim = c.head_dim
-        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
-        self.sliding_window = c.layer_window(layer)
+class Gemma3Attention(LlamaAttention):
+    """Llama's attention with QK-norm scaling by ``1 + w`` and Gemma's query scale."""
 
-    def forward(self, x, cos, sin, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj.forward(x)
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        q = self.q_norm.forward(q.reshape(-1, d)).reshape(t, -1)
-        k = self.k_norm.forward(k.reshape(-1, d)).reshape(t, -1)
-        q, k = ops.rotary_embedding(q, k, cos, sin, d)
-        ops.reshape_and_cache(
-            k.reshape(t, self.num_kv_heads, d),
-            v.reshape(t, self.num_kv_heads, d),
-            kv_cache.data,
-            meta.slot_mapping,
-            kv_cache.scales,
-        )
-        out = ops.paged_attention(
-            q.reshape(t, self.num_heads, d),
-            kv_cache.data,
-            meta.query_start_loc,
-            meta.seq_lens,
-            meta.block_tables,
-            self.scale,
-            self.sliding_window,
-            kv_cache.scales,
-            batch_invariant=meta.batch_invariant,
-        )
-        return self.o_proj.forward(out.reshape(t, self.num_heads * d))
+    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions) -> None:
+        super().__init__(config, layer, opts, qk_norm_offset=1.0)
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
 
 
 class Gemma3DecoderLayer:
@@ -78,19 +44,14 @@ class Gemma3DecoderLayer:
         self.gate_up_proj = MergedColumnParallelLinear(h, [c.intermediate_size] * 2, c.mlp_bias, opts.tp)
         self.down_proj = RowParallelLinear(c.intermediate_size, h, c.mlp_bias, opts.tp)
 
-    def norms(self) -> list[RMSNorm]:
-        a = self.self_attn
-        return [
+    def finish(self, opts: LoadOptions) -> None:
+        for part in (
             self.input_layernorm,
             self.post_attention_layernorm,
             self.pre_feedforward_layernorm,
             self.post_feedforward_layernorm,
-            a.q_norm,
-            a.k_norm,
-        ]
-
-    def finish(self, opts: LoadOptions) -> None:
-        for part in (*self.norms(), self.self_attn.qkv_proj, self.self_attn.o_proj):
+            self.self_attn,
+        ):
             part.finish(opts)
         self.gate_up_proj.finish(opts)
         self.down_proj.finish(opts)
@@ -107,7 +68,7 @@ class Gemma3DecoderLayer:
         return self.post_feedforward_layernorm.forward(h), residual
 
 
-class Gemma3ForCausalLM:
+class Gemma3ForCausalLM(DecoderModel):
     def __init__(self, config: ModelConfig, opts: LoadOptions) -> None:
         c = config
         if c.hidden_act != "gelu_pytorch_tanh":
@@ -159,22 +120,6 @@ class Gemma3ForCausalLM:
             wm.add_linear(layer.gate_up_proj, f"{hf}.mlp.up_proj", f"{gguf}.ffn_up", 1)
             wm.add_linear(layer.down_proj, f"{hf}.mlp.down_proj", f"{gguf}.ffn_down")
         return wm
-
-    def load_weights(
-        self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        self.weight_map().load(weights, progress)
-        self.embed_tokens.finish(self.opts, keep_packed=self.config.tie_word_embeddings)
-        self.lm_head.finish(self.opts)
-        self.norm.finish(self.opts)
-        for layer in self.layers:
-            layer.finish(self.opts)
-
-    def kv_cache_spec(self) -> list[KVCacheSpec]:
-        return [
-            KVCacheSpec(ly.self_attn.num_kv_heads, ly.self_attn.head_dim, ly.self_attn.sliding_window)
-            for ly in self.layers
-        ]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens.forward(input_ids, self.dtype)

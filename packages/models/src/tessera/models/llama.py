@@ -7,18 +7,16 @@ stack is handed to ``ops.decoder_layers`` as ``DecoderLayerSpec``s (a backend ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
 
 from tessera.formats import ModelConfig, QuantizedTensor
 from tessera.kernels import DecoderLayerSpec, ops
 
 from .attention_metadata import AttentionMetadata, per_layer
+from .decoder_model import DecoderModel
 from .embedding import LMHead, RMSNorm, VocabEmbedding
 from .kv_cache import LayerKVCache
 from .linear import LoadOptions, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from .registry import KVCacheSpec
 from .rotary import RotaryEmbedding
 from .weight_map import WeightMap
 
@@ -38,7 +36,14 @@ def unpermute_rope_rows(rows, n_heads: int):
 
 
 class LlamaAttention:
-    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions) -> None:
+    """q|k|v in one matmul, rotary, the paged cache, o. In a Llama model the fused stack (or the
+    reference ``decoder_layers``) runs it from its DecoderLayerSpec; other families run
+    ``forward`` op by op, with an RMSNorm over each head of q and k where the config has QK-norm
+    (``qk_norm_offset`` 1 for Gemma's ``1 + w``)."""
+
+    def __init__(
+        self, config: ModelConfig, layer: int, opts: LoadOptions, qk_norm_offset: float = 0.0
+    ) -> None:
         c = config
         self.qkv_proj = QKVParallelLinear(
             c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.qkv_bias, opts.tp
@@ -48,6 +53,41 @@ class LlamaAttention:
         self.head_dim = c.head_dim
         self.scale = c.head_dim**-0.5
         self.sliding_window = c.layer_window(layer)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, qk_norm_offset) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, qk_norm_offset) if c.qk_norm else None
+
+    def finish(self, opts: LoadOptions) -> None:
+        for part in (self.qkv_proj, self.o_proj, self.q_norm, self.k_norm):
+            if part is not None:
+                part.finish(opts)
+
+    def forward(self, x, cos, sin, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv_proj.forward(x)
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm.forward(q.reshape(-1, d)).reshape(t, -1)
+            k = self.k_norm.forward(k.reshape(-1, d)).reshape(t, -1)
+        q, k = ops.rotary_embedding(q, k, cos, sin, d)
+        ops.reshape_and_cache(
+            k.reshape(t, self.num_kv_heads, d),
+            v.reshape(t, self.num_kv_heads, d),
+            kv_cache.data,
+            meta.slot_mapping,
+            kv_cache.scales,
+        )
+        out = ops.paged_attention(
+            q.reshape(t, self.num_heads, d),
+            kv_cache.data,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            self.scale,
+            self.sliding_window,
+            kv_cache.scales,
+            batch_invariant=meta.batch_invariant,
+        )
+        return self.o_proj.forward(out.reshape(t, self.num_heads * d))
 
     def declare(self, wm: WeightMap, hf: str, gguf: str, permuted_heads: tuple[int, int] | None) -> None:
         for x in "qkv":
@@ -88,8 +128,7 @@ class LlamaDecoderLayer:
     def finish(self, opts: LoadOptions) -> None:
         for part in (self.input_layernorm, self.post_attention_layernorm):
             part.finish(opts)
-        self.self_attn.qkv_proj.finish(opts)
-        self.self_attn.o_proj.finish(opts)
+        self.self_attn.finish(opts)
         self.mlp.finish(opts)
 
     def describe(self) -> DecoderLayerSpec:
@@ -110,7 +149,7 @@ class LlamaDecoderLayer:
         )
 
 
-class LlamaForCausalLM:
+class LlamaForCausalLM(DecoderModel):
     def __init__(self, config: ModelConfig, opts: LoadOptions) -> None:
         self.config, self.opts = config, opts
         self.dtype, self.device = opts.dtype, opts.device
@@ -157,27 +196,10 @@ class LlamaForCausalLM:
             layer.mlp.declare(wm, f"{hf}.mlp", gguf)
         return wm
 
-    def load_weights(
-        self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        self.weight_map().load(weights, progress)
-        self.embed_tokens.finish(self.opts, keep_packed=self.config.tie_word_embeddings)
-        self.lm_head.finish(self.opts)
-        self.norm.finish(self.opts)
-        for layer in self.layers:
-            layer.finish(self.opts)
+    def loaded(self) -> None:
         self.layer_specs = [layer.describe() for layer in self.layers]
 
     # -- the contract -----------------------------------------------------------------------
-
-    def kv_cache_spec(self) -> list[KVCacheSpec]:
-        return [
-            KVCacheSpec(ly.self_attn.num_kv_heads, ly.self_attn.head_dim, ly.self_attn.sliding_window)
-            for ly in self.layers
-        ]
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens.forward(input_ids, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -194,7 +216,3 @@ class LlamaForCausalLM:
         x, residual = ops.decoder_layers(self.layer_specs, x, None, cos, sin, kv_caches, metas)
         x, _ = self.norm.add_forward(x, residual)
         return x
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.forward(hidden)

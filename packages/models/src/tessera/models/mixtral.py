@@ -8,20 +8,17 @@ differ in their MLP blocks, qkv bias and QK-norm.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
 
 from tessera.formats import ModelConfig
-from tessera.kernels import ops
 
 from .attention_metadata import AttentionMetadata, per_layer
+from .decoder_model import DecoderModel
 from .embedding import LMHead, RMSNorm, VocabEmbedding
 from .kv_cache import LayerKVCache
 from .linear import LoadOptions
 from .llama import IGNORED, LlamaAttention
 from .moe import FusedMoE
-from .registry import KVCacheSpec
 from .rotary import RotaryEmbedding
 from .weight_map import WeightMap
 
@@ -30,50 +27,11 @@ class MoEAttention(LlamaAttention):
     """Llama's attention run op by op, with an RMSNorm over each head of q and k before the
     rotary embedding where the config has QK-norm (Qwen3-MoE: a plain ``w * x / rms(x)``)."""
 
-    def __init__(self, config: ModelConfig, layer: int, opts: LoadOptions) -> None:
-        super().__init__(config, layer, opts)
-        c = config
-        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
-
     def declare(self, wm: WeightMap, hf: str, gguf: str, permuted_heads: tuple[int, int] | None) -> None:
         super().declare(wm, hf, gguf, permuted_heads)
         if self.q_norm is not None:
             wm.add_norm(self.q_norm, f"{hf}.self_attn.q_norm", f"{gguf}.attn_q_norm")
             wm.add_norm(self.k_norm, f"{hf}.self_attn.k_norm", f"{gguf}.attn_k_norm")
-
-    def finish(self, opts: LoadOptions) -> None:
-        for part in (self.qkv_proj, self.o_proj, self.q_norm, self.k_norm):
-            if part is not None:
-                part.finish(opts)
-
-    def forward(self, x, cos, sin, kv_cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
-        qkv = self.qkv_proj.forward(x)
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm.forward(q.reshape(-1, d)).reshape(t, -1)
-            k = self.k_norm.forward(k.reshape(-1, d)).reshape(t, -1)
-        q, k = ops.rotary_embedding(q, k, cos, sin, d)
-        ops.reshape_and_cache(
-            k.reshape(t, self.num_kv_heads, d),
-            v.reshape(t, self.num_kv_heads, d),
-            kv_cache.data,
-            meta.slot_mapping,
-            kv_cache.scales,
-        )
-        out = ops.paged_attention(
-            q.reshape(t, self.num_heads, d),
-            kv_cache.data,
-            meta.query_start_loc,
-            meta.seq_lens,
-            meta.block_tables,
-            self.scale,
-            self.sliding_window,
-            kv_cache.scales,
-            batch_invariant=meta.batch_invariant,
-        )
-        return self.o_proj.forward(out.reshape(t, self.num_heads * d))
 
 
 class MoEDecoderLayer:
@@ -104,7 +62,7 @@ class MoEDecoderLayer:
         return self.mlp.forward(h), residual
 
 
-class MixtralForCausalLM:
+class MixtralForCausalLM(DecoderModel):
     # llama.cpp converts Mixtral as "llama", interleaving the rotary halves of q/k rows
     rope_rows_permuted = True
 
@@ -164,26 +122,7 @@ class MixtralForCausalLM:
             self.declare_mlp(wm, layer.mlp, hf, gguf)
         return wm
 
-    def load_weights(
-        self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
-    ) -> None:
-        self.weight_map().load(weights, progress)
-        self.embed_tokens.finish(self.opts, keep_packed=self.config.tie_word_embeddings)
-        self.lm_head.finish(self.opts)
-        self.norm.finish(self.opts)
-        for layer in self.layers:
-            layer.finish(self.opts)
-
     # -- the contract -----------------------------------------------------------------------
-
-    def kv_cache_spec(self) -> list[KVCacheSpec]:
-        return [
-            KVCacheSpec(ly.self_attn.num_kv_heads, ly.self_attn.head_dim, ly.self_attn.sliding_window)
-            for ly in self.layers
-        ]
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens.forward(input_ids, self.dtype)
 
     @torch.inference_mode()
     def forward(
@@ -202,7 +141,3 @@ class MixtralForCausalLM:
             x, residual = layer.forward(x, residual, cos, sin, cache, meta)
         x, _ = self.norm.add_forward(x, residual)
         return x
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.forward(hidden)
