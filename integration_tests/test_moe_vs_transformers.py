@@ -216,3 +216,35 @@ def test_a_missing_gguf_expert_stack_is_named_by_its_gguf_name(tmp_path):
     write_gguf(hf, tmp_path / "m.gguf", "Q4_0", edit=lambda t: t.pop("blk.0.ffn_down_exps.weight"))
     with pytest.raises(FormatError, match=r"tensor blk\.0\.ffn_down_exps\.weight is missing \(1 missing\)"):
         load_model(open_checkpoint(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("scheme", ["Q8_0", "Q4_0"])
+def test_mixtral_runs_as_one_fused_stack_close_to_its_op_by_op_path(tmp_path, scheme, monkeypatch):
+    """Mixtral's layers (Llama attention, plain routed experts) go to the CPU backend's fused
+    decoder stack whole: router, softmax and top-k in C, then the packed experts. It must not
+    fall back, and must agree with the op-by-op path on the same weights (not bit for bit: the
+    router's sums are C's, not torch's)."""
+    from tessera.kernels import reference, registry
+    from tessera.kernels_cpu import decoder
+
+    if native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    path = tmp_path / "m.gguf"
+    write_gguf(build_hf("mixtral", tmp_path, std=0.15), path, scheme, attention=True)
+    model = load_model(open_checkpoint(path), dtype=torch.bfloat16, packed_weights=True)
+    assert model.layer_specs and all(s.moe is not None for s in model.layer_specs)
+    seqs = prompts((40, 23))
+    try:
+        registry.unregister("decoder_layers", "cpu")
+        want = forward_chunks(model, ragged(seqs))
+    finally:
+        registry.register("decoder_layers", "cpu")(decoder.decoder_layers)
+
+    def no_fallback(*args):
+        raise AssertionError("the fused stack fell back to the op-by-op path")
+
+    monkeypatch.setattr(decoder.reference, "decoder_layers", no_fallback)
+    got = forward_chunks(model, ragged(seqs))
+    monkeypatch.setattr(decoder.reference, "decoder_layers", reference.decoder_layers)
+    err = torch.cat([token_rel_err(g, w) for g, w in zip(got, want, strict=True)])
+    assert err.median().item() < 0.02, err.median().item()

@@ -133,12 +133,15 @@ def quantized(name: str) -> bool:
     return name.endswith(QUANTIZED) and "gate_inp" not in name
 
 
-def write_gguf(hf, path: Path, qtype: str, squeeze_shared_gate: bool = False, edit=None, meta=None) -> dict:
+def write_gguf(
+    hf, path: Path, qtype: str, squeeze_shared_gate: bool = False, edit=None, meta=None, attention=False
+) -> dict:
     """``hf`` as llama.cpp's converter writes it, every MLP matrix (experts, shared expert, dense
     MLP) in ``qtype`` and the rest in F32. ``squeeze_shared_gate``: the shared expert's gate as
     ``[H]`` (older converters) instead of ``[1, H]``. ``edit(tensors)`` may damage the tensors
     first; ``meta`` adds metadata (key -> (kind, value)). Returns the fp32 weights the file
-    holds once dequantized, by GGUF name."""
+    holds once dequantized, by GGUF name. ``attention``: the attention matrices in ``qtype`` too
+    (as real files have them: what the fused CPU stack needs)."""
     import gguf
 
     c = hf.config
@@ -174,7 +177,8 @@ def write_gguf(hf, path: Path, qtype: str, squeeze_shared_gate: bool = False, ed
     for name, value in tensors.items():
         if name.endswith("ffn_gate_inp_shexp.weight") and squeeze_shared_gate:
             value = value.reshape(-1)
-        if quantized(name):
+        attn = attention and ".attn_" in name and "norm" not in name
+        if quantized(name) or attn:
             raw = gguf.quants.quantize(np.ascontiguousarray(value), kind)
             w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
             held[name] = gguf.quants.dequantize(raw, kind)

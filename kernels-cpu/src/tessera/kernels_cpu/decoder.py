@@ -18,6 +18,7 @@ import torch
 from tessera.kernels import RowStack, reference
 
 from . import native
+from .moe import PackedExperts
 from .packed import PackedWeight
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -40,6 +41,13 @@ class _Stack(ctypes.Structure):
     _fields_ = [("n_parts", _i), ("part", _Weight * 3)]
 
 
+class _Moe(ctypes.Structure):
+    _fields_ = [
+        *((n, _i) for n in ("n_experts", "top_k", "renormalize", "inter", "gu_qtype", "dn_qtype")),
+        *((n, _p) for n in ("router", "gu", "dn")),
+    ]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         ("input_norm", _p),
@@ -48,6 +56,7 @@ class _Layer(ctypes.Structure):
         ("o", _Stack),
         ("gate_up", _Stack),
         ("down", _Stack),
+        ("moe", _Moe),
         ("k_cache", _p),
         ("v_cache", _p),
         ("window", _i),
@@ -64,6 +73,7 @@ class _Step(ctypes.Structure):
         ("scale", _f),
         *((n, _p) for n in ("cos", "sin", "slots", "qsl", "seq_lens", "block_tables")),
         *((n, _p) for n in ("h", "qkv", "q", "attn", "gu", "act")),
+        *((n, _p) for n in ("moe_probs", "moe_ids", "moe_w", "moe_scratch")),
     ]
 
 
@@ -111,7 +121,9 @@ def _tensors(layers) -> list:
     for ly in layers:
         out += [ly.input_norm, ly.post_attention_norm]
         for w in (ly.qkv, ly.o, ly.gate_up, ly.down):
-            out += [w.weight, w.bias]
+            out += [None, None] if w is None else [w.weight, w.bias]
+        m = ly.moe
+        out += [None, None, None] if m is None else [m.router, m.gate_up, m.down]
     return out
 
 
@@ -128,8 +140,27 @@ class _Plan:
         self.H, self.KH, self.D = first.num_heads, first.num_kv_heads, first.head_dim
         self.eps, self.scale = float(first.eps), float(first.scale)
         packed = (PackedWeight, RowStack)
+        self.moe = first.moe
+        if any((ly.moe is None) != (self.moe is None) for ly in layers):
+            self.reason = "a stack mixing dense and mixture-of-experts layers"
+            return
+        if self.moe is not None:
+            m = self.moe
+            if not all(
+                isinstance(ly.moe.gate_up, PackedExperts)
+                and isinstance(ly.moe.down, PackedExperts)
+                and (ly.moe.gate_up.qtype, ly.moe.down.qtype, ly.moe.top_k, ly.moe.renormalize)
+                == (m.gate_up.qtype, m.down.qtype, m.top_k, m.renormalize)
+                and ly.moe.down.shape == m.down.shape
+                for ly in layers
+            ):
+                self.reason = "experts not packed, or layers with different experts"
+                return
         self.hidden = first.hidden_size if isinstance(first.o.weight, packed) else 0
-        self.inter = first.intermediate_size if isinstance(first.down.weight, packed) else 0
+        if self.moe is not None:
+            self.inter = self.moe.down.shape[2]
+        else:
+            self.inter = first.intermediate_size if isinstance(first.down.weight, packed) else 0
         if not self.hidden or not self.inter:
             self.reason = "weights are not packed (load GGUF weights with --quantized-weights packed)"
             return
@@ -163,25 +194,45 @@ class _Plan:
             ):
                 self.reason = f"layer {i}: differs from layer 0, or its norms/cache are not bf16"
                 return
-            ws = [
-                _weight(w.weight, w.bias, self.keep) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)
-            ]
+            projections = [layer.qkv, layer.o] + ([] if self.moe else [layer.gate_up, layer.down])
+            ws = [_weight(w.weight, w.bias, self.keep) for w in projections]
             shapes = [
                 ((self.H + 2 * self.KH) * self.D, self.hidden),
                 (self.hidden, self.H * self.D),
                 (2 * self.inter, self.hidden),
                 (self.hidden, self.inter),
-            ]
+            ][: len(ws)]
             if any(
                 w is None or (sum(p.N for p in w.part[: w.n_parts]), w.part[0].K) != s
                 for w, s in zip(ws, shapes, strict=True)
             ):
                 self.reason = f"layer {i}: a weight in a scheme the C matmul does not take"
                 return
+            moe = _Moe()
+            if self.moe is not None:
+                m = layer.moe
+                router = m.router.float().contiguous()
+                if router.shape != (m.down.shape[0], self.hidden):
+                    self.reason = f"layer {i}: a router of shape {tuple(router.shape)}"
+                    return
+                self.keep.append(router)
+                moe = _Moe(
+                    m.down.shape[0],
+                    m.top_k,
+                    int(m.renormalize),
+                    self.inter,
+                    m.gate_up.qtype,
+                    m.down.qtype,
+                    router.data_ptr(),
+                    m.gate_up.pointers.data_ptr(),
+                    m.down.pointers.data_ptr(),
+                )
+                ws += [_Stack(), _Stack()]
             arr[i] = _Layer(
                 layer.input_norm.data_ptr(),
                 layer.post_attention_norm.data_ptr(),
                 *ws,
+                moe,
                 data[0].data_ptr(),
                 data[1].data_ptr(),
                 int(layer.sliding_window or 0),
@@ -204,7 +255,7 @@ def _plan(layers, kv_caches) -> _Plan:
     if (
         plan is None
         or plan.kv_caches is not kv_caches
-        or len(plan.owned) != 10 * len(layers)
+        or len(plan.owned) != 13 * len(layers)
         or not all(a is b for a, b in zip(plan.owned, _tensors(layers), strict=True))
     ):
         plan = _plans[layers[0]] = _Plan(layers, kv_caches)
@@ -249,22 +300,42 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
         else residual.to(torch.bfloat16).clone(memory_format=torch.contiguous_format)
     )
     H, KH, D = plan.H, plan.KH, plan.D
-    need = T * (plan.hidden + (H + 2 * KH) * D + 2 * H * D + 3 * plan.inter)
+    dense_inter = 0 if plan.moe is not None else plan.inter
+    moe_bytes = 0
+    if plan.moe is not None:
+        E, k = plan.moe.down.shape[0], plan.moe.top_k
+        # probabilities, expert ids, weights, then tessera_moe's own scratch (64-byte aligned)
+        moe_bytes = (
+            T * (4 * E + 8 * k + 4 * k)
+            + 64
+            + lib.tessera_moe_scratch_bytes(T, plan.hidden, plan.inter, E, k, 1)
+        )
+    need = T * (plan.hidden + (H + 2 * KH) * D + 2 * H * D + 3 * dense_inter) + (moe_bytes + 1) // 2
     if plan.scratch.numel() < need:  # kept between steps: fresh pages cost faults and zeroing
         plan.scratch = torch.empty(need, dtype=torch.bfloat16)
     scratch = plan.scratch
-    sizes = [plan.hidden, (H + 2 * KH) * D, H * D, H * D, 2 * plan.inter, plan.inter]
+    sizes = [plan.hidden, (H + 2 * KH) * D, H * D, H * D, 2 * dense_inter, dense_inter]
     ptrs, base = [], scratch.data_ptr()
     for s in sizes:
         ptrs.append(base)
         base += 2 * T * s
+    moe_ptrs = [0, 0, 0, 0]
+    if plan.moe is not None:
+        base += -base % 8
+        moe_ptrs[1] = base  # int64 ids first: 8-byte aligned
+        base += 8 * T * k
+        moe_ptrs[0] = base
+        base += 4 * T * E
+        moe_ptrs[2] = base
+        base += 4 * T * k
+        moe_ptrs[3] = base + (-base % 64)
     st = _Step(
         T,
         plan.hidden,
         H,
         KH,
         D,
-        plan.inter,
+        dense_inter,
         plan.block_size,
         meta.seq_lens.shape[0],
         meta.block_tables.shape[1],
@@ -278,6 +349,7 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
         meta.seq_lens.data_ptr(),
         meta.block_tables.data_ptr(),
         *ptrs,
+        *moe_ptrs,
     )
     rc = lib.tessera_llama_layers_bf16(
         plan.arr, len(layers), ctypes.byref(st), x.data_ptr(), res.data_ptr(), int(residual is not None)

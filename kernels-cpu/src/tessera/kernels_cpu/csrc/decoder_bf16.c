@@ -5,7 +5,10 @@
 //   h, residual = rms_norm(x (+ residual)); qkv = h Wqkv (+ b); rotary(q, k); k, v -> cache;
 //   a = attention(q, cache); x = a Wo (+ b); h, residual = rms_norm(x + residual);
 //   x = silu_and_mul(h Wgate_up (+ b)) Wdown (+ b)
+// or, for a mixture-of-experts layer, x = moe(h): router logits in fp32, softmax, top-k, then
+// tessera_moe (moe.c) over the packed experts.
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,9 +25,17 @@ typedef struct {
     tq_weight part[3];
 } tq_stack;
 
+// a mixture-of-experts MLP; n_experts 0 for a dense layer
+typedef struct {
+    int n_experts, top_k, renormalize, inter, gu_qtype, dn_qtype;
+    const float *router;       // fp32 [n_experts, hidden]
+    const int64_t *gu, *dn;    // per expert: addresses of qs, d, m (moe.c)
+} tq_moe;
+
 typedef struct {
     const uint16_t *input_norm, *post_norm;  // bf16 [hidden]
     tq_stack qkv, o, gate_up, down;
+    tq_moe moe;
     uint16_t *k_cache, *v_cache;  // [blocks, block size, KV heads, head size]
     int window;                   // sliding window, 0 for none
 } tq_layer;
@@ -36,6 +47,10 @@ typedef struct {
     const int64_t *slots;    // [T]; negative: not written
     const int32_t *qsl, *seq_lens, *block_tables;
     uint16_t *h, *qkv, *q, *attn, *gu, *act;  // scratch: [T, hidden], [T, (H + 2 KH) D], [T, H D] x2, [T, 2 inter], [T, inter]
+    float *moe_probs;                         // MoE scratch: [T, n_experts]
+    int64_t *moe_ids;                         // [T, top_k]
+    float *moe_w;                             // [T, top_k]
+    void *moe_scratch;                        // tessera_moe's, 64-byte aligned
 } tq_step;
 
 int tessera_q_matmul_ld(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
@@ -50,6 +65,48 @@ int tessera_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uin
                            const int32_t *seq_lens, const int32_t *block_tables, int bt_stride, const int32_t *seqs,
                            int n_seqs, int H, int KH, int D, int BS, float scale, int window, uint16_t *out,
                            int n_threads);
+
+int tessera_moe(const void *x, int x_bf16, int T, int H, int I, int E, int k, const int64_t *ids, const float *w,
+                int renormalize, int gu_qtype, const int64_t *gu, int dn_qtype, const int64_t *dn, void *out,
+                void *scratch, int n_threads);
+
+static inline float bf16_f32(uint16_t v) {
+    union {
+        uint32_t u;
+        float f;
+    } c = {(uint32_t)v << 16};
+    return c.f;
+}
+
+// Each token's router logits (its own order of sums), softmax, and its top k (ties: the lower
+// expert), then the experts: a token's result depends on its row alone.
+static int moe_mlp(const tq_moe *m, const tq_step *st, int T, int H, uint16_t *x, int nt) {
+    const int E = m->n_experts, k = m->top_k;
+    for (int t = 0; t < T; t++) {
+        const uint16_t *h = st->h + (int64_t)t * H;
+        float *p = st->moe_probs + (int64_t)t * E;
+        float top = -INFINITY, sum = 0.0f;
+        for (int e = 0; e < E; e++) {
+            const float *r = m->router + (int64_t)e * H;
+            float acc = 0.0f;
+            for (int j = 0; j < H; j++) acc += bf16_f32(h[j]) * r[j];
+            p[e] = acc;
+            if (acc > top) top = acc;
+        }
+        for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - top));
+        for (int e = 0; e < E; e++) p[e] /= sum;
+        for (int j = 0; j < k; j++) {
+            int best = 0;
+            for (int e = 1; e < E; e++)
+                if (p[e] > p[best]) best = e;
+            st->moe_ids[(int64_t)t * k + j] = best;
+            st->moe_w[(int64_t)t * k + j] = p[best];
+            p[best] = -1.0f;  // taken
+        }
+    }
+    return tessera_moe(st->h, 1, T, H, m->inter, E, k, st->moe_ids, st->moe_w, m->renormalize, m->gu_qtype, m->gu,
+                       m->dn_qtype, m->dn, x, st->moe_scratch, nt);
+}
 
 static int matmul(const tq_stack *s, const uint16_t *x, int T, uint16_t *out, int n_threads) {
     int ldo = 0;
@@ -99,6 +156,10 @@ int tessera_llama_layers_bf16(const tq_layer *layers, int n_layers, const tq_ste
                                    st->attn, nt));
         TRY(matmul(&ly->o, st->attn, T, x, nt));
         TRY(tessera_rms_norm_bf16(x, residual, ly->post_norm, st->h, residual, T, E, st->eps, nt));
+        if (ly->moe.n_experts) {
+            TRY(moe_mlp(&ly->moe, st, T, E, x, nt));
+            continue;
+        }
         TRY(matmul(&ly->gate_up, st->h, T, st->gu, nt));
         TRY(tessera_silu_and_mul_bf16(st->gu, st->act, T, st->inter, nt));
         TRY(matmul(&ly->down, st->act, T, x, nt));

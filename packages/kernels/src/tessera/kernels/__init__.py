@@ -2,13 +2,14 @@
 
 from . import moe, ops, reference
 from .capabilities import preferred_dtype
-from .decoder import DecoderLayerSpec, LinearWeights
+from .decoder import DecoderLayerSpec, LinearWeights, MoEWeights
 from .registry import backend, declare_backend, explain, implementations, lookup, register, unregister
 from .weights import RowStack
 
 __all__ = [
     "DecoderLayerSpec",
     "LinearWeights",
+    "MoEWeights",
     "RowStack",
     "backend",
     "declare_backend",

@@ -23,24 +23,38 @@ class LinearWeights:
 
 
 @dataclass(frozen=True, eq=False)
+class MoEWeights:
+    """A mixture-of-experts MLP as ``ops.fused_moe`` takes it: the router ``[E, H]`` (a tensor;
+    logits in fp32, softmax, top-k), the experts as ``prepare_expert_weights`` made them."""
+
+    router: torch.Tensor
+    gate_up: object  # [E, 2I, H]
+    down: object  # [E, H, I]
+    top_k: int
+    renormalize: bool
+
+
+@dataclass(frozen=True, eq=False)
 class DecoderLayerSpec:
     """A pre-norm decoder layer of the Llama kind, in this order: RMSNorm; q|k|v in one matmul;
     rotate-half rotary on q and k; K/V into the paged cache; paged attention (causal, optionally
     a sliding window); o; add the residual and RMSNorm; gate|up in one matmul; SiLU(gate) * up;
-    down. ``scale`` multiplies q.k; norms are ``w * x / rms(x)`` with ``eps``."""
+    down. ``scale`` multiplies q.k; norms are ``w * x / rms(x)`` with ``eps``. With ``moe`` set
+    the MLP is that mixture of experts instead (``gate_up`` and ``down`` are None)."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
     qkv: LinearWeights
     o: LinearWeights
-    gate_up: LinearWeights
-    down: LinearWeights
+    gate_up: LinearWeights | None
+    down: LinearWeights | None
     num_heads: int
     num_kv_heads: int
     head_dim: int
     scale: float
     eps: float
     sliding_window: int | None = None
+    moe: MoEWeights | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -48,4 +62,4 @@ class DecoderLayerSpec:
 
     @property
     def intermediate_size(self) -> int:
-        return self.down.shape[1]
+        return self.down.shape[1] if self.down is not None else self.moe.down.shape[2]

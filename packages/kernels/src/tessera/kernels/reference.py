@@ -231,7 +231,14 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
         )
         h = ops.linear(out.reshape(t, q_size), ly.o.weight, ly.o.bias)
         h, residual = ops.fused_add_rms_norm(h, residual, ly.post_attention_norm, ly.eps)
-        x = ops.linear(
-            ops.silu_and_mul(ops.linear(h, ly.gate_up.weight, ly.gate_up.bias)), ly.down.weight, ly.down.bias
-        )
+        if ly.moe is not None:
+            m = ly.moe
+            logits = ops.linear(h, m.router, out_dtype=torch.float32)
+            x = ops.fused_moe(h, logits, m.gate_up, m.down, m.top_k, m.renormalize)
+        else:
+            x = ops.linear(
+                ops.silu_and_mul(ops.linear(h, ly.gate_up.weight, ly.gate_up.bias)),
+                ly.down.weight,
+                ly.down.bias,
+            )
     return x, residual

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from tessera.formats import ModelConfig
+from tessera.kernels import DecoderLayerSpec, MoEWeights, ops
 
 from .attention_metadata import AttentionMetadata, per_layer
 from .decoder_model import DecoderModel
@@ -51,6 +52,26 @@ class MoEDecoderLayer:
         self.self_attn.finish(opts)
         self.mlp.finish(opts)
 
+    def describe(self) -> DecoderLayerSpec:
+        """The layer for ``ops.decoder_layers``: Llama's, with the experts as its MLP (only for
+        plain routed experts and no QK-norm: what the spec describes)."""
+        a, m = self.self_attn, self.mlp
+        return DecoderLayerSpec(
+            input_norm=self.input_layernorm.weight,
+            post_attention_norm=self.post_attention_layernorm.weight,
+            qkv=a.qkv_proj.describe(),
+            o=a.o_proj.describe(),
+            gate_up=None,
+            down=None,
+            num_heads=a.num_heads,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            scale=a.scale,
+            eps=self.input_layernorm.eps,
+            sliding_window=a.sliding_window,
+            moe=MoEWeights(m.router.weight, m.gate_up, m.down, m.top_k, m.renormalize),
+        )
+
     def forward(self, x, residual, cos, sin, kv_cache, meta):
         """``x`` is the last layer's output not yet added to ``residual`` (None at the start)."""
         if residual is None:
@@ -75,6 +96,7 @@ class MixtralForCausalLM(DecoderModel):
         self.layers = [MoEDecoderLayer(c, i, opts, self.make_mlp(i)) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = LMHead(self.embed_tokens, c.tie_word_embeddings)
+        self.layer_specs: list[DecoderLayerSpec] = []
 
     # -- what the families differ in: the MLP block and its names ---------------------------
 
@@ -122,6 +144,14 @@ class MixtralForCausalLM(DecoderModel):
             self.declare_mlp(wm, layer.mlp, hf, gguf)
         return wm
 
+    def loaded(self) -> None:
+        # whole layers for the kernels where the spec describes them (plain routed experts, no
+        # QK-norm, one rank): a backend may run the stack fused
+        c = self.config
+        plain = all(type(ly.mlp) is FusedMoE for ly in self.layers)
+        if plain and not c.qk_norm and self.opts.tp.size == 1:
+            self.layer_specs = [layer.describe() for layer in self.layers]
+
     # -- the contract -----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -136,8 +166,11 @@ class MixtralForCausalLM(DecoderModel):
         metas = per_layer(attn_metadata, len(self.layers))
         cos, sin = self.rotary.cos_sin(positions, metas[0].token_seq_lens)
         x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        for layer, cache, meta in zip(self.layers, kv_caches, metas, strict=True):
-            x, residual = layer.forward(x, residual, cos, sin, cache, meta)
+        if self.layer_specs:
+            x, residual = ops.decoder_layers(self.layer_specs, x, None, cos, sin, kv_caches, metas)
+        else:
+            residual = None
+            for layer, cache, meta in zip(self.layers, kv_caches, metas, strict=True):
+                x, residual = layer.forward(x, residual, cos, sin, cache, meta)
         x, _ = self.norm.add_forward(x, residual)
         return x
