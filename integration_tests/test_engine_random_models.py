@@ -12,6 +12,8 @@ transformers = pytest.importorskip("transformers")
 from tessera.engine import LLM  # noqa: E402
 from tessera.sampling import SamplingParams  # noqa: E402
 
+from .hf_reference import hf_greedy  # noqa: E402
+
 VOCAB = 160
 
 
@@ -45,19 +47,6 @@ def build(tmp_path, config_cls, **overrides):
     model.save_pretrained(tmp_path)
     save_word_tokenizer(tmp_path)
     return model.eval()
-
-
-def hf_greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize(

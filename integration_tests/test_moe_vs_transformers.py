@@ -19,6 +19,7 @@ from tessera.models import load_model  # noqa: E402
 from tessera.models.harness import forward_chunks  # noqa: E402
 from tessera.sampling import SamplingParams  # noqa: E402
 
+from .hf_reference import hf_greedy  # noqa: E402
 from .tiny_moe import VOCAB, build_hf, load_dequantized, write_gguf  # noqa: E402
 
 MODELS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -67,19 +68,6 @@ def test_transformers_5_fused_expert_tensors_load_as_the_per_expert_ones(tmp_pat
     (ids,) = prompts((30,))
     (got,) = forward_chunks(model, [[ids[:11], ids[11:]]])
     torch.testing.assert_close(got, hf_logits(hf, ids), atol=ATOL, rtol=0)
-
-
-def hf_greedy(hf, ids, n):
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([ids]),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("name", MODELS)
