@@ -18,25 +18,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from make_random_gguf import q4_0, q8_0  # noqa: E402 (run as a script from this folder)
 from tqdm import tqdm
 
 Q = gguf.GGMLQuantizationType
-
-
-def q4_0(rng, *shape: int, fan_in: int) -> np.ndarray:
-    """Random Q4_0 blocks (fp16 scale, 16 bytes of nibbles per 32 values): weights d * (q - 8)."""
-    *rows, k = shape
-    n_blocks = int(np.prod(rows)) * (k // 32)
-    d = np.full((n_blocks, 1), 1.0 / (4.6 * np.sqrt(fan_in)), dtype=np.float16).view(np.uint8)
-    qs = rng.integers(0, 256, (n_blocks, 16), dtype=np.uint8)
-    return np.concatenate([d, qs], axis=1).reshape(*rows, k // 32 * 18)
-
-
-def q8_0(rng, rows: int, k: int, std: float) -> np.ndarray:
-    n_blocks = rows * (k // 32)
-    d = np.full((n_blocks, 1), std / 73.0, dtype=np.float16).view(np.uint8)  # std of U(-127,127) ~ 73
-    qs = rng.integers(-127, 128, (n_blocks, 32), dtype=np.int8).view(np.uint8)
-    return np.concatenate([d, qs], axis=1).reshape(rows, k // 32 * 34)
 
 
 def main() -> None:

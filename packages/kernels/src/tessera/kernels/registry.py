@@ -2,12 +2,15 @@
 reference runs wherever none did.
 
 Backends are found through the entry-point group ``tessera.kernels``: each entry point names a
-module (or a callable) that registers its ops when imported (or called).
+module (or a callable) that registers its ops when imported (or called). ``TESSERA_KERNELS=reference``
+loads none of them, so every op runs its torch reference (the baseline the GPU benchmarks compare
+against).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
@@ -89,6 +92,9 @@ def load_backends() -> None:
     if _backends_loaded:
         return
     _backends_loaded = True
+    if os.environ.get("TESSERA_KERNELS", "").strip().lower() == "reference":
+        logger.info("TESSERA_KERNELS=reference: no kernel backend loaded, the torch reference runs every op")
+        return
     for ep in entry_points(group="tessera.kernels"):
         try:
             loaded = ep.load()
