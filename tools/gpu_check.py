@@ -1,0 +1,389 @@
+"""The GPU backend's one device check (issue 12): everything a lent GPU is needed for, in one call.
+
+On the device machine (its python3 has torch, triton, transformers; carry the other wheels, see
+tools/device_wheels.sh), from the repository root:
+
+    python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference]
+
+Here, on the CPU, the same flow on tiny shapes checks the script itself:
+
+    uv run python tools/gpu_check.py --out /tmp/gpu_check --smoke
+
+Stages, each skipped with its reason once the time budget is spent:
+1. the machine: GPU, torch/triton versions, and the ceilings measured on it (device-to-device copy
+   bandwidth, bf16 matrix rate on random data), beside the datasheet's 4.8 TB/s and 989 TFLOP/s;
+2. the test suite with TESSERA_DEVICE=cuda (kernels-cuda's tests then run every kernel compiled,
+   against its reference), as JUnit XML plus a summary;
+3. correctness: a random-weight small Llama's logits (a ragged, chunked batch) with the CUDA
+   kernels in bf16 and with the torch reference in bf16, both against the reference in fp32: the
+   kernels pass when their error is at most twice the reference's own bf16 error (bf16 rounding
+   is the tolerance, whichever order the sums go in); greedy tokens equal up to near-ties;
+4. speed, on random-weight GGUFs shaped like SmolLM2-135M and Llama-3-8B (Q4_K matrices, Q8_0
+   embedding and output, tools/bench/make_random_gguf.py): single-stream decode tokens/s and the
+   fraction of HBM bandwidth it reaches (weights + KV bytes per token over the time), prefill of a
+   2,048-token prompt and its fraction of the bf16 peak, aggregate output tokens/s at 64 and 256
+   concurrent requests of 512 + 128 tokens with their time to first token, and the same figures
+   with TESSERA_KERNELS=reference (every op the torch reference) as a ratio.
+Prints one JSON line last; writes gpu_check.json and the logs under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HBM_TB_S = 4.8  # H200 datasheet
+BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16, datasheet
+SRC_DIRS = [
+    *sorted((ROOT / "packages").glob("*/src")),
+    ROOT / "kernels-cpu" / "src",
+    ROOT / "kernels-cuda" / "src",
+]
+ENTRY_POINTS = {  # what `uv sync` would install: the backends' entry points
+    "tessera_kernels_cpu": "cpu = tessera.kernels_cpu:register_all",
+    "tessera_kernels_cuda": "cuda = tessera.kernels_cuda:register_all",
+}
+
+
+def workspace_env(site: Path) -> dict:
+    """An environment where python3 imports the workspace's packages from their sources and finds
+    the kernel backends' entry points, without installing anything (the device machine has no
+    registry and no build backend)."""
+    site.mkdir(parents=True, exist_ok=True)
+    for dist, ep in ENTRY_POINTS.items():
+        info = site / f"{dist}-0.1.0.dist-info"
+        info.mkdir(exist_ok=True)
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 0.1.0\n"
+        )
+        (info / "entry_points.txt").write_text(f"[tessera.kernels]\n{ep}\n")
+    env = dict(os.environ)
+    paths = [str(site), *map(str, SRC_DIRS), str(ROOT / "tools" / "bench")]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- 1. the machine ---------------------------------------------------------------------------
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    out = {"torch": torch.__version__, "device": device}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if device != "cuda":
+        return out
+    p = torch.cuda.get_device_properties(0)
+    out |= {"gpu": p.name, "sm": f"{p.major}{p.minor}", "sms": p.multi_processor_count}
+    out["memory_gib"] = round(p.total_memory / 2**30, 1)
+    n = 1 << 30  # 1 GiB each way: far beyond the L2
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    out["copy_tb_s"] = round(2 * n / _cuda_time(functools.partial(dst.copy_, src)) / 1e12, 2)  # read + write
+    del src, dst
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    out["bf16_tflops"] = round(2 * 8192**3 / _cuda_time(lambda: x @ x) / 1e12, 1)
+    return out
+
+
+def _cuda_time(fn, warmup: int = 3, reps: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 1e3 / reps
+
+
+# -- 2. the suite -----------------------------------------------------------------------------
+
+
+def suite(out: Path, env: dict, timeout: float, device: str) -> dict:
+    env = dict(env, TESSERA_DEVICE=device)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'suite.xml'}"]
+    cmd += ["kernels-cuda", "packages", "kernels-cpu", "integration_tests"]
+    log(f"suite: {' '.join(cmd[3:])} (TESSERA_DEVICE={device}, {timeout:.0f} s at most)")
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        text, code = r.stdout + r.stderr, r.returncode
+    except subprocess.TimeoutExpired as e:
+        text, code = (
+            (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
+            "timeout",
+        )
+    (out / "suite.log").write_text(text)
+    tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or [""]
+    return {"exit": code, "summary": tail[0]}
+
+
+# -- 3. correctness ---------------------------------------------------------------------------
+
+
+def child_logits(path: str, dtype: str, device: str, dump: str) -> None:
+    """(in a child process) logits of a ragged, chunked batch and greedy tokens."""
+    import torch
+
+    from tessera.engine import LLM
+    from tessera.formats import open_checkpoint
+    from tessera.models import load_model
+    from tessera.models.harness import forward_chunks
+    from tessera.sampling import SamplingParams
+
+    torch_dtype = getattr(torch, dtype)
+    model = load_model(open_checkpoint(path), torch_dtype, torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    seqs = [torch.randint(300, vocab - 2, (n,), generator=g).tolist() for n in (37, 5, 70)]
+    chunks = [[s[: len(s) // 2], s[len(s) // 2 :]] for s in seqs]
+    logits = forward_chunks(model, chunks, block_size=16)
+    del model
+    llm = LLM(path, dtype=dtype, device=device, max_model_len=256, kv_cache_memory=64 << 20)
+    outs = llm.generate(seqs, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5))
+    # per output step: {token: logprob} of the top 5, for telling near-ties from real differences
+    tops = [[dict(step[1:]) for step in o.logprobs] for o in outs]
+    saved = {"logits": [x.float().cpu() for x in logits], "tokens": [o.token_ids for o in outs], "tops": tops}
+    torch.save(saved, dump)
+
+
+def correctness(work: Path, env: dict, device: str, small: dict) -> dict:
+    import torch
+    from make_random_gguf import write
+
+    path = write(str(work / "small.gguf"), scheme="Q4_K", **small)
+    runs = {}
+    for name, dtype, backend in (
+        ("ref32", "float32", "reference"),
+        ("ref16", "bfloat16", "reference"),
+        ("kern16", "bfloat16", ""),
+    ):
+        dump = work / f"{name}.pt"
+        e = dict(env, TESSERA_KERNELS=backend)
+        cmd = [sys.executable, __file__, "--child-logits", str(path), dtype, device, str(dump)]
+        r = subprocess.run(cmd, env=e, capture_output=True, text=True)
+        if r.returncode:
+            return {"error": f"{name}: {r.stderr[-1500:]}"}
+        runs[name] = torch.load(dump)
+
+    def rel_err(a, b):
+        return statistics.median(float((x - y).norm() / y.norm()) for x, y in zip(a, b, strict=True))
+
+    ref_err = rel_err(runs["ref16"]["logits"], runs["ref32"]["logits"])
+    kern_err = rel_err(runs["kern16"]["logits"], runs["ref32"]["logits"])
+    same = [a == b for a, b in zip(runs["kern16"]["tokens"], runs["ref16"]["tokens"], strict=True)]
+    # where the bf16 kernels' greedy text leaves the fp32 reference's, how far apart the two
+    # tokens were in the fp32 reference's own logprobs: a near-tie is a gap bf16 rounding can flip
+    first_diff, gaps = [], []
+    ref = runs["ref32"]
+    for s, (a, b) in enumerate(zip(runs["kern16"]["tokens"], ref["tokens"], strict=True)):
+        i = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        first_diff.append(i)
+        if i is not None:
+            top = ref["tops"][s][i]
+            gaps.append(top[b[i]] - top[a[i]] if a[i] in top else float("inf"))
+    return {
+        "logits_rel_err_reference_bf16": ref_err,
+        "logits_rel_err_kernels_bf16": kern_err,
+        "logits_ok": kern_err <= 2 * ref_err + 1e-6,
+        "greedy_equal_to_reference_bf16": same,
+        "greedy_first_difference_vs_fp32": first_diff,
+        "greedy_fp32_logprob_gap_at_difference": gaps,
+        # the tolerance: a flip where fp32's two candidates are within 0.1 nats (bf16 logits carry
+        # about 2% relative error here, a few hundredths of a nat on logits of size 1-5)
+        "greedy_ok": all(g < 0.1 for g in gaps),
+    }
+
+
+# -- 4. speed ---------------------------------------------------------------------------------
+
+
+def child_bench(path: str, device: str, dump: str, quick: bool, concurrency: list[int]) -> None:
+    """(in a child process) latency, throughput and TTFT under load of one GGUF."""
+    import torch
+
+    from tessera.engine import LLM
+    from tessera.engine.bench_offline import latency, random_prompts
+    from tessera.sampling import SamplingParams
+
+    prefill, prompt, output = (256, 64, 16) if quick else (2048, 512, 128)
+    c = _config(path)
+    per_token = c["layers"] * 2 * c["kv_heads"] * c["head_dim"] * 2
+    tokens = max(max(concurrency, default=1) * (prompt + output + 32), prefill + output + 64)
+    llm = LLM(
+        path,
+        dtype="bfloat16",
+        device=device,
+        max_model_len=max(prefill, prompt) + output + 64,
+        kv_cache_memory=int(tokens * per_token * 1.1),
+        max_num_seqs=max(concurrency, default=1),
+        max_num_batched_tokens=max(prefill, 2048),
+    )
+    lat = latency(llm, prefill, 16 if quick else 128, 1 if quick else 3)
+    llm.generate(random_prompts(4, 16, c["vocab"], seed=99), SamplingParams(max_tokens=2))  # warm-up
+    result = {"prefill_tokens": prefill, **lat, "throughput": {}}
+    params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
+    for n in concurrency:
+        llm.reset_prefix_cache()
+        prompts = random_prompts(n, prompt, c["vocab"], seed=n)
+        t0 = time.perf_counter()
+        ids = [llm.add_request(p, params) for p in prompts]
+        first: dict[str, float] = {}
+        produced, done = 0, set()
+        while len(done) < len(ids):
+            for o in llm.step():
+                if o.request_id not in first and o.token_ids:
+                    first[o.request_id] = time.perf_counter() - t0
+                if o.finished:
+                    done.add(o.request_id)
+                    produced += len(o.token_ids)
+        seconds = time.perf_counter() - t0
+        ttft = sorted(first.values())
+        result["throughput"][str(n)] = {
+            "output_tok_s": produced / seconds,
+            "ttft_median_ms": 1e3 * statistics.median(ttft),
+            "ttft_p90_ms": 1e3 * ttft[int(0.9 * (len(ttft) - 1))],
+            "prompt_tokens": prompt,
+            "output_tokens": output,
+        }
+    if device == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(dump).write_text(json.dumps(result))
+
+
+def _config(path: str) -> dict:
+    import gguf
+
+    r = gguf.GGUFReader(path)
+
+    def f(name: str) -> int:
+        return int(r.fields[f"llama.{name}"].parts[-1][0])
+
+    hidden, heads = f("embedding_length"), f("attention.head_count")
+    matrices = sum(int(t.n_elements) for t in r.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    return {
+        "layers": f("block_count"),
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": f("attention.head_count_kv"),
+        "head_dim": hidden // heads,
+        "vocab": len(r.fields["tokenizer.ggml.tokens"].data),
+        "matrix_params": matrices,
+    }
+
+
+def bench(path: Path, env: dict, device: str, quick: bool, concurrency: list[int], reference: bool) -> dict:
+    from membw import decode_bytes
+
+    c = _config(str(path))
+    out = {"shape": c}
+    sides = [("kernels", "")] + ([("reference", "reference")] if reference else [])
+    for side, backend in sides:
+        dump = path.with_suffix(f".{side}.json")
+        conc = concurrency if side == "kernels" else concurrency[:1]
+        cmd = [sys.executable, __file__, "--child-bench", str(path), device, str(dump), str(int(quick))]
+        cmd += [str(n) for n in conc]
+        r = subprocess.run(cmd, env=dict(env, TESSERA_KERNELS=backend), capture_output=True, text=True)
+        if r.returncode:
+            out[side] = {"error": r.stderr[-1500:]}
+            continue
+        res = json.loads(dump.read_text())
+        # bytes one decode token reads: the weights (embedding row aside) and a short KV cache
+        per_token = decode_bytes(str(path), 16 + 64)
+        res["decode_hbm_fraction"] = per_token * res["decode_tok_s"] / (HBM_TB_S * 1e12)
+        n, t = res["prefill_tokens"], res["prefill_tokens"]
+        flops = 2 * c["matrix_params"] * n + 2 * 2 * c["layers"] * c["heads"] * c["head_dim"] * t * t / 2
+        res["prefill_bf16_peak_fraction"] = flops * res["prefill_tok_s"] / n / (BF16_TFLOPS * 1e12)
+        out[side] = res
+    if "reference" in out and "error" not in out["reference"] and "error" not in out["kernels"]:
+        k, r = out["kernels"], out["reference"]
+        out["ratio_vs_reference"] = {
+            "decode": k["decode_tok_s"] / r["decode_tok_s"],
+            "prefill": k["prefill_tok_s"] / r["prefill_tok_s"],
+        }
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-logits":
+        return child_logits(*sys.argv[2:6])
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-bench":
+        path, device, dump, quick, *conc = sys.argv[2:]
+        return child_bench(path, device, dump, quick == "1", [int(n) for n in conc])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget-s", type=float, default=540.0, help="stop starting stages after this")
+    p.add_argument("--skip-suite", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the torch-reference baseline")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, on the CPU: checks this script")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(a.budget_s)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    env = workspace_env(work / "site")
+    sys.path[:0] = env["PYTHONPATH"].split(os.pathsep)
+    import torch
+
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    result: dict = {"machine": machine(device)}
+    log(json.dumps(result["machine"]))
+    if a.skip_suite or a.smoke:
+        result["suite"] = "skipped"
+    else:
+        result["suite"] = suite(out, env, max(60.0, budget.left() * 0.45), device)
+        log(f"suite: {result['suite']}")
+    tiny = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1000)
+    small = tiny if a.smoke else dict(layers=4, hidden=512, ffn=1536, heads=8, kv_heads=2, vocab=4096)
+    result["correctness"] = correctness(work, env, device, small)
+    log(f"correctness: {result['correctness']}")
+    from make_random_gguf import SHAPES, write
+
+    shapes = {"smollm2-135m": tiny} if a.smoke else {k: SHAPES[k] for k in ("smollm2-135m", "llama3-8b")}
+    result["bench"] = {}
+    for name, shape in shapes.items():
+        if budget.left() < 60:
+            result["bench"][name] = f"skipped: {budget.left():.0f} s of the budget left"
+            continue
+        log(f"bench {name}: writing the random GGUF")
+        path = write(str(work / f"{name}.gguf"), scheme="Q4_K", **shape)
+        conc = [4] if a.smoke else [64, 256]
+        result["bench"][name] = bench(path, env, device, a.smoke, conc, not a.no_reference)
+        path.unlink()
+        log(f"bench {name}: {json.dumps(result['bench'][name])}")
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
