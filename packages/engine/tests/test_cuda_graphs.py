@@ -14,6 +14,7 @@ from tessera.engine import LLM, EngineArgs
 from tessera.engine import cuda_graphs as cg
 from tessera.engine.cli import build_parser
 from tessera.engine.cuda_graphs import DecodeGraphs, capture_sizes, decode_batch_size, padded_size
+from tessera.engine.gpu_memory import MemoryProfile, _profile_batch
 from tessera.engine.input_buffers import InputBuffers
 from tessera.engine.model_runner import ModelRunner
 from tessera.models import build_attention_metadata
@@ -260,6 +261,16 @@ def test_a_gpu_memory_utilization_outside_0_1_is_refused_with_the_range(bad):
         EngineArgs(gpu_memory_utilization=bad)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "hi", "--gpu-memory-utilization", str(bad)])
+
+
+def test_the_kv_cache_gets_the_allowed_share_less_the_profiled_peak_and_memory_outside_torch():
+    gib = 2**30
+    profile = MemoryProfile(total=140 * gib, peak=20 * gib, non_torch=gib)
+    assert profile.kv_budget(0.9) == int(140 * gib * 0.9) - 21 * gib
+    assert profile.kv_budget(0.1) < 0
+    assert "allows 14.00 GiB of the GPU's 140.00 GiB" in profile.explain(0.1)
+    # the profiled prefill: max_num_batched_tokens tokens in sequences no longer than the context
+    assert _profile_batch(2048, 512) == [512] * 4 and _profile_batch(100, 64) == [64, 36]
 
 
 # -- the runner's buffered path and graph replays, end to end on the CPU ------------------------

@@ -63,7 +63,12 @@ def profile_memory(
         blocks = -(-n // block_size)
         tables.append(list(range(next_block, next_block + blocks)))
         next_block += blocks
-    ((kv_heads, head_dim),) = {(s.num_kv_heads, s.head_dim) for s in model.kv_cache_spec()}
+    shapes = {(s.num_kv_heads, s.head_dim) for s in model.kv_cache_spec()}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"layers with different KV shapes (heads, head size) {sorted(shapes)} are not supported"
+        )
+    ((kv_heads, head_dim),) = shapes
     # one cache every layer writes: the values do not matter, the activations' size does
     cache = LayerKVCache.allocate(next_block, block_size, kv_heads, head_dim, kv_dtype, device)
     cache_bytes = cache.data.nbytes + (cache.scales.nbytes if cache.scales is not None else 0)
