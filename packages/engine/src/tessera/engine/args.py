@@ -35,6 +35,27 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+def parse_memory_fraction(text: str | float) -> float:
+    """``--gpu-memory-utilization``: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"gpu_memory_utilization {text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization must be in (0, 1], the fraction of the GPU's memory the engine "
+            f"may use; got {value}"
+        )
+    return value
+
+
+def _fraction_arg(text: str) -> float:
+    try:
+        return parse_memory_fraction(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass
 class EngineArgs:
     model: str = "smollm2-135m-instruct"
@@ -43,7 +64,10 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None: a share of free memory
+    kv_cache_memory: int | None = None  # bytes; None: from gpu_memory_utilization on a GPU, else
+    # a share of free memory
+    gpu_memory_utilization: float = 0.9  # GPU only: the share of its total memory the engine may use
+    enforce_eager: bool = False  # GPU only: no CUDA graphs
     device: str | None = None  # None: tessera.platform decides
     seed: int | None = None
     enable_prefix_caching: bool = True
@@ -52,6 +76,9 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"  # fcfs | priority
     quantized_weights: str = "packed"  # packed | dequantize
     batch_invariant: bool = True  # a request's tokens do not depend on what runs beside it
+
+    def __post_init__(self) -> None:
+        self.gpu_memory_utilization = parse_memory_fraction(self.gpu_memory_utilization)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +116,24 @@ class EngineArgs:
             type=parse_size,
             default=None,
             metavar="SIZE",
-            help="bytes for the KV cache, e.g. 64MiB (default: a quarter of free memory, at most 4GiB)",
+            help="bytes for the KV cache, e.g. 64MiB (default: on a GPU, what "
+            "--gpu-memory-utilization leaves; on the CPU, a quarter of free memory, at most 4GiB)",
+        )
+        g.add_argument(
+            "--gpu-memory-utilization",
+            type=_fraction_arg,
+            default=EngineArgs.gpu_memory_utilization,
+            metavar="FRACTION",
+            help="share of the GPU's total memory the engine may use, in (0, 1] (vLLM's meaning): the "
+            "KV cache gets what is left after the weights and a profiled forward of "
+            "--max-num-batched-tokens tokens. Ignored on the CPU, where --kv-cache-memory applies "
+            "(default: %(default)s)",
+        )
+        g.add_argument(
+            "--enforce-eager",
+            action="store_true",
+            help="GPU: run every step eagerly, without the CUDA graphs captured at load for decode "
+            "batches of 1, 2, 4, ..., 256",
         )
         g.add_argument(
             "--kv-cache-dtype",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -28,10 +29,13 @@ from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 
 from .args import EngineArgs
 from .engine_core import EngineCore
+from .gpu_memory import gpu_kv_cache_budget
 from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DEFAULT_KV_SHARE = 0.25
@@ -78,8 +82,28 @@ class LLM:
         )
         self.kv_groups = groups
         per_token = kv_bytes_per_token(groups.group_size, c.num_key_value_heads, c.head_dim, kv_name)
+        on_gpu = torch.device(device).type == "cuda"
         budget = args.kv_cache_memory
-        if budget is None:
+        if budget is None and on_gpu:
+            budget = gpu_kv_cache_budget(
+                self.model,
+                args.gpu_memory_utilization,
+                args.max_num_batched_tokens,
+                args.max_num_seqs,
+                min(args.max_model_len or c.max_position_embeddings, args.max_num_batched_tokens),
+                args.block_size,
+                kv_dtype,
+            )
+            # the runner adds one block no request gets: padding rows of decode graphs write there
+            budget -= args.block_size * per_token
+        elif budget is None:
+            if args.gpu_memory_utilization != EngineArgs.gpu_memory_utilization:
+                logger.warning(
+                    "gpu_memory_utilization=%s is ignored on %s: the KV cache takes kv_cache_memory, "
+                    "by default a quarter of free memory (at most 4GiB)",
+                    args.gpu_memory_utilization,
+                    torch.device(device).type,
+                )
             budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
         max_model_len = args.max_model_len
         if max_model_len is None:
@@ -120,6 +144,10 @@ class LLM:
             self.eos_token_ids,
             args.batch_invariant,
             groups,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enforce_eager=args.enforce_eager,
         )
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)

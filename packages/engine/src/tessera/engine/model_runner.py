@@ -6,6 +6,7 @@ only what changed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import msgspec
@@ -15,6 +16,11 @@ from tessera.kvcache import KVCacheGroups, KVCacheSpec, group_layers
 from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
+
+from .cuda_graphs import DecodeGraphs, capture_sizes, graph_blocker
+from .input_buffers import InputBuffers
+
+logger = logging.getLogger(__name__)
 
 # the engine encoded the request's SamplingParams; nil (no parameters) decodes to None
 _decode_params = msgspec.msgpack.Decoder(SamplingParams | None).decode
@@ -53,7 +59,16 @@ class ModelRunner:
         eos_token_ids: tuple[int, ...] = (),
         batch_invariant: bool = True,
         groups: KVCacheGroups | None = None,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        buffered: bool | None = None,
     ) -> None:
+        """On a CUDA device (or with ``buffered``) the step's inputs go through persistent
+        buffers and pure-decode steps replay CUDA graphs (unless ``enforce_eager``); sized by
+        ``max_num_seqs``, ``max_num_batched_tokens`` and ``max_model_len``."""
         self.model = model
         self.batch_invariant = batch_invariant
         self.device = model.device
@@ -72,8 +87,14 @@ class ModelRunner:
                 f"layers with different KV shapes (heads, head size) {sorted(shapes)} are not supported"
             )
         ((kv_heads, head_dim),) = shapes
+        buffered = self.device.type == "cuda" if buffered is None else buffered
+        # with buffers, one more page than the allocator knows: the slot that padding rows of a
+        # replayed decode graph write to (the cache-write op would take slot -1 as the last slot)
+        self.dummy_block = num_blocks
         self.kv_caches = [
-            LayerKVCache.allocate(num_blocks, block_size, kv_heads, head_dim, kv_dtype, self.device)
+            LayerKVCache.allocate(
+                num_blocks + buffered, block_size, kv_heads, head_dim, kv_dtype, self.device
+            )
             for _ in range(groups.group_size)
         ]
         slots = [groups.layer_slot(layer) for layer in range(len(specs))]
@@ -82,6 +103,24 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
         self.requests: dict[str, CachedRequestState] = {}
+        self.max_model_len = max_model_len or num_blocks * block_size
+        self.inputs: InputBuffers | None = None
+        self.graphs: DecodeGraphs | None = None
+        self._warned_unbuffered = False
+        if buffered:
+            sizes = [] if enforce_eager else capture_sizes(max_num_seqs)
+            self.inputs = InputBuffers(
+                max(max_num_batched_tokens, max(sizes, default=0)),
+                max_num_seqs,
+                # +1: a step may hold a block past the context (speculative tokens, lookahead)
+                -(-self.max_model_len // block_size) + 1,
+                self.num_groups,
+                block_size,
+                self.device,
+                graph_rows=max(sizes, default=0),
+            )
+            if sizes:
+                self._capture_graphs(sizes)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:
@@ -141,25 +180,29 @@ class ModelRunner:
             if end == len(st.token_ids):  # caught up: this step yields a token
                 sample_rows.append(qsl[-1] - 1)
                 sample_reqs.append(rid)
+        query_lens = list(so.num_scheduled_tokens.values())
+        group_tables = [[t[g] for t in tables] for g in range(self.num_groups)]
         dev = self.device
-        positions, metas = build_attention_metadata(
-            list(so.num_scheduled_tokens.values()),
-            seq_lens,
-            [[t[g] for t in tables] for g in range(self.num_groups)],
-            self.block_size,
-            dev,
-            self.batch_invariant,
-        )
-        hidden = self.model.forward(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions,
-            self.layer_caches,
-            [metas[g] for g in self.layer_group],
-        )
+        hidden = None
+        if self.inputs is not None:
+            hidden = self._forward_buffered(ids, query_lens, seq_lens, group_tables)
+        if hidden is None:
+            positions, metas = build_attention_metadata(
+                query_lens, seq_lens, group_tables, self.block_size, dev, self.batch_invariant
+            )
+            hidden = self.model.forward(
+                torch.tensor(ids, dtype=torch.int64, device=dev),
+                positions,
+                self.layer_caches,
+                [metas[g] for g in self.layer_group],
+            )
         prompt_lps = self._prompt_logprobs(so, hidden, qsl)
         if not sample_rows:
             return ModelRunnerOutput({}, prompt_logprobs=prompt_lps)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        if self.inputs is not None and len(sample_rows) == hidden.shape[0]:  # decode: no gather
+            logits = self.model.compute_logits(hidden)
+        else:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         states = [self.requests[r] for r in sample_reqs]
         sampled = self.sampler(logits, [s.sampling_row() for s in states])
         for st, tok in zip(states, sampled.token_ids, strict=True):
@@ -172,6 +215,75 @@ class ModelRunner:
             logprobs,
             prompt_lps,
         )
+
+    # -- the GPU path: persistent buffers, CUDA graphs -------------------------------------
+
+    def _forward_buffered(self, ids, query_lens, seq_lens, group_tables) -> torch.Tensor | None:
+        """The step's hidden states through the persistent buffers (a graph replay for a decode
+        batch that fits one), or None when the step does not fit them."""
+        widest = max((len(row) for tables in group_tables for row in tables), default=0)
+        if not self.inputs.fits(len(ids), len(query_lens), widest):
+            if not self._warned_unbuffered:
+                self._warned_unbuffered = True
+                logger.warning(
+                    "a step of %d tokens, %d requests, block tables of %d blocks exceeds the runner's "
+                    "buffers (%d, %d, %d): such steps build their inputs unbuffered, eagerly",
+                    len(ids), len(query_lens), widest,
+                    self.inputs.max_tokens, self.inputs.max_seqs, self.inputs.max_blocks,
+                )  # fmt: skip
+            return None
+        size = self.graphs.size_for(query_lens) if self.graphs is not None else None
+        if size is None:
+            input_ids, positions, metas = self.inputs.fill(
+                ids, query_lens, seq_lens, group_tables, self.batch_invariant
+            )
+            return self.model.forward(
+                input_ids, positions, self.layer_caches, [metas[g] for g in self.layer_group]
+            )
+        pad = size - len(ids)
+        self.inputs.fill(
+            ids + [0] * pad,
+            query_lens + [1] * pad,
+            seq_lens + [1] * pad,
+            [tables + [[self.dummy_block]] * pad for tables in group_tables],
+            self.batch_invariant,
+            wide=True,
+        )
+        return self.graphs.replay(size)[: len(ids)]
+
+    def _pad_batch(self, size: int) -> None:
+        """A batch of ``size`` padding rows in the static inputs: token 0 at position 0 of a
+        one-token sequence whose only block is the dummy one."""
+        self.inputs.fill(
+            [0] * size,
+            [1] * size,
+            [1] * size,
+            [[[self.dummy_block]] * size for _ in range(self.num_groups)],
+            self.batch_invariant,
+            wide=True,
+        )
+
+    def _static_forward(self, size: int) -> torch.Tensor:
+        """The model on the static inputs' first ``size`` decode rows: what a graph captures.
+        Its max_seq_len is max_model_len, an upper bound for any step it is replayed for."""
+        input_ids, positions, metas = self.inputs.views(
+            size, size, self.batch_invariant, 1, self.max_model_len, wide=True
+        )
+        layer_metas = [metas[g] for g in self.layer_group]
+        return self.model.forward(input_ids, positions, self.layer_caches, layer_metas)
+
+    def _capture_graphs(self, sizes: list[int]) -> None:
+        blocker = graph_blocker(self.device.type)
+        if blocker is not None:
+            logger.info("CUDA graphs off, every step runs eagerly: %s", blocker)
+            return
+        graphs = DecodeGraphs(sizes, self._pad_batch, self._static_forward)
+        with torch.inference_mode():
+            if graphs.capture_all():
+                graphs.verify(graphs.captured_sizes[0])
+        self.graphs = graphs
+        if graphs.graphs:
+            logger.info("captured CUDA graphs for decode batches of %s", graphs.captured_sizes)
 
     def _prompt_logprobs(self, so: SchedulerOutput, hidden: torch.Tensor, qsl: list[int]) -> dict:
         """Logprobs of each prompt token given the ones before it, for requests that asked; a

@@ -15,6 +15,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes
     token_seq_lens: torch.Tensor  # [T] int64: seq_lens of each token's sequence (dynamic RoPE)
+    # host ints for the grids of varlen kernels, known without a device sync; an upper bound (a
+    # CUDA graph captured for decode holds max_model_len), so kernels still mask by seq_lens
+    max_query_len: int
+    max_seq_len: int
     # kernels must give each row the same bits whatever else runs in the step (DESIGN.md,
     # Determinism); False lets a backend pick faster, shape-dependent algorithms
     batch_invariant: bool = True
@@ -55,6 +59,8 @@ def build_attention_metadata(
         "query_start_loc": qsl.to(device),
         "seq_lens": lens.to(torch.int32).to(device),
         "token_seq_lens": lens[seq_of_token].to(device),
+        "max_query_len": max(query_lens, default=0),
+        "max_seq_len": max(seq_lens, default=0),
         "batch_invariant": batch_invariant,
     }
     metas = []
