@@ -50,5 +50,5 @@ def test_cuda_ops_are_declared_by_the_cuda_package():
     assert name == "tessera-kernels-cuda"
     assert "preferred_dtype" in caps
     cuda_rows = [row for row in explain("cuda") if row[1].startswith("tessera.kernels_cuda.")]
-    for op, impl, why in cuda_rows:
+    for op, _impl, why in cuda_rows:
         assert why, f"{op} registered for cuda without a note"
