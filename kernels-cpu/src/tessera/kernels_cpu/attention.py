@@ -212,6 +212,8 @@ def paged_attention(
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
     batch_invariant: bool = True,
+    max_query_len: int | None = None,  # host bounds for GPU grids; the CPU reads the lengths
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     if query.dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype == torch.float16:
         return reference_paged_attention(

@@ -69,6 +69,8 @@ def paged_attention(
     sliding_window=None,
     kv_scales=None,
     batch_invariant=True,
+    max_query_len=None,
+    max_seq_len=None,
 ):
     return lookup("paged_attention", query.device.type)(
         query,
@@ -80,6 +82,8 @@ def paged_attention(
         sliding_window,
         kv_scales,
         batch_invariant=batch_invariant,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
     )
 
 

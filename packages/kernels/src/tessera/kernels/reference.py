@@ -158,6 +158,8 @@ def paged_attention(
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
     batch_invariant: bool = True,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch over the paged cache, prefill and decode alike.
 
@@ -169,6 +171,11 @@ def paged_attention(
     ``batch_invariant``: a query row's output must not depend on the other rows of the step
     (their number, how its own run is chunked, prefill or decode). A backend may give that up
     for speed when it is False; this reference ignores it.
+
+    ``max_query_len`` / ``max_seq_len``: host-side upper bounds of the query runs and of
+    ``seq_lens`` (from the metadata builder, so a GPU kernel sizes its grid without reading the
+    device; inside a CUDA graph they are the captured bounds, not this step's). Optional; this
+    reference reads the lengths themselves.
     """
     t, hq, d = query.shape
     hk = kv_cache.shape[3]
@@ -228,6 +235,8 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
             ly.sliding_window,
             cache.scales,
             batch_invariant=meta.batch_invariant,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
         )
         h = ops.linear(out.reshape(t, q_size), ly.o.weight, ly.o.bias)
         h, residual = ops.fused_add_rms_norm(h, residual, ly.post_attention_norm, ly.eps)

@@ -86,6 +86,8 @@ class LlamaAttention:
             self.sliding_window,
             kv_cache.scales,
             batch_invariant=meta.batch_invariant,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
         )
         return self.o_proj.forward(out.reshape(t, self.num_heads * d))
 
