@@ -22,7 +22,8 @@ def exported(lib: Path) -> set[str]:
     if nm is None:
         pytest.skip("nm (binutils) not found: cannot list the exported symbols")
     out = subprocess.run([nm, "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True)
-    return {parts[2] for line in out.stdout.splitlines() if len(parts := line.split()) == 3 and parts[1] == "T"}
+    rows = [line.split() for line in out.stdout.splitlines()]
+    return {r[2] for r in rows if len(r) == 3 and r[1] == "T"}
 
 
 def test_every_cu_source_in_csrc_is_built():
@@ -38,7 +39,7 @@ def test_sources_compile_with_nvcc_and_export_every_launcher(tmp_path, arch):
 
 
 @pytest.mark.skipif(
-    HIPCC is None, reason="hipcc not found ($ROCM_PATH/bin, PATH, /opt/rocm/bin; Debian: apt-get install hipcc)"
+    HIPCC is None, reason="hipcc not found ($ROCM_PATH/bin, PATH, /opt/rocm/bin; Debian: apt install hipcc)"
 )
 def test_sources_compile_with_hipcc_for_gfx90a_through_the_portability_header(tmp_path):
     lib = native.compile_sources(tmp_path / "kernels-gfx90a.so", "gfx90a", "hipcc")

@@ -20,15 +20,16 @@ from . import native
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _native(*tensors: torch.Tensor):
-    """``(ffi, lib)`` when every tensor is on one CUDA device in a dtype the kernels take, else None."""
+def _native(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: all on one CUDA device, in a dtype the kernels
+    have, and the library built."""
     first = tensors[0]
     if first.device.type != "cuda" or first.dtype not in DTYPE_CODES:
-        return None
+        return False
     for t in tensors[1:]:
         if t.device != first.device:
             raise ValueError(f"tensors on different devices: {first.device} and {t.device}")
-    return native.library()
+    return native.library() is not None
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -40,12 +41,14 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x2, (x2.stride(0) if x2.shape[0] > 1 else x2.shape[1])
 
 
-def _launch(ffi, lib, op: str, fn, device: torch.device, *args) -> None:
-    """Call ``fn`` with tensors passed as their device pointers, on ``device``'s current stream."""
+def _launch(op: str, device: torch.device, *args) -> None:
+    """Call the launcher ``tessera_cuda_<op>`` with tensors passed as their device pointers, on
+    ``device``'s current stream."""
+    ffi, lib = native.library()
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         conv = [ffi.cast("void *", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        rc = fn(*conv, ffi.cast("void *", stream))
+        rc = getattr(lib, f"tessera_cuda_{op}")(*conv, ffi.cast("void *", stream))
     if rc != 0:
         reason = ffi.string(lib.tessera_cuda_error_string(rc)).decode()
         raise RuntimeError(f"tessera CUDA kernel {op} failed: {reason} (code {rc})")
@@ -58,17 +61,12 @@ def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check_norm(x, weight)
-    if weight.dtype != x.dtype or x.numel() == 0 or (native_lib := _native(x, weight)) is None:
+    if weight.dtype != x.dtype or x.numel() == 0 or not _native(x, weight):
         return reference.rms_norm(x, weight, eps)
-    ffi, lib = native_lib
     x2, stride = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    w = weight.contiguous()
     rows, n = x2.shape
-    _launch(
-        ffi, lib, "rms_norm", lib.tessera_cuda_rms_norm, x.device,
-        out, x2, w, rows, n, stride, float(eps), DTYPE_CODES[x.dtype],
-    )  # fmt: skip
+    _launch("rms_norm", x.device, out, x2, weight.contiguous(), rows, n, stride, eps, DTYPE_CODES[x.dtype])
     return out
 
 
@@ -80,21 +78,17 @@ def fused_add_rms_norm(
         raise ValueError(
             f"fused_add_rms_norm: residual of shape {tuple(residual.shape)} for x of shape {tuple(x.shape)}"
         )
-    native_lib = None
-    if residual.dtype == x.dtype == weight.dtype and x.numel() > 0:
-        native_lib = _native(x, residual, weight)
-    if native_lib is None:
+    same_dtype = residual.dtype == x.dtype == weight.dtype
+    if not same_dtype or x.numel() == 0 or not _native(x, residual, weight):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
-    ffi, lib = native_lib
     x2, x_stride = _rows(x)
     r2, r_stride = _rows(residual)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows, n = x2.shape
-    _launch(
-        ffi, lib, "fused_add_rms_norm", lib.tessera_cuda_fused_add_rms_norm, x.device,
-        out, summed, x2, r2, weight.contiguous(), rows, n, x_stride, r_stride, float(eps), DTYPE_CODES[x.dtype],
-    )  # fmt: skip
+    w = weight.contiguous()
+    args = (out, summed, x2, r2, w, rows, n, x_stride, r_stride, eps, DTYPE_CODES[x.dtype])
+    _launch("fused_add_rms_norm", x.device, *args)
     return out, summed
 
 
@@ -117,37 +111,32 @@ def rotary_embedding(
             f"rotary_embedding: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be "
             f"[T, head_dim/2] = [{t}, {head_dim // 2}]"
         )
-    native_lib = None
-    if key.dtype == query.dtype and cos.dtype == sin.dtype and cos.dtype in (torch.float32, query.dtype):
-        if t > 0:
-            native_lib = _native(query, key, cos, sin)
-    if native_lib is None:
+    covered = (
+        key.dtype == query.dtype and cos.dtype == sin.dtype and cos.dtype in (torch.float32, query.dtype)
+    )
+    if not covered or t == 0 or not _native(query, key, cos, sin):
         return reference.rotary_embedding(query, key, cos, sin, head_dim)
-    ffi, lib = native_lib
     q2, q_stride = _rows(query)
     k2, k_stride = _rows(key)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    _launch(
-        ffi, lib, "rotary_embedding", lib.tessera_cuda_rotary_embedding, query.device,
-        q_out, k_out, q2, k2, cos.contiguous(), sin.contiguous(), t, query.shape[1] // head_dim,
-        key.shape[1] // head_dim, head_dim, q_stride, k_stride, DTYPE_CODES[query.dtype], DTYPE_CODES[cos.dtype],
-    )  # fmt: skip
+    heads = (query.shape[1] // head_dim, key.shape[1] // head_dim)
+    codes = (DTYPE_CODES[query.dtype], DTYPE_CODES[cos.dtype])
+    cs = (cos.contiguous(), sin.contiguous())
+    args = (q_out, k_out, q2, k2, *cs, t, *heads, head_dim, q_stride, k_stride, *codes)
+    _launch("rotary_embedding", query.device, *args)
     return q_out, k_out
 
 
 def _act_and_mul(op: str, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"{op}: the last dim of x {tuple(x.shape)} must be even (gate then up)")
-    native_lib = _native(x) if x.numel() > 0 else None
-    if native_lib is None:
+    if x.numel() == 0 or not _native(x):
         return getattr(reference, op)(x)
-    ffi, lib = native_lib
     x2, stride = _rows(x)
     inter = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
-    fn = getattr(lib, f"tessera_cuda_{op}")
-    _launch(ffi, lib, op, fn, x.device, out, x2, x2.shape[0], inter, stride, DTYPE_CODES[x.dtype])
+    _launch(op, x.device, out, x2, x2.shape[0], inter, stride, DTYPE_CODES[x.dtype])
     return out
 
 

@@ -94,7 +94,8 @@ def arch_flags(arch: str, compiler: str = "nvcc") -> list[str]:
     digits = arch.removeprefix("sm_").removeprefix("compute_").replace(".", "")
     if not re.fullmatch(r"\d{2,3}[af]?", digits):
         raise ValueError(f"nvcc needs an architecture such as sm_80 or sm_90, not {arch!r}")
-    return ["-gencode", f"arch=compute_{digits},code=sm_{digits}", "-gencode", f"arch=compute_{digits},code=compute_{digits}"]
+    sass, ptx = f"arch=compute_{digits},code=sm_{digits}", f"arch=compute_{digits},code=compute_{digits}"
+    return ["-gencode", sass, "-gencode", ptx]
 
 
 def _env(compiler: str) -> dict[str, str]:
@@ -183,7 +184,7 @@ def library():
         log.warning("tessera CUDA C++ kernels unavailable (%s); using the torch reference ops", e)
         return None
     if lib.tessera_cuda_abi_version() != ABI_VERSION:
-        log.warning("tessera CUDA C++ kernels: %s has another ABI version; using the torch reference ops", out)
+        log.warning("tessera CUDA C++ kernels: %s is of another ABI version; using the torch reference", out)
         return None
     # the runtime linked into the library may be newer than the driver, or the code not run on
     # this GPU: find out now rather than at the first launch
