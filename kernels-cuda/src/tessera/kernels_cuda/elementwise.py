@@ -11,6 +11,8 @@ promotion decides the result), and any call when the library could not be built.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from tessera.kernels import reference
@@ -45,7 +47,9 @@ def _launch(op: str, device: torch.device, *args) -> None:
     """Call the launcher ``tessera_cuda_<op>`` with tensors passed as their device pointers, on
     ``device``'s current stream."""
     ffi, lib = native.library()
-    with torch.cuda.device(device):
+    # the library's runtime launches on the thread's current device: make it the tensors' one
+    switch = device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
         stream = torch.cuda.current_stream(device).cuda_stream
         conv = [ffi.cast("void *", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
         rc = getattr(lib, f"tessera_cuda_{op}")(*conv, ffi.cast("void *", stream))

@@ -147,11 +147,12 @@ __global__ void TSR_LAUNCH_BOUNDS(TSR_MAX_THREADS)
     constexpr int V = 16 / sizeof(T);
     const int64_t tok = blockIdx.x;
     const int64_t half = head_dim / 2;
-    const int64_t per_head = (half + V - 1) / V;
-    const int64_t items = (q_heads + k_heads) * per_head;
+    // a token's work is small (heads * D/2 / V items): 32-bit division, the cheap kind
+    const int per_head = int((half + V - 1) / V);
+    const int items = int(q_heads + k_heads) * per_head;
     const C* cos_r = cos + tok * half;
     const C* sin_r = sin + tok * half;
-    for (int64_t it = threadIdx.x; it < items; it += blockDim.x) {
+    for (int it = threadIdx.x; it < items; it += blockDim.x) {
         const int64_t head = it / per_head, c = it % per_head;
         const int count = int(min(int64_t(V), half - c * V));
         const bool is_q = head < q_heads;
@@ -347,7 +348,7 @@ int tessera_cuda_rotary_embedding(void* q_out, void* k_out, const void* q, const
                                   int64_t head_dim, int64_t q_stride, int64_t k_stride, int dtype, int cs_dtype,
                                   void* stream) {
     if (tokens < 0 || tokens > TSR_MAX_GRID_X || q_heads < 0 || k_heads < 0 || head_dim <= 0 || head_dim % 2 ||
-        q_stride < q_heads * head_dim || k_stride < k_heads * head_dim)
+        (q_heads + k_heads) * head_dim > INT32_MAX || q_stride < q_heads * head_dim || k_stride < k_heads * head_dim)
         return TSR_ESIZE;
     if (tokens == 0 || q_heads + k_heads == 0) return TSR_OK;
     if (cs_dtype != TSR_F32 && cs_dtype != dtype) return TSR_EDTYPE;
