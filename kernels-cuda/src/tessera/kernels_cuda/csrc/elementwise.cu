@@ -312,11 +312,34 @@ extern "C" {
 int tessera_cuda_abi_version(void) { return 1; }
 
 // 0 when this library's kernels can run on the current device, else the runtime's error (no
-// code for this GPU's architecture, a driver older than the runtime linked in).
+// code for this GPU's architecture, a driver older than the runtime linked in). Asking for every
+// kernel's attributes also loads them all now (the runtime loads modules lazily), so that no
+// first launch has to load one in the middle of a CUDA graph capture.
 int tessera_cuda_check(void) {
-    tsr_func_attributes_t attr;
-    const tsr_error_t e = tsr_func_get_attributes(&attr, &rms_norm_kernel<float, false>);
-    return e == tsr_success ? TSR_OK : int(e);
+    int rc = TSR_OK;
+    auto probe = [&rc](auto* kernel) {
+        tsr_func_attributes_t attr;
+        const tsr_error_t e = tsr_func_get_attributes(&attr, kernel);
+        if (e != tsr_success && rc == TSR_OK) rc = int(e);
+    };
+    probe(&rms_norm_kernel<float, false>);
+    probe(&rms_norm_kernel<float, true>);
+    probe(&rms_norm_kernel<tsr_half, false>);
+    probe(&rms_norm_kernel<tsr_half, true>);
+    probe(&rms_norm_kernel<tsr_bf16, false>);
+    probe(&rms_norm_kernel<tsr_bf16, true>);
+    probe(&rotary_kernel<float, float>);
+    probe(&rotary_kernel<tsr_half, float>);
+    probe(&rotary_kernel<tsr_half, tsr_half>);
+    probe(&rotary_kernel<tsr_bf16, float>);
+    probe(&rotary_kernel<tsr_bf16, tsr_bf16>);
+    probe(&act_and_mul_kernel<float, TSR_ACT_SILU>);
+    probe(&act_and_mul_kernel<tsr_half, TSR_ACT_SILU>);
+    probe(&act_and_mul_kernel<tsr_bf16, TSR_ACT_SILU>);
+    probe(&act_and_mul_kernel<float, TSR_ACT_GELU_TANH>);
+    probe(&act_and_mul_kernel<tsr_half, TSR_ACT_GELU_TANH>);
+    probe(&act_and_mul_kernel<tsr_bf16, TSR_ACT_GELU_TANH>);
+    return rc;
 }
 
 const char* tessera_cuda_error_string(int code) {
