@@ -1,0 +1,48 @@
+"""tessera's GPU kernels under ROCm, registered for device "cuda" when ``torch.version.hip`` is set.
+
+ROCm's torch names its GPUs "cuda", so the same op table serves: the ops and modules are those of
+tessera-kernels-cuda (its Triton kernels run unchanged on ROCm's Triton; its native module builds
+the CUDA C++ sources with hipcc for the GPU's gfx target). Nothing is imported or compiled until an
+op first runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from tessera.kernels import declare_backend, register
+from tessera.kernels_cuda import OPS, _lazy
+
+_registered = False
+
+
+def capabilities() -> dict:
+    caps: dict = {"preferred_dtype": torch.bfloat16, "hip": torch.version.hip}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        caps["gpu"] = f"{p.name} ({p.gcnArchName}, {p.multi_processor_count} CUs)"
+        if not torch.cuda.is_bf16_supported():
+            caps["preferred_dtype"] = torch.float16
+    try:
+        import triton
+
+        caps["triton"] = triton.__version__
+    except ImportError:
+        caps["triton"] = "not installed"
+    return caps
+
+
+def register_all() -> None:
+    global _registered
+    if _registered or torch.version.hip is None:  # a CUDA build: tessera-kernels-cuda registers
+        return
+    _registered = True
+    declare_backend("cuda", "tessera-kernels-rocm", capabilities)
+    for op, (module, name, note) in OPS.items():
+        if importlib.util.find_spec(f"tessera.kernels_cuda.{module}") is not None:  # found, not imported
+            register(op, "cuda", note.replace("nvcc", "hipcc"))(_lazy(module, name))
+
+
+__all__ = ["OPS", "capabilities", "register_all"]
