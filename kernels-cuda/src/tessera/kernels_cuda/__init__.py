@@ -46,7 +46,7 @@ OPS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _lazy(module: str, name: str):
+def lazy(module: str, name: str):
     """The function ``name`` of ``module``, imported at its first call."""
     target = None
 
@@ -86,7 +86,7 @@ def register_all() -> None:
     declare_backend("cuda", "tessera-kernels-cuda", capabilities)
     for op, (module, name, note) in OPS.items():
         if importlib.util.find_spec(f"{__name__}.{module}") is not None:  # found, not imported
-            register(op, "cuda", note)(_lazy(module, name))
+            register(op, "cuda", note)(lazy(module, name))
 
 
-__all__ = ["OPS", "capabilities", "register_all"]
+__all__ = ["OPS", "capabilities", "lazy", "register_all"]

@@ -13,7 +13,7 @@ import importlib.util
 import torch
 
 from tessera.kernels import declare_backend, register
-from tessera.kernels_cuda import OPS, _lazy
+from tessera.kernels_cuda import OPS, lazy
 
 _registered = False
 
@@ -42,7 +42,7 @@ def register_all() -> None:
     declare_backend("cuda", "tessera-kernels-rocm", capabilities)
     for op, (module, name, note) in OPS.items():
         if importlib.util.find_spec(f"tessera.kernels_cuda.{module}") is not None:  # found, not imported
-            register(op, "cuda", note.replace("nvcc", "hipcc"))(_lazy(module, name))
+            register(op, "cuda", note.replace("nvcc", "hipcc"))(lazy(module, name))
 
 
 __all__ = ["OPS", "capabilities", "register_all"]
