@@ -9,8 +9,8 @@ Q6_K 32). q is split into bit planes of int32 words, each plane row-major by out
 - ``hi`` ``[N, K*HI_BITS/32]``: the bits above 4 (1 for Q5_*, 2 for Q6_K, 4 for Q8_0), word w
   holding ``32/HI_BITS`` consecutive inputs, HI_BITS bits each, lowest input in the lowest bits.
 
-So a tile of rows x 256 inputs is, per row, 128 consecutive bytes of ``lo`` (plus 32, 64 or 128
-of ``hi``): full cache lines, 16-byte vector loads, no byte shuffles. A 5-bit weight costs 5 bits
+So a tile of rows x 128 inputs is, per row, 64 consecutive bytes of ``lo`` (plus 16, 32 or 64
+of ``hi``): whole 32-byte sectors, 16-byte (cp.async) loads, no byte shuffles. A 5-bit weight costs 5 bits
 (not the 8 of a byte form), Q6_K 6.
 
 The files' values are kept exactly: Q4_0..Q8_0's d and m are the blocks' own fp16 numbers, and

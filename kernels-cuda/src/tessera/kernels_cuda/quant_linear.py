@@ -8,11 +8,12 @@ an fp16 scale d per 32 inputs (16 for Q6_K) and, where the scheme has one, an fp
 
 - M <= ``GEMV_MAX_TOKENS``: one Triton kernel, one program per ``GEMV_BLOCK_N`` output rows
   (and per ``GEMV_BLOCK_M`` = 16 tokens, so one program for every M up to 16), looping over K in
-  tiles of ``GEMV_BLOCK_K``. Each tile's packed words are read once, unpacked and scaled in
-  registers, rounded to x's dtype (as the reference rounds its dequantized weight) and multiplied
-  with all the tokens at once by ``tl.dot`` (tokens padded to 16 by masked loads; fp32 sums). The
-  tile sizes never depend on M, so a token's result is the same whatever else is in the batch,
-  for every M up to the threshold. The result is written in ``out_dtype`` straight from the fp32
+  tiles of ``GEMV_BLOCK_K`` inputs (``GEMV_BLOCK_K_FP32`` for fp32 inputs). Each tile's packed
+  words are read once, unpacked and scaled in registers, rounded to x's dtype (as the reference
+  rounds its dequantized weight) and multiplied with all the tokens at once by ``tl.dot``
+  (tokens padded to 16 by masked loads; fp32 sums; fp32 inputs in IEEE fp32, not TF32). The tile
+  sizes never depend on M, so a token's result is the same whatever else is in the batch, for
+  every M up to the threshold. The result is written in ``out_dtype`` straight from the fp32
   sums (fp32 logits from bf16 inputs are not rounded to bf16 first).
 - larger M: a Triton kernel dequantizes the weight into a buffer of x's dtype kept per size and
   dtype and reused by every weight of that size, and cuBLAS does the product (``F.linear``). A
@@ -37,7 +38,11 @@ from .gguf_layout import FORMS, Planes, repack
 GEMV_MAX_TOKENS = 8  # at most this many tokens take the GEMV kernel; more dequantize + cuBLAS
 GEMV_BLOCK_M = 16  # tokens per tl.dot (the minimum it takes; fewer are masked)
 GEMV_BLOCK_N = 16  # output rows per program: 256 programs for a 4096-row matrix
-GEMV_BLOCK_K = 256  # inputs per step: 128 bytes of each row's low plane, 16 of its scales
+# inputs per step: 64 bytes of each row's low plane. ptxas for sm_80 (Triton 3.9, 4 warps, 3
+# stages): 80-168 registers and no spills at 128, up to 254 at 256; fp32 inputs (an FMA product,
+# no tensor cores) spill kilobytes at 256, none at 64
+GEMV_BLOCK_K = 128
+GEMV_BLOCK_K_FP32 = 64
 DEQ_BLOCK_N = 32
 DEQ_BLOCK_K = 256
 # values of the largest dequantization buffer (256 MiB in bf16): bigger matrices (an LM head)
@@ -367,7 +372,7 @@ def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: 
         IEEE=x2.dtype == torch.float32,
         BLOCK_M=GEMV_BLOCK_M,
         BLOCK_N=GEMV_BLOCK_N,
-        BLOCK_K=GEMV_BLOCK_K,
+        BLOCK_K=GEMV_BLOCK_K_FP32 if x2.dtype == torch.float32 else GEMV_BLOCK_K,
         num_warps=4,
         **w._constexprs(),
     )
