@@ -318,9 +318,9 @@ class PackedGPUWeight:
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` dequantized: embedding lookups from a tied embedding matrix. Ids on the
         CPU are checked; on the GPU (no synchronization) an id out of range gives a row of NaN."""
-        flat = ids.reshape(-1).to(device=self.device, dtype=torch.int64).contiguous()
-        if ids.device.type == "cpu" and flat.numel() and (flat.min() < 0 or flat.max() >= self.shape[0]):
+        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= self.shape[0]):
             raise IndexError(f"token ids outside 0..{self.shape[0] - 1} for a {self.shape[0]}-row embedding")
+        flat = ids.reshape(-1).to(device=self.device, dtype=torch.int64).contiguous()
         kd = dtype if dtype in _FLOAT else torch.float32
         out = torch.empty(flat.numel(), self.shape[1], dtype=kd, device=self.device)
         self._dequantize_into(out, flat)
@@ -346,7 +346,7 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     if not supported(weight):
         return reference.prepare_linear_weight(weight, dtype)
     n, k = weight.shape
-    planes = repack(weight.scheme, weight.data.reshape(n, -1), k)
+    planes = repack(weight.scheme, weight.rows(), k)
     if planes is None:
         return reference.prepare_linear_weight(weight, dtype)
     return PackedGPUWeight(weight.scheme, planes, weight.shape)
