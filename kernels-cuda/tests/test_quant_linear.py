@@ -210,7 +210,6 @@ def test_other_weights_go_to_the_reference(device):
     """Plain tensors, schemes without a layout here, and K-quant scales beyond fp16."""
     t = torch.randn(16, 32)
     assert torch.equal(prepare_linear_weight(t.to(device), torch.float16).cpu(), t.half())
-    q2, ref = gguf_weight("Q4_0", 16, 256)
     q2 = QuantizedTensor("Q2_K", torch.zeros(16, 84, dtype=torch.uint8), (16, 256))
     assert torch.equal(prepare_linear_weight(q2.to(device), torch.float32).cpu(), q2.dequantize())
     blocks = random_blocks("Q6_K", 16, 256)
