@@ -10,9 +10,11 @@ the kernel needs no fp8 hardware).
 
 - Grid ``(query tiles, KV heads, partitions)``. A query tile is ``TQ = BLOCK_M // G`` consecutive
   query tokens of one sequence times the ``G = Hq / Hk`` query heads of one KV head (GQA packed into
-  the rows, so a K/V tile is loaded once for the whole group). Tile ``t`` of sequence ``i`` has
-  global index ``query_start_loc[i] // TQ + i + t``; the grid is the bound ``T // TQ + B`` and a
-  program finds its sequence by binary search, so launching needs no device-to-host copy.
+  the rows, so a K/V tile is loaded once for the whole group). Tiles sit at absolute positions
+  (tile ``t`` of a sequence holds positions ``[t * TQ, (t + 1) * TQ)``), so a token has the same
+  row whatever the chunking. A sequence's tiles have global indices from
+  ``query_start_loc[i] // TQ + 2 i``; the grid is the bound ``T // TQ + 2 B`` and a program finds
+  its sequence by binary search, so launching needs no device-to-host copy.
 - Keys are walked in tiles of ``BLOCK_N`` at absolute positions (multiples of ``BLOCK_N``) through
   the block table, with an online softmax in fp32 (exp2 domain). Masks: causal by absolute
   position (a sequence's queries are its last tokens, position ``seq_len - n_queries + i``),
@@ -368,40 +370,41 @@ def _attn_kernel(
     kvh = tl.program_id(1)
     part = tl.program_id(2)
 
-    # the sequence whose tiles start at or before this one: start(i) = qsl[i] // TQ + i
+    # the sequence whose tiles start at or before this one: start(i) = qsl[i] // TQ + 2 i
     lo = 0
     hi = num_seqs - 1
     for _ in range(search_iters):
         mid = (lo + hi + 1) // 2
-        ok = tl.load(qsl_ptr + mid) // TQ + mid <= tile
+        ok = tl.load(qsl_ptr + mid) // TQ + 2 * mid <= tile
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
     seq = lo
     q_begin = tl.load(qsl_ptr + seq)
     q_end = tl.load(qsl_ptr + seq + 1)
-    tq0 = q_begin + (tile - (q_begin // TQ + seq)) * TQ
-    if tq0 >= q_end:
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - (q_end - q_begin)
+    # tiles sit at absolute positions (multiples of TQ): a token keeps its row in any chunking
+    base = first_pos - first_pos % TQ + (tile - (q_begin // TQ + 2 * seq)) * TQ
+    if (base >= seq_len) or (q_end == q_begin):
+        return
 
     rows = tl.arange(0, BLOCK_M)
-    tok = tq0 + rows // GROUP
-    row_ok = (rows < TQ * GROUP) & (tok < q_end)
-    pos = first_pos + (tok - q_begin)
+    pos = base + rows // GROUP
+    tok = q_begin + (pos - first_pos)
+    row_ok = (rows < TQ * GROUP) & (pos >= first_pos) & (pos < seq_len)
     head = kvh * GROUP + rows % GROUP
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_D
 
     # keys any row of the tile may see; partitions are at absolute positions
-    tile_first = first_pos + (tq0 - q_begin)
-    kv_hi = first_pos + (tl.minimum(tq0 + TQ, q_end) - q_begin)
+    tile_first = tl.maximum(base, first_pos)
+    kv_hi = tl.minimum(base + TQ, seq_len)
     kv_lo = 0
     if HAS_WINDOW:
         kv_lo = tl.maximum(tile_first - window + 1, 0)
     part_lo = kv_lo // PARTITION
     part_hi = (kv_hi - 1) // PARTITION + 1
-    split = SPLIT and (q_end - q_begin <= TQ) and (part_hi - part_lo > 1)
+    split = SPLIT and (first_pos % TQ + (q_end - q_begin) <= TQ) and (part_hi - part_lo > 1)
     if split:
         if (part < part_lo) or (part >= part_hi):
             return
@@ -422,10 +425,10 @@ def _attn_kernel(
             stride_kb, stride_ko, stride_sb, stride_so, d, dmask,
             HAS_WINDOW, BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, PARTITION, QUANT, PRECISION,
         )  # fmt: skip
-        base = seq.to(tl.int64) * stride_ps + kvh * stride_ph + part * stride_pp
-        tl.store(pm_ptr + base // BLOCK_D + rows, m)
-        tl.store(pl_ptr + base // BLOCK_D + rows, den)
-        tl.store(pacc_ptr + base + rows[:, None] * BLOCK_D + d[None, :], acc)
+        pbase = seq.to(tl.int64) * stride_ps + kvh * stride_ph + part * stride_pp
+        tl.store(pm_ptr + pbase // BLOCK_D + rows, m)
+        tl.store(pl_ptr + pbase // BLOCK_D + rows, den)
+        tl.store(pacc_ptr + pbase + rows[:, None] * BLOCK_D + d[None, :], acc)
     else:
         M = tl.full([BLOCK_M], -1.0e30, tl.float32)
         L = tl.zeros([BLOCK_M], tl.float32)
@@ -437,7 +440,7 @@ def _attn_kernel(
                 HAS_WINDOW, BLOCK_SIZE, BLOCK_M, BLOCK_N, BLOCK_D, PARTITION, QUANT, PRECISION,
             )  # fmt: skip
             M, L, A = _fold(M, L, A, m, den, acc)
-        out = A / L[:, None]
+        out = A / tl.where(L > 0, L, 1.0)[:, None]  # L is 0 only on padding rows
         o_off = tok.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
             out_ptr + o_off[:, None] + d[None, :],
@@ -473,10 +476,10 @@ def _reduce_kernel(
     kvh = tl.program_id(1)
     q_begin = tl.load(qsl_ptr + seq)
     q_end = tl.load(qsl_ptr + seq + 1)
-    if (q_end == q_begin) or (q_end - q_begin > TQ):
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - (q_end - q_begin)
+    if (q_end == q_begin) or (first_pos % TQ + (q_end - q_begin) > TQ):  # not a single-tile sequence
+        return
     kv_lo = 0
     if HAS_WINDOW:
         kv_lo = tl.maximum(first_pos - window + 1, 0)
@@ -490,14 +493,15 @@ def _reduce_kernel(
     L = tl.zeros([BLOCK_M], tl.float32)
     A = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for p in range(part_lo, part_hi):
-        base = seq.to(tl.int64) * stride_ps + kvh * stride_ph + p * stride_pp
-        m = tl.load(pm_ptr + base // BLOCK_D + rows)
-        den = tl.load(pl_ptr + base // BLOCK_D + rows)
-        acc = tl.load(pacc_ptr + base + rows[:, None] * BLOCK_D + d[None, :])
+        pbase = seq.to(tl.int64) * stride_ps + kvh * stride_ph + p * stride_pp
+        m = tl.load(pm_ptr + pbase // BLOCK_D + rows)
+        den = tl.load(pl_ptr + pbase // BLOCK_D + rows)
+        acc = tl.load(pacc_ptr + pbase + rows[:, None] * BLOCK_D + d[None, :])
         M, L, A = _fold(M, L, A, m, den, acc)
-    out = A / L[:, None]
-    tok = q_begin + rows // GROUP
-    row_ok = (rows < TQ * GROUP) & (tok < q_end)
+    out = A / tl.where(L > 0, L, 1.0)[:, None]  # L is 0 only on padding rows
+    pos = first_pos - first_pos % TQ + rows // GROUP
+    tok = q_begin + (pos - first_pos)
+    row_ok = (rows < TQ * GROUP) & (pos >= first_pos) & (pos < seq_len)
     head = kvh * GROUP + rows % GROUP
     o_off = tok.to(tl.int64) * stride_ot + head * stride_oh
     tl.store(
@@ -511,6 +515,29 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def split_plan(
+    programs: int,
+    num_seqs: int,
+    hk: int,
+    max_len: int,
+    block_m: int,
+    block_d: int,
+    device: torch.device,
+    batch_invariant: bool,
+) -> tuple[int, int, bool]:
+    """(partition size, partitions bound, whether single-tile sequences split their partitions
+    across programs). The partition size is fixed when ``batch_invariant``; the split never
+    changes a result, so it follows the load: only when few programs would run otherwise."""
+    partition = PARTITION
+    if not batch_invariant and programs < SPLIT_PROGRAMS_BELOW:
+        want = max(1, (2 * _num_sms(device)) // programs)
+        partition = max(BLOCK_N, min(PARTITION * 8, triton.next_power_of_2(triton.cdiv(max_len, want))))
+    n_parts = triton.cdiv(max_len, partition)
+    scratch = num_seqs * hk * n_parts * block_m * (block_d + 2) * 4
+    split = n_parts > 1 and programs < SPLIT_PROGRAMS_BELOW and scratch <= SPLIT_SCRATCH_BYTES
+    return partition, n_parts, split
 
 
 def paged_attention(
@@ -548,18 +575,12 @@ def paged_attention(
     block_m = max(BLOCK_M, triton.next_power_of_2(group))
     tq = block_m // group
     block_d = max(16, triton.next_power_of_2(d))
-    n_tiles = t // tq + b  # a bound: tiles past a sequence's last query exit at once
+    n_tiles = t // tq + 2 * b  # a bound: tiles past a sequence's last query exit at once
 
-    # partitions: fixed for batch invariance; by load otherwise
     max_len = block_tables.shape[1] * bs  # no device sync: the table's width bounds every seq_len
-    partition = PARTITION
-    programs = n_tiles * hk
-    if not batch_invariant and programs < SPLIT_PROGRAMS_BELOW:
-        want = max(1, (2 * _num_sms(query.device)) // programs)
-        partition = max(BLOCK_N, min(PARTITION * 8, triton.next_power_of_2(triton.cdiv(max_len, want))))
-    n_parts = triton.cdiv(max_len, partition)
-    scratch = b * hk * n_parts * block_m * (block_d + 2) * 4
-    split = n_parts > 1 and programs < SPLIT_PROGRAMS_BELOW and scratch <= SPLIT_SCRATCH_BYTES
+    partition, n_parts, split = split_plan(
+        n_tiles * hk, b, hk, max_len, block_m, block_d, query.device, batch_invariant
+    )
     if split:
         pacc = torch.empty((b, hk, n_parts, block_m, block_d), dtype=torch.float32, device=query.device)
         pm = torch.empty((b, hk, n_parts, block_m), dtype=torch.float32, device=query.device)
