@@ -49,7 +49,8 @@ from tessera.kernels.reference import FP8_E4M3_MAX, INT8_MAX, is_quantized_kv
 
 # Keys per partition: fixed absolute boundaries, the unit of split-K. A multiple of BLOCK_N.
 PARTITION = 512
-# Keys per tile inside a partition; query rows per tile (query tokens x GQA group).
+# Keys per tile inside a partition (halved for an fp32 query, whose tiles are twice the registers;
+# no spills at D = 128 on sm_80/sm_90); query rows per tile (query tokens x GQA group).
 BLOCK_N = 64
 BLOCK_M = 16
 # Split a single-tile sequence's partitions across programs only when fewer programs than this
@@ -294,20 +295,18 @@ def _partition(
         row = blk * stride_kb + (kpos % BLOCK_SIZE) * stride_ko
         lmask = kvalid[:, None] & dmask[None, :]
         k = tl.load(k_base + row[:, None] + d[None, :], mask=lmask, other=0)
-        v = tl.load(v_base + row[:, None] + d[None, :], mask=lmask, other=0)
+        # int8 and e4m3 codes are exact in fp16/bf16/fp32: the per-key scales go on the score
+        # columns and on p instead of on every element of the tiles
+        if QUANT == 2:
+            k = _fp8_to_f32(k)
+        k = k.to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if QUANT != 0:
             srow = blk * stride_sb + (kpos % BLOCK_SIZE) * stride_so
             k_s = tl.load(ks_base + srow, mask=kvalid, other=0.0)
-            v_s = tl.load(vs_base + srow, mask=kvalid, other=0.0)
-            if QUANT == 1:
-                k = k.to(tl.float32) * k_s[:, None]
-                v = v.to(tl.float32) * v_s[:, None]
-            else:
-                k = _fp8_to_f32(k) * k_s[:, None]
-                v = _fp8_to_f32(v) * v_s[:, None]
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            qk = qk * (k_s * qk_scale)[None, :]
+        else:
+            qk = qk * qk_scale
         allowed = kvalid[None, :] & (kpos[None, :] <= pos[:, None])
         if HAS_WINDOW:
             allowed &= kpos[None, :] > pos[:, None] - window
@@ -317,7 +316,17 @@ def _partition(
         p = tl.exp2(qk - new_m[:, None])
         den = tl.fma(den, alpha, tl.sum(p, axis=1))
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(q.dtype), v, acc, input_precision=PRECISION)
+        # V loaded after the scores: K and V tiles are not both live in registers
+        v = tl.load(v_base + row[:, None] + d[None, :], mask=lmask, other=0)
+        if QUANT == 2:
+            v = _fp8_to_f32(v)
+        v = v.to(q.dtype)
+        if QUANT != 0:
+            v_s = tl.load(vs_base + srow, mask=kvalid, other=0.0)
+            p_v = (p * v_s[None, :]).to(q.dtype)
+        else:
+            p_v = p.to(q.dtype)
+        acc = tl.dot(p_v, v, acc, input_precision=PRECISION)
         m = new_m
     return m, den, acc
 
@@ -631,7 +640,7 @@ def paged_attention(
         *p_strides,
         SPLIT=split,
         BLOCK_SIZE=bs,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=BLOCK_N if query.element_size() <= 2 else BLOCK_N // 2,
         BLOCK_D=block_d,
         PARTITION=partition,
         QUANT=quant,
