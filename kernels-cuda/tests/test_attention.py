@@ -31,7 +31,7 @@ class Batch:
     """A ragged step: sequence i has ``ctx[i]`` cached tokens before its ``new[i]`` queries. Every
     K/V row of every sequence is in a cache whose other blocks are NaN (or NaN scales for int8/fp8);
     block-table entries a query may not read (past the sequence, or wholly before every query's
-    sliding window) point at NaN blocks."""
+    sliding window) point at NaN blocks, and so do the slots of a last block past the sequence's end."""
 
     def __init__(self, ctx, new, hq, hk, d, block_size, cache_dtype, q_dtype, window=None, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -57,6 +57,11 @@ class Batch:
                 slots = torch.arange(blk * block_size, (blk + 1) * block_size)
                 kv = torch.randn(2, block_size, hk, d, generator=g)
                 reference.reshape_and_cache(kv[0], kv[1], self.cache, slots, self.scales)
+                tail = slots[slots >= blk * block_size + s - j * block_size]  # past the end: never read
+                if quantized:
+                    self.scales.view(2, -1, hk)[:, tail] = float("nan")
+                else:
+                    self.cache.view(2, -1, hk, d)[:, tail] = float("nan")
                 if (j + 1) * block_size > lo:  # blocks out of every window: given back, left NaN
                     self.table[i, j] = blk
         self.query = torch.randn(sum(new), hq, d, generator=g).to(q_dtype)
@@ -79,8 +84,8 @@ class Batch:
         )
 
 
-# (cached, new) per sequence: prefill from scratch, a chunk over cached blocks, decodes, an empty one
-MIXED = ([0, 37, 90, 0, 5, 12], [21, 11, 1, 0, 1, 3])
+# (cached, new) per sequence: prefill from scratch, a chunk over cached blocks, decodes, empty ones
+MIXED = ([0, 37, 90, 0, 5, 20, 12], [21, 11, 1, 0, 1, 0, 3])
 
 CASES = [
     # hq, hk, d, block size, cache dtype, query dtype, window

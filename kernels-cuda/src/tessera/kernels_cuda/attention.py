@@ -590,6 +590,11 @@ def paged_attention(
     partition, n_parts, split = split_plan(
         n_tiles * hk, b, hk, max_len, block_m, block_d, query.device, batch_invariant
     )
+    block_n = BLOCK_N if query.element_size() <= 2 else BLOCK_N // 2
+    if partition % block_n:
+        raise ValueError(
+            f"paged_attention: PARTITION {partition} is not a multiple of the key tile ({block_n})"
+        )
     if split:
         pacc = torch.empty((b, hk, n_parts, block_m, block_d), dtype=torch.float32, device=query.device)
         pm = torch.empty((b, hk, n_parts, block_m), dtype=torch.float32, device=query.device)
@@ -640,7 +645,7 @@ def paged_attention(
         *p_strides,
         SPLIT=split,
         BLOCK_SIZE=bs,
-        BLOCK_N=BLOCK_N if query.element_size() <= 2 else BLOCK_N // 2,
+        BLOCK_N=block_n,
         BLOCK_D=block_d,
         PARTITION=partition,
         QUANT=quant,
