@@ -33,8 +33,9 @@ the kernel needs no fp8 hardware).
   state unchanged to the bit (the running max starts at a finite ``-1e30``, masked loads give
   zeros, so such a step multiplies by ``exp2(0) = 1`` and adds ``0``), and the matmul shapes are the
   same for every launch. So a row's output does not depend on the other rows of the step, on how
-  its prompt was chunked, or on prefill vs decode. With ``batch_invariant=False`` the partition
-  size is chosen by load (smaller partitions when few programs would run).
+  its prompt was chunked, or on prefill vs decode. With ``batch_invariant=False`` the layout
+  follows the load: smaller partitions when few programs would run, and 64-row query tiles (8
+  warps) for a step of ``PREFILL_TOKENS`` tokens or more, so a K/V tile serves 4x the rows.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ BLOCK_M = 16
 SPLIT_PROGRAMS_BELOW = 1024
 SPLIT_SCRATCH_BYTES = 256 << 20
 NUM_WARPS = 4
+# batch_invariant=False only: steps with this many tokens use 64-row query tiles.
+PREFILL_TOKENS = 512
+PREFILL_BLOCK_M = 64
+PREFILL_NUM_WARPS = 8
 
 _QUANT_NONE, _QUANT_INT8, _QUANT_FP8 = 0, 1, 2
 _FLOAT_CACHES = (torch.float32, torch.float16, torch.bfloat16)
@@ -581,7 +586,9 @@ def paged_attention(
     if query.stride(-1) != 1:
         query = query.contiguous()
     group = hq // hk
-    block_m = max(BLOCK_M, triton.next_power_of_2(group))
+    prefill = not batch_invariant and t >= PREFILL_TOKENS
+    block_m = max(PREFILL_BLOCK_M if prefill else BLOCK_M, triton.next_power_of_2(group))
+    num_warps = PREFILL_NUM_WARPS if prefill else NUM_WARPS
     tq = block_m // group
     block_d = max(16, triton.next_power_of_2(d))
     n_tiles = t // tq + 2 * b  # a bound: tiles past a sequence's last query exit at once
@@ -591,6 +598,8 @@ def paged_attention(
         n_tiles * hk, b, hk, max_len, block_m, block_d, query.device, batch_invariant
     )
     block_n = BLOCK_N if query.element_size() <= 2 else BLOCK_N // 2
+    if prefill and query.device.type == "cuda" and torch.cuda.get_device_capability(query.device)[0] < 9:
+        block_n = min(block_n, 32)  # 64 x 64 tiles spill on sm_80 (no wgmma)
     if partition % block_n:
         raise ValueError(
             f"paged_attention: PARTITION {partition} is not a multiple of the key tile ({block_n})"
@@ -650,7 +659,7 @@ def paged_attention(
         PARTITION=partition,
         QUANT=quant,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=NUM_WARPS,
+        num_warps=num_warps,
         enable_fp_fusion=False,
         **common,
     )
@@ -668,7 +677,7 @@ def paged_attention(
             *p_strides,
             BLOCK_D=block_d,
             PARTITION=partition,
-            num_warps=NUM_WARPS,
+            num_warps=num_warps,
             enable_fp_fusion=False,
             **common,
         )
