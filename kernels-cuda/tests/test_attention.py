@@ -113,6 +113,17 @@ def test_paged_attention_matches_the_torch_reference_on_a_mixed_batch(
     torch.testing.assert_close(out, ref, atol=TOL[q_dtype], rtol=TOL[q_dtype])
 
 
+def test_the_builders_host_bounds_change_no_bit(small_partitions, monkeypatch):
+    """max_seq_len / max_query_len from the metadata builder only narrow the launch."""
+    force_split(monkeypatch, True)
+    batch = Batch(*MIXED, 9, 3, 80, 16, torch.float32, torch.float32, None)
+    plain = batch.run(attention.paged_attention)
+    bounded = batch.run(
+        attention.paged_attention, max_query_len=max(MIXED[1]), max_seq_len=int(batch.lens.max())
+    )
+    assert torch.equal(plain, bounded)
+
+
 def test_a_long_decode_takes_the_split_path_and_matches_the_reference(small_partitions, monkeypatch):
     monkeypatch.setattr(attention, "SPLIT_PROGRAMS_BELOW", 64)
     batch = Batch([300, 129], [1, 1], 8, 2, 64, 16, torch.float32, torch.float32)

@@ -564,8 +564,14 @@ def paged_attention(
     sliding_window: int | None = None,
     kv_scales: torch.Tensor | None = None,
     batch_invariant: bool = True,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a ragged batch over the paged cache (see ``tessera.kernels.reference``)."""
+    """Causal attention of a ragged batch over the paged cache (see ``tessera.kernels.reference``).
+
+    ``max_seq_len`` (the metadata builder's host bound; the captured bound in a CUDA graph)
+    narrows the partitions launched; without it the block table's width bounds every length.
+    ``max_query_len`` is not needed: query tiles are bounded by the token count."""
     t, hq, d = query.shape
     _, _, bs, hk, cd = kv_cache.shape
     b = seq_lens.shape[0]
@@ -594,6 +600,8 @@ def paged_attention(
     n_tiles = t // tq + 2 * b  # a bound: tiles past a sequence's last query exit at once
 
     max_len = block_tables.shape[1] * bs  # no device sync: the table's width bounds every seq_len
+    if max_seq_len is not None:
+        max_len = max(1, min(max_len, max_seq_len))
     partition, n_parts, split = split_plan(
         n_tiles * hk, b, hk, max_len, block_m, block_d, query.device, batch_invariant
     )
