@@ -14,23 +14,18 @@ import torch
 
 from tessera.kernels import declare_backend, register
 from tessera.kernels_cuda import OPS, lazy
+from tessera.kernels_cuda import capabilities as cuda_capabilities
 
 _registered = False
 
 
 def capabilities() -> dict:
-    caps: dict = {"preferred_dtype": torch.bfloat16, "hip": torch.version.hip}
+    """kernels_cuda's, with the HIP version and the GPU named by its gfx target."""
+    caps = cuda_capabilities()
+    caps["hip"] = torch.version.hip
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         caps["gpu"] = f"{p.name} ({p.gcnArchName}, {p.multi_processor_count} CUs)"
-        if not torch.cuda.is_bf16_supported():
-            caps["preferred_dtype"] = torch.float16
-    try:
-        import triton
-
-        caps["triton"] = triton.__version__
-    except ImportError:
-        caps["triton"] = "not installed"
     return caps
 
 
