@@ -13,11 +13,6 @@ with realistic scales. Errors are measured against the largest output of the ref
   rounded to fp16 too: 2e-3 (plus the Q4_K fold where it applies).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import gguf
 import gguf.quants
 import numpy as np
@@ -220,14 +215,11 @@ def test_other_inputs_go_to_the_reference(device):
 
 
 COMPILE_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
+from triton_usage import usage
 from tessera.kernels_cuda import moe
 from tessera.kernels_cuda.gguf_layout import FORMS
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 ALIGNED = ["x_ptr", "w_ptr", "lo_ptr", "hi_ptr", "d_ptr", "m_ptr", "pairs_ptr", "out_ptr", "K", "stride_xm",
            "stride_wn", "stride_om", "s_lo", "s_d"]
 
@@ -241,33 +233,16 @@ for arch, scheme, xt, ot in json.loads(sys.argv[1]):
     ce = {"PACKED": packed, "HI_BITS": f.hi_bits, "GROUP": f.group, "ZERO": f.zero, "HAS_M": f.has_m,
           "IEEE": xt == "fp32", "BLOCK_M": moe.BLOCK_M, "BLOCK_N": moe.BLOCK_N,
           "BLOCK_K": moe.BLOCK_K_FP32 if xt == "fp32" else moe.BLOCK_K}
-    fn = moe._moe_gemm_kernel
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED}
-    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in ce}}, ce, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as tmp:
-        tmp.write(k.asm["cubin"])
-        tmp.flush()
-        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", tmp.name], capture_output=True, text=True)
-    line = next(ln for ln in dump.stdout.splitlines() if "REG:" in ln)
-    fields = dict(kv.split(":") for kv in line.split() if ":" in kv)
-    print(json.dumps([arch, scheme, xt, ot, int(fields["REG"]), int(fields["LOCAL"])]), flush=True)
+    res = usage(moe._moe_gemm_kernel, sig, ce, arch, ALIGNED)
+    print(json.dumps([arch, scheme, xt, ot, res["REG"], res["LOCAL"]]), flush=True)
 """
 
 
-def test_the_grouped_gemm_compiles_for_sm80_and_sm90_without_register_spills():
+def test_the_grouped_gemm_compiles_for_sm80_and_sm90_without_register_spills(compile_cases):
     """What the interpreter cannot show: the gate_up (bf16 out) and down (fp32 out) variants of
     the kernel compile for the H200 and for sm_80 cards with no local-memory spills."""
-    pytest.importorskip("triton.backends.nvidia")
     cases = [[90, "Q6_K", "bf16", "bf16"], [90, "Q4_K", "bf16", "fp32"], [80, "Q8_0", "bf16", "fp32"]]
     cases += [[90, "Q5_K", "fp32", "fp32"], [90, "plain", "bf16", "bf16"], [80, "Q5_1", "fp16", "fp16"]]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(results) == len(cases)
+    results = compile_cases(COMPILE_SCRIPT, cases)
     for arch, scheme, xt, ot, reg, local in results:
         assert local == 0 and reg <= 255, f"sm_{arch} {scheme} {xt}->{ot}: {reg} registers, {local} B spilled"

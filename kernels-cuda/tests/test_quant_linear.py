@@ -6,11 +6,6 @@ Products are checked against x @ W.T in float64 with W from ``gguf.quants.dequan
 bound relative to sum_k |x_k w_k| (so cancellation does not hide or fake errors).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import gguf
 import gguf.quants
 import numpy as np
@@ -224,31 +219,14 @@ def test_other_weights_go_to_the_reference(device):
 
 
 COMPILE_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
+from triton_usage import usage
 from tessera.kernels_cuda import quant_linear as ql
 from tessera.kernels_cuda.gguf_layout import FORMS
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 PLANES = {"lo_ptr": "*i32", "hi_ptr": "*i32", "d_ptr": "*fp16", "m_ptr": "*fp16"}
 STRIDES = {"s_lo": "i32", "s_hi": "i32", "s_d": "i32", "s_m": "i32"}
 ALIGNED = ["lo_ptr", "hi_ptr", "d_ptr", "m_ptr", "x_ptr", "out_ptr", "K", "s_lo", "s_d", "stride_xm"]
-
-
-def usage(fn, sig, consts, arch):
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ALIGNED if a in sig}
-    src = ASTSource(fn, {**sig, **{c: "constexpr" for c in consts}}, consts, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True)
-    line = next(ln for ln in dump.stdout.splitlines() if "REG:" in ln)
-    fields = dict(kv.split(":") for kv in line.split() if ":" in kv)
-    return {"REG": int(fields["REG"]), "LOCAL": int(fields["LOCAL"])}
-
 
 for arch, scheme, xt, ot in json.loads(sys.argv[1]):
     f = FORMS[scheme]
@@ -257,32 +235,24 @@ for arch, scheme, xt, ot in json.loads(sys.argv[1]):
         sig = {**PLANES, "ids_ptr": "*i64", "out_ptr": "*" + ot, "row0": "i32", "R": "i32", "N": "i32",
                "K": "i32", **STRIDES}
         ce |= {"HAS_IDS": True, "BLOCK_N": ql.DEQ_BLOCK_N, "BLOCK_K": ql.DEQ_BLOCK_K}
-        res = usage(ql._dequant_kernel, sig, ce, arch)
+        res = usage(ql._dequant_kernel, sig, ce, arch, ALIGNED)
     else:
         sig = {"x_ptr": "*" + xt, **PLANES, "bias_ptr": "*" + ot, "out_ptr": "*" + ot, "M": "i32", "N": "i32",
                "K": "i32", **STRIDES, "stride_xm": "i32", "stride_om": "i32"}
         bk = ql.GEMV_BLOCK_K_FP32 if xt == "fp32" else ql.GEMV_BLOCK_K
         ce |= {"HAS_BIAS": True, "IEEE": xt == "fp32", "BLOCK_M": ql.GEMV_BLOCK_M, "BLOCK_N": ql.GEMV_BLOCK_N,
                "BLOCK_K": bk}
-        res = usage(ql._qgemv_kernel, sig, ce, arch)
+        res = usage(ql._qgemv_kernel, sig, ce, arch, ALIGNED)
     print(json.dumps([arch, scheme, xt, ot, res]), flush=True)
 """
 
 
-def test_kernels_compile_for_sm80_and_sm90_without_register_spills():
+def test_kernels_compile_for_sm80_and_sm90_without_register_spills(compile_cases):
     """What the interpreter cannot show: every scheme's GEMV (bf16 in, bf16 out) and a few other
     variants compile for the H200 and for sm_80 cards, with no local-memory spills."""
-    pytest.importorskip("triton.backends.nvidia")
     cases = [[90, s, "bf16", "bf16"] for s in LEGACY + K_QUANTS]
     cases += [[90, "Q5_K", "fp32", "fp32"], [80, "Q5_1", "bf16", "fp32"], [90, "Q6_K", "dequant", "bf16"]]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(results) == len(cases)
+    results = compile_cases(COMPILE_SCRIPT, cases)
     for arch, scheme, xt, ot, res in results:
         assert res["LOCAL"] == 0, f"sm_{arch} {scheme} {xt}->{ot} spills: {res}"
         assert res["REG"] <= 255
