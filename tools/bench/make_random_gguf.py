@@ -45,15 +45,16 @@ def q4_0(rng, *shape: int, fan_in: int) -> np.ndarray:
     return np.concatenate([d, qs], axis=1).reshape(*rows, k // 32 * 18)
 
 
-def q4_k(rng, rows: int, k: int) -> np.ndarray:
-    """Random Q4_K super-blocks (d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of
-    nibbles): weight d * sc * q - dmin * m with sc, m uniform in 0..63 and q in 0..15, so
-    dmin = 7.5 d centres them (std about 145 d)."""
-    n = rows * (k // 256)
+def q4_k(rng, *shape: int) -> np.ndarray:
+    """Random Q4_K super-blocks of a ``[..., rows, k]`` tensor (d, dmin, 12 bytes of 6-bit scales
+    and mins, 128 bytes of nibbles): weight d * sc * q - dmin * m with sc, m uniform in 0..63 and
+    q in 0..15, so dmin = 7.5 d centres them (std about 145 d)."""
+    *rows, k = shape
+    n = int(np.prod(rows)) * (k // 256)
     d = 1.0 / (145.0 * np.sqrt(k))
     head = np.tile(np.array([d, 7.5 * d], dtype=np.float16).view(np.uint8), (n, 1))
     rest = rng.integers(0, 256, (n, 140), dtype=np.uint8)
-    return np.concatenate([head, rest], axis=1).reshape(rows, k // 256 * 144)
+    return np.concatenate([head, rest], axis=1).reshape(*rows, k // 256 * 144)
 
 
 def q8_0(rng, rows: int, k: int, std: float) -> np.ndarray:
@@ -79,18 +80,32 @@ def synthetic_vocab(size: int) -> list[str]:
 
 
 def write(
-    out: str, *, layers, hidden, ffn, heads, kv_heads, vocab, rope_theta=10000.0, scheme="Q4_K", seed=0
+    out: str,
+    *,
+    layers,
+    hidden,
+    ffn,
+    heads,
+    kv_heads,
+    vocab,
+    rope_theta=10000.0,
+    scheme="Q4_K",
+    seed=0,
+    experts=0,
+    top_k=0,
 ) -> Path:
+    """The GGUF at ``out``; with ``experts`` > 0, Mixtral's layout as llama.cpp writes it (a
+    router and ``ffn_*_exps`` stacks, ``top_k`` of them per token)."""
     rng = np.random.default_rng(seed)
     block = 256 if scheme == "Q4_K" else 32
     for name, n in (("hidden", hidden), ("ffn", ffn)):
         if n % block:
             raise SystemExit(f"{scheme} needs {name} to be a multiple of {block}, got {n}")
 
-    def matrix(rows: int, k: int):
+    def matrix(*shape: int):
         if scheme == "Q4_K":
-            return q4_k(rng, rows, k), Q.Q4_K
-        return q4_0(rng, rows, k, fan_in=k), Q.Q4_0
+            return q4_k(rng, *shape), Q.Q4_K
+        return q4_0(rng, *shape, fan_in=shape[-1]), Q.Q4_0
 
     head_dim = hidden // heads
     w = gguf.GGUFWriter(out, "llama")
@@ -105,6 +120,9 @@ def write(
     w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(top_k)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M if scheme == "Q4_K" else gguf.LlamaFileType.MOSTLY_Q4_0)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
@@ -126,12 +144,17 @@ def write(
             ("attn_k", kv_heads * head_dim, hidden),
             ("attn_v", kv_heads * head_dim, hidden),
             ("attn_output", hidden, hidden),
-            ("ffn_gate", ffn, hidden),
-            ("ffn_up", ffn, hidden),
-            ("ffn_down", hidden, ffn),
         ):
             data, qtype = matrix(rows, k)
             w.add_tensor(f"{b}.{name}.weight", data, raw_dtype=qtype)
+        stack = (experts,) if experts else ()
+        if experts:
+            router = (rng.standard_normal((experts, hidden)) / np.sqrt(hidden)).astype(np.float32)
+            w.add_tensor(f"{b}.ffn_gate_inp.weight", router)
+        suffix = "_exps" if experts else ""
+        for name, rows, k in (("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)):
+            data, qtype = matrix(*stack, rows, k)
+            w.add_tensor(f"{b}.{name}{suffix}.weight", data, raw_dtype=qtype)
         w.add_tensor(f"{b}.ffn_norm.weight", ones)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -147,6 +170,8 @@ def main() -> None:
     for name in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     p.add_argument("--scheme", choices=["Q4_K", "Q4_0"], default="Q4_K")
+    p.add_argument("--experts", type=int, default=0, help="experts per MoE layer (0: dense)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     shape = dict(SHAPES[a.shape]) if a.shape else {}
@@ -156,7 +181,8 @@ def main() -> None:
     missing = [n for n in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab") if n not in shape]
     if missing:
         p.error(f"give --shape or all of: {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    path = write(a.out, scheme=a.scheme, seed=a.seed, **shape)
+    moe = {"experts": a.experts, "top_k": a.top_k} if a.experts else {}
+    path = write(a.out, scheme=a.scheme, seed=a.seed, **shape, **moe)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)")
 
 
