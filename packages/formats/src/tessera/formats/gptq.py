@@ -118,7 +118,10 @@ class GPTQTensor:
     scales: torch.Tensor
     g_idx: torch.Tensor | None
     shape: tuple[int, int]
-    zero_offset: int = 0  # added to the stored zeros: 1 for GPTQ v1 checkpoints
+    # added to each stored zero: 1 for GPTQ v1 checkpoints, per value as AutoGPTQ, ExLlamaV2 and
+    # vLLM read them (a v1 zero of 0, stored as -1, reads as 2**bits there and here; GPTQModel
+    # instead adds 1 to the whole packed word, carrying into the next value)
+    zero_offset: int = 0
 
     @property
     def device(self) -> torch.device:
