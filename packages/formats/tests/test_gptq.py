@@ -311,3 +311,21 @@ def test_bad_quantized_checkpoints_are_refused_at_open_naming_the_tensor_and_fie
         open_checkpoint(folder)  # refused before any weight is read or loaded
     for name in names:
         assert name in str(e.value)
+
+
+def test_a_linear_whose_parts_lie_in_different_shards_is_yielded_once_all_are_read(tmp_path):
+    folder = write_checkpoint(tmp_path, GPTQ4)
+    tensors = load_file(folder / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if not k.startswith(DOWN) or k.endswith(".qweight")}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    save_file(first, str(folder / "a.safetensors"))
+    save_file(second, str(folder / "b.safetensors"))
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    weights = dict(open_checkpoint(folder).weights())
+    down = weights[f"{DOWN}.weight"]
+    assert isinstance(down, GPTQTensor) and down.shape == (64, 128)
+    assert torch.equal(down.qweight, tensors[f"{DOWN}.qweight"])
+    assert torch.equal(down.g_idx, tensors[f"{DOWN}.g_idx"])
+    assert len([n for n in weights if n.endswith("_proj.weight")]) == 7
