@@ -1,11 +1,12 @@
-"""GPTQ and AWQ checkpoints made by GPTQModel 7.7.0 (tools/make_gptq_fixtures.py; the folders in
-packages/formats/tests/fixtures/gptq) through our loader and engine:
+"""GPTQ and AWQ checkpoints made by GPTQModel 7.7.0 and AutoAWQ 0.2.9 (tools/make_gptq_fixtures.py;
+the folders in packages/formats/tests/fixtures/gptq) through our loader and engine:
 
 - our fp32 logits equal HF transformers' fp32 Llama holding the same dequantized weights (the
   model transformers builds from the folder's config, with every quantized linear's weight set to
   our ``dequantize()``, which test_gptq.py checks against GPTQModel's own dequantization);
-- GPTQModel's own logits (its model runs in bfloat16) are within bfloat16 noise of those weights'
-  fp32 logits: no further from them than transformers in bfloat16 is, up to a stated factor;
+- the tool's own logits (GPTQModel runs in bfloat16, AutoAWQ in float16) are within bfloat16 noise
+  of those weights' fp32 logits: no further from them than transformers in bfloat16 is, up to a
+  stated factor;
 - ``LLM`` greedy generation equals transformers' on those weights.
 """
 
@@ -30,9 +31,10 @@ CASES = sorted(p.name for p in FIXTURES.iterdir())
 PROMPT = [3, 17, 42, 99, 5, 150, 77, 8, 23, 64, 111, 2]  # tools/make_gptq_fixtures.py's PROMPT
 # fp32 on both sides, same weights: only summation order differs (logits of magnitude ~10)
 FP32_ATOL = 1e-4
-# GPTQModel runs in bfloat16. Its max logit error against fp32 on our weights, over transformers'
-# bfloat16 error on the same weights, measured 0.6-1.6 for 2/3/4-bit and AWQ and 3.6 for 8-bit
-# (its 8-bit forward rounds more); a zero point off by one (v1 offset dropped) measured 47x.
+# The tool's max logit error against fp32 on our weights, over transformers' bfloat16 error on the
+# same weights: measured 0.6-1.6 for GPTQModel's 2/3/4-bit and AWQ, 3.6 for its 8-bit (its 8-bit
+# forward rounds more), 0.08 for AutoAWQ (float16); a zero point off by one (v1 offset dropped)
+# measured 47.
 BF16_FACTOR = 4.0
 
 

@@ -1,11 +1,11 @@
-"""GPTQ and AWQ checkpoints of a random-weight tiny Llama made by GPTQModel (a tool nobody here
-wrote), with GPTQModel's own dequantized weights and logits, as fixtures for
+"""GPTQ and AWQ checkpoints of a random-weight tiny Llama made by GPTQModel and AutoAWQ (tools
+nobody here wrote), with the tool's own dequantized weights and logits, as fixtures for
 packages/formats/tests/test_gptq.py and integration_tests/test_gptq_checkpoints.py.
 
 Runs in a throwaway venv, not the project's (GPTQModel pins its own stack):
 
     uv venv /tmp/gptq-venv --python 3.11
-    uv pip install --python /tmp/gptq-venv torch transformers gptqmodel
+    uv pip install --python /tmp/gptq-venv torch transformers gptqmodel autoawq
     GPTQMODEL_CPU_WORKERS=2 /tmp/gptq-venv/bin/python tools/make_gptq_fixtures.py OUT_DIR [NAME ...]
 
 Each case NAME is written to OUT_DIR/NAME/: the HF folder GPTQModel saved (config.json with its
@@ -38,11 +38,15 @@ CASES = {
         bits=2, group_size=-1, desc_act=False, sym=False, format="gptq_v2", act_group_aware=False
     ),
     "gptq-8bit-g64-actorder-sym-v2": dict(bits=8, group_size=64, desc_act=True, sym=True, format="gptq_v2"),
-    # GPTQModel's AWQ search needs every output size a multiple of 64: no GQA here (k/v out 64)
     "awq-4bit-g32-sym-gemm": dict(bits=4, group_size=32, quant_method="awq", format="gemm"),
     "awq-4bit-g64-asym-gemm": dict(bits=4, group_size=64, sym=False, quant_method="awq", format="gemm"),
 }
-MODEL_OVERRIDES = {name: {"num_key_value_heads": 4} for name in CASES if name.startswith("awq")}
+# made with AutoAWQ (pip install autoawq) instead of GPTQModel: AutoAWQ's quant_config
+AUTOAWQ_CASES = {
+    "autoawq-4bit-g32-gemm": {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"},
+}
+# the AWQ searches need every output size a multiple of 64
+MODEL_OVERRIDES = {name: {"num_key_value_heads": 4} for name in [*CASES, *AUTOAWQ_CASES] if "awq" in name}
 
 
 def random_llama(folder: Path, num_key_value_heads: int = 2) -> None:
@@ -112,9 +116,45 @@ def make_case(base: Path, out: Path, kwargs: dict) -> None:
         (out / junk).unlink(missing_ok=True)
 
 
+def make_autoawq_case(base: Path, out: Path, quant_config: dict) -> None:
+    """The same with AutoAWQ: its checkpoint, its ``dequantize_gemm`` of every WQLinear_GEMM and
+    the logits of its quantized model (its CPU path: dequantize_gemm, then an fp16 matmul)."""
+    from awq import AutoAWQForCausalLM
+    from awq.modules.linear.gemm import WQLinear_GEMM
+    from awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(2, VOCAB, (64,), generator=g).tolist() for _ in range(16)]
+    model = AutoAWQForCausalLM.from_pretrained(str(base), device_map="cpu")
+    model.quantize(
+        AutoTokenizer.from_pretrained(str(base)),
+        quant_config=quant_config,
+        calib_data=calib,
+        max_calib_samples=16,
+        max_calib_seq_len=64,
+        n_parallel_calib_samples=4,
+    )
+    model.save_quantized(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, out / name)
+    ref = {}
+    for name, module in model.model.named_modules():
+        if isinstance(module, WQLinear_GEMM):
+            w = dequantize_gemm(module.qweight, module.qzeros, module.scales, module.w_bit, module.group_size)
+            ref[name] = w.T.contiguous()
+    import awq.modules.linear.gemm as awq_gemm
+
+    awq_gemm.TRITON_AVAILABLE = False  # its Triton kernel needs a GPU; this is its own CPU fallback
+    with torch.no_grad():
+        ref["logits"] = model.model(torch.tensor([PROMPT])).logits[0].float().contiguous()
+    save_file(ref, str(out / "reference.safetensors"))
+
+
 def main() -> None:
     root = Path(sys.argv[1]).resolve()
-    names = sys.argv[2:] or list(CASES)
+    names = sys.argv[2:] or [*CASES, *AUTOAWQ_CASES]
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # GPTQModel writes logs/ into the working directory
@@ -124,7 +164,10 @@ def main() -> None:
             random_llama(base, **MODEL_OVERRIDES.get(name, {}))
             out = root / name
             shutil.rmtree(out, ignore_errors=True)
-            make_case(base, out, CASES[name])
+            if name in AUTOAWQ_CASES:
+                make_autoawq_case(base, out, AUTOAWQ_CASES[name])
+            else:
+                make_case(base, out, CASES[name])
             print("made", out, flush=True)
 
 

@@ -1,7 +1,8 @@
 """GPTQ and AWQ checkpoints: our dequantize() against references nobody here wrote.
 
-1. Checkpoints made by GPTQModel 7.7.0 (tools/make_gptq_fixtures.py, fixtures/gptq/): our dequantized
-   weights equal GPTQModel's own ``dequantize_weight()`` for 2/3/4/8 bits, act-order, sym/asym,
+1. Checkpoints made by GPTQModel 7.7.0 and AutoAWQ 0.2.9 (tools/make_gptq_fixtures.py,
+   fixtures/gptq/): our dequantized weights equal the tool's own (GPTQModel's ``dequantize_weight()``
+   / ``dequantize_gemm``, AutoAWQ's ``dequantize_gemm``) for 2/3/4/8 bits, act-order, sym/asym,
    per-channel, v1/v2 and AWQ GEMM.
 2. Every bits x group size x desc_act x sym x v1/v2 combination packed by a packer transcribed
    from GPTQModel's source (gptqmodel 7.7.0, ``gptqmodel/nn_modules/qlinear/__init__.py``,
@@ -146,7 +147,7 @@ def test_a_quantized_checkpoint_yields_one_weight_per_linear_and_the_rest_unchan
     assert not [n for n in names if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")]
     assert "model.layers.1.mlp.down_proj.weight" in names and "lm_head.weight" in names
     assert ck.config.quantization is not None
-    assert ck.config.quantization.quant_method == case.split("-")[0]
+    assert ck.config.quantization.quant_method == ("awq" if "awq" in case else "gptq")
 
 
 # -- 2. packed here, as the tools pack -------------------------------------------------------------
