@@ -1,5 +1,5 @@
 """Tensor-parallel weight loading: each rank's part, put back together, is the whole weight,
-for float and packed (GGUF) weights, at 2 and 3 ranks; size 1 holds everything."""
+for float, packed (GGUF) and GPTQ weights, at 2 and 3 ranks; size 1 holds everything."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tessera.formats import FormatError, QuantizedTensor  # noqa: E402
+from tessera.formats import FormatError, GPTQTensor, QuantizedTensor  # noqa: E402
 from tessera.models import (  # noqa: E402
     ColumnParallelLinear,
     LoadOptions,
@@ -20,7 +20,23 @@ from tessera.models import (  # noqa: E402
 OPTS = LoadOptions(torch.float32)
 
 
-def weight(rows: int, cols: int, packed: bool, seed: int):
+def gptq_weight(rows: int, cols: int, seed: int) -> GPTQTensor:
+    """A 4-bit act-order GPTQ (v2) weight: 8 inputs a word, low nibble first."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (cols, rows), generator=g)
+    z = torch.randint(0, 16, (cols // 32, rows), generator=g)
+    shifts = torch.arange(8) * 4
+    qweight = (q.reshape(cols // 8, 8, rows) << shifts[:, None]).sum(1).to(torch.int32)
+    qzeros = (z.reshape(cols // 32, rows // 8, 8) << shifts).sum(-1).to(torch.int32)
+    scales = torch.rand(cols // 32, rows, generator=g).half()
+    g_idx = (torch.randperm(cols, generator=g) // 32).to(torch.int32)
+    return GPTQTensor("gptq", 4, 32, False, True, qweight, qzeros, scales, g_idx, (rows, cols))
+
+
+def weight(rows: int, cols: int, packed, seed: int):
+    if packed == "gptq":  # dequantized whole for one rank, else dequantized and cut
+        qt = gptq_weight(rows, cols, seed)
+        return qt, qt.dequantize()
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     if not packed:
         return w, w
@@ -36,7 +52,7 @@ def loaded(layer, tensors: dict) -> torch.Tensor:
     return layer.weight
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, "gptq"])
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_column_and_row_parallel_shards_make_the_whole_weight(packed, size):
     w, whole = weight(96, 192, packed, 0)

@@ -1,4 +1,4 @@
-"""Checkpoints on disk: GGUF and HF safetensors, tokenizers, chat templates, model configs."""
+"""Checkpoints on disk: GGUF, HF safetensors (plain, GPTQ, AWQ), tokenizers, chat templates, model configs."""
 
 from .chat_template import ChatTemplateError, render_chat_template
 from .checkpoint import Checkpoint, open_checkpoint
@@ -6,6 +6,7 @@ from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .errors import FormatError
 from .gguf_checkpoint import GGUFCheckpoint
 from .gguf_quants import BLOCK_LAYOUT
+from .gptq import GPTQConfig, GPTQTensor, quantization_config_from_hf
 from .hf_checkpoint import HFCheckpoint
 from .quantized import QuantizedTensor
 from .tokenizer import Tokenizer
@@ -16,11 +17,14 @@ __all__ = [
     "Checkpoint",
     "FormatError",
     "GGUFCheckpoint",
+    "GPTQConfig",
+    "GPTQTensor",
     "HFCheckpoint",
     "ModelConfig",
     "QuantizedTensor",
     "SUPPORTED_ARCHITECTURES",
     "Tokenizer",
     "open_checkpoint",
+    "quantization_config_from_hf",
     "render_chat_template",
 ]

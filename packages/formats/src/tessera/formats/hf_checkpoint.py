@@ -23,6 +23,15 @@ from .config_values import (
     shown,
 )
 from .errors import FormatError
+from .gptq import (
+    PARTS,
+    GPTQTensor,
+    check_g_idx,
+    check_gptq_shapes,
+    check_sym_zeros,
+    gptq_tensor,
+    quantization_config_from_hf,
+)
 from .json_file import read_json_object
 from .tokenizer import Tokenizer
 
@@ -151,6 +160,8 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
             f"{source}: activation {shown(act)} is not supported (supported: silu, gelu_pytorch_tanh)"
         )
     moe = _moe_fields(cfg, arch, n_layers, source)
+    quant = cfg.get("quantization_config")
+    quant = None if quant is None else quantization_config_from_hf(quant, source)
     return ModelConfig(
         architecture=arch,
         vocab_size=required("vocab_size"),
@@ -180,6 +191,7 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
         query_pre_attn_scalar=optional_float("query_pre_attn_scalar"),
         rope_local_theta=local_theta,
         final_logit_softcapping=optional_float("final_logit_softcapping"),
+        quantization=quant,
         **moe,
     )
 
@@ -227,11 +239,16 @@ def _moe_fields(cfg: dict, arch: str, n_layers: int, source) -> dict:
     }
 
 
+_SAFETENSORS_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
 class HFCheckpoint:
     """An HF folder with ``config.json`` and ``model.safetensors`` or a sharded index.
 
     Opening reads config.json and every safetensors header (not the tensor data), and checks that
-    the config's layer count and embedding size agree with the tensors the files hold.
+    the config's layer count and embedding size agree with the tensors the files hold. In a GPTQ
+    or AWQ checkpoint every quantized linear's parts are checked too (shapes and dtypes from the
+    headers, g_idx values read), and ``weights()`` yields each as one ``<prefix>.weight`` GPTQTensor.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -246,6 +263,8 @@ class HFCheckpoint:
         self.generation_config = read_json_object(gen) if gen.is_file() else {}
         self._gen_eos = read_token_ids(self.generation_config.get("eos_token_id"), "eos_token_id", gen)
         self._files = self._weight_files()
+        self.quantization = self.config.quantization
+        self._quantized: dict[str, set[str]] = {}  # quantized linear prefix -> its parts present
         self._check_files(config_path)
 
     def _weight_files(self) -> dict[str, list[str]]:
@@ -273,6 +292,7 @@ class HFCheckpoint:
 
         layers: set[int] = set()
         embedding: tuple[str, tuple[int, ...]] | None = None
+        quant_headers: dict[str, dict[str, tuple]] = {}  # prefix -> part -> (shape, dtype, file)
         for file, expected in self._files.items():
             path = self.path / file
             if not path.is_file():
@@ -282,6 +302,14 @@ class HFCheckpoint:
                     keys = set(f.keys())
                     if _EMBEDDING in keys:
                         embedding = (file, tuple(f.get_slice(_EMBEDDING).get_shape()))
+                    if self.quantization is not None:
+                        for key in keys:
+                            prefix, _, part = key.rpartition(".")
+                            if part in PARTS:
+                                s = f.get_slice(key)
+                                dtype = _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
+                                shape = tuple(s.get_shape())
+                                quant_headers.setdefault(prefix, {})[part] = (shape, dtype, file)
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
             missing = [n for n in expected if n not in keys]
@@ -291,6 +319,8 @@ class HFCheckpoint:
                 m = _LAYER_TENSOR.fullmatch(key)
                 if m:
                     layers.add(int(m.group(1)))
+        if self.quantization is not None:
+            self._check_quantized(quant_headers)
         c = self.config
         holder = next(iter(self._files)) if len(self._files) == 1 else "the sharded checkpoint"
         check_layer_count(c.num_hidden_layers, "num_hidden_layers", config_path, layers, holder, "layer")
@@ -299,18 +329,58 @@ class HFCheckpoint:
             keys = ("vocab_size", "hidden_size")
             check_embedding(c.vocab_size, c.hidden_size, keys, config_path, f"{_EMBEDDING} in {file}", shape)
 
+    def _check_quantized(self, headers: dict[str, dict[str, tuple]]) -> None:
+        from safetensors import safe_open
+
+        for prefix, parts in headers.items():
+            if "qweight" not in parts:
+                part = next(iter(parts))
+                raise FormatError(
+                    f"{self.path / parts[part][2]}: tensor {prefix}.{part} has no {prefix}.qweight beside it"
+                )
+            source = self.path / parts["qweight"][2]
+            shapes = {k: v[0] for k, v in parts.items()}
+            dtypes = {k: v[1] for k, v in parts.items()}
+            n_out, _ = check_gptq_shapes(prefix, shapes, dtypes, self.quantization, source)
+            # the small parts are read now, so that a bad one is refused before anything loads
+            if "g_idx" in parts:
+                with safe_open(self.path / parts["g_idx"][2], framework="pt") as f:
+                    g_idx = f.get_tensor(f"{prefix}.g_idx")
+                check_g_idx(prefix, g_idx, shapes["scales"][0], self.quantization, source)
+            if self.quantization.sym:
+                with safe_open(self.path / parts["qzeros"][2], framework="pt") as f:
+                    qzeros = f.get_tensor(f"{prefix}.qzeros")
+                check_sym_zeros(prefix, qzeros, n_out, self.quantization, source)
+            self._quantized[prefix] = set(parts)
+        if not self._quantized:
+            raise FormatError(
+                f"{self.path / 'config.json'}: quantization_config says {self.quantization.quant_method}, "
+                "but no tensor is a quantized linear (no *.qweight)"
+            )
+
     def tokenizer(self) -> Tokenizer:
         eos_ids = self._gen_eos + self.config.eos_token_ids
         return Tokenizer.from_hf_folder(self.path, eos_token_ids=tuple(dict.fromkeys(eos_ids)))
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | GPTQTensor]]:
+        """(name, tensor) of every tensor; a GPTQ/AWQ linear as one ``<prefix>.weight`` GPTQTensor,
+        yielded once all its parts (which may lie in different shards) have been read."""
         from safetensors import SafetensorError, safe_open
 
+        pending: dict[str, dict[str, torch.Tensor]] = {}
         for file in self._files:
             path = self.path / file
             try:
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
-                        yield name, f.get_tensor(name)
+                        prefix, _, part = name.rpartition(".")
+                        if prefix not in self._quantized or part not in PARTS:
+                            yield name, f.get_tensor(name)
+                            continue
+                        parts = pending.setdefault(prefix, {})
+                        parts[part] = f.get_tensor(name)
+                        if set(parts) == self._quantized[prefix]:
+                            del pending[prefix]
+                            yield f"{prefix}.weight", gptq_tensor(prefix, parts, self.quantization, path)
             except SafetensorError as e:
                 raise FormatError(f"{path}: damaged tensor data ({e})") from e

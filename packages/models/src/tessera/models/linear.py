@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import FormatError, QuantizedTensor
+from tessera.formats import FormatError, GPTQTensor, QuantizedTensor
 from tessera.kernels import LinearWeights, RowStack, ops
 
 from .parallel import NO_TP, TPInfo, narrow_cols, narrow_rows
@@ -57,8 +57,21 @@ class GGUFDequantized:
         return weight.to(opts.device).dequantize(opts.dtype)
 
 
+class GPTQDequantized:
+    """A GPTQ or AWQ weight dequantized once at load to the model dtype, through the format's
+    reference ``dequantize()``: the reference path, correct on every backend but holding the
+    weight unpacked. Packed CPU/GPU GPTQ kernels (the weight kept at its bit width) come later."""
+
+    name = "gptq-dequantized"
+
+    def prepare(self, weight: GPTQTensor, opts: LoadOptions):
+        return weight.to(opts.device).dequantize(opts.dtype)
+
+
 def quant_method(weight, opts: LoadOptions):
-    """The method for a loaded tensor (GPTQ and EXL2 will add theirs here)."""
+    """The method for a loaded tensor (EXL2 will add its own here)."""
+    if isinstance(weight, GPTQTensor):
+        return GPTQDequantized()
     if isinstance(weight, QuantizedTensor):
         return GGUFPacked() if opts.packed_weights else GGUFDequantized()
     return Unquantized()

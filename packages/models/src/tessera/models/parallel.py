@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import BLOCK_LAYOUT, FormatError, QuantizedTensor
+from tessera.formats import BLOCK_LAYOUT, FormatError, GPTQTensor, QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,18 @@ class TPInfo:
 NO_TP = TPInfo()  # one rank: every layer holds its whole weight
 
 
+def _gptq_part(t: GPTQTensor, start: int, length: int, dim: int):
+    """A rank's part of a GPTQ/AWQ weight: the whole one as it is; a part, dequantized (float32)
+    and cut, since GPTQ weights are dequantized at load anyway (act-order groups do not split)."""
+    if start == 0 and length == t.shape[dim]:
+        return t
+    return t.dequantize(torch.float32).narrow(dim, start, length)
+
+
 def narrow_rows(t, start: int, length: int):
     """Rows ``start:start+length`` of a tensor or a packed weight (packed rows move whole)."""
+    if isinstance(t, GPTQTensor):
+        return _gptq_part(t, start, length, 0)
     if isinstance(t, QuantizedTensor):
         rows = t.data.reshape(t.shape[0], -1)
         return QuantizedTensor(t.scheme, rows[start : start + length].contiguous(), (length, *t.shape[1:]))
@@ -40,6 +50,8 @@ def narrow_rows(t, start: int, length: int):
 
 def narrow_cols(t, start: int, length: int):
     """Input columns ``start:start+length``; a packed weight only at whole blocks."""
+    if isinstance(t, GPTQTensor):
+        return _gptq_part(t, start, length, 1)
     if isinstance(t, QuantizedTensor):
         block, size = BLOCK_LAYOUT[t.scheme]
         if start % block or length % block:
@@ -59,6 +71,6 @@ def shape_of(t) -> tuple[int, ...]:
 
 def to_dense(t, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A float tensor in ``dtype`` on ``device`` (a packed one dequantized)."""
-    if isinstance(t, QuantizedTensor):
+    if isinstance(t, (QuantizedTensor, GPTQTensor)):
         return t.to(device).dequantize(dtype)
     return t.to(device=device, dtype=dtype)

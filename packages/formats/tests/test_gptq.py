@@ -1,0 +1,332 @@
+"""GPTQ and AWQ checkpoints: our dequantize() against references nobody here wrote.
+
+1. Checkpoints made by GPTQModel 7.7.0 and AutoAWQ 0.2.9 (tools/make_gptq_fixtures.py,
+   fixtures/gptq/): our dequantized weights equal the tool's own (GPTQModel's ``dequantize_weight()``
+   / ``dequantize_gemm``, AutoAWQ's ``dequantize_gemm``) for 2/3/4/8 bits, act-order, sym/asym,
+   per-channel, v1/v2 and AWQ GEMM.
+2. Every bits x group size x desc_act x sym x v1/v2 combination packed by a packer transcribed
+   from GPTQModel's source (gptqmodel 7.7.0, ``gptqmodel/nn_modules/qlinear/__init__.py``,
+   ``BaseQuantLinear.pack_original``: the 2/4/8-bit row loop and the 3-bit 10+1+10+1+10 loop;
+   v1 zeros stored minus one as ``gptqmodel/utils/model.py`` ``convert_gptq_v2_to_v1_format_module``
+   subtracts 0b0101... per packed value) and AWQ's GEMM packer (``AWQ_ORDER`` of
+   ``gptqmodel/quantization/awq/utils/packing_utils.py``): our dequantize must give back exactly
+   ``scale * (q - zero)`` of the integers we packed.
+3. Bad input: each refused with a FormatError naming the tensor or config field, at open time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tessera.formats import FormatError, GPTQTensor, open_checkpoint, quantization_config_from_hf
+from tessera.formats.gptq import gptq_tensor
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gptq"
+FIXTURE_CASES = sorted(p.name for p in FIXTURES.iterdir()) if FIXTURES.is_dir() else []
+# GPTQModel dequantizes in the model's dtype (bfloat16): scale and product each rounded to bf16
+BF16_RTOL = 2.0**-7
+
+
+# -- packers transcribed from the tools' source -----------------------------------------------
+
+
+def pack_rows_like_gptqmodel(ints: np.ndarray, bits: int) -> np.ndarray:
+    """``pack_original``'s qweight loop: ints ``[in, out]`` -> int32 ``[ceil(in*bits/32), out]``."""
+    ints = ints.astype(np.uint32)
+    factor = 32 // bits
+    q = np.zeros((-(-ints.shape[0] * bits // 32), ints.shape[1]), dtype=np.uint32)
+    if bits in (2, 4, 8):
+        for row in range(q.shape[0]):
+            for j in range(min(factor, ints.shape[0] - row * factor)):
+                q[row] |= ints[row * factor + j] << np.uint32(bits * j)
+        return q.view(np.int32)
+    i = row = 0
+    while row < q.shape[0]:
+        for j in range(i, i + 10):
+            q[row] |= ints[j] << np.uint32(3 * (j - i))
+        i += 10
+        q[row] |= ints[i] << np.uint32(30)
+        row += 1
+        q[row] |= (ints[i] >> np.uint32(2)) & np.uint32(1)
+        i += 1
+        for j in range(i, i + 10):
+            q[row] |= ints[j] << np.uint32(3 * (j - i) + 1)
+        i += 10
+        q[row] |= ints[i] << np.uint32(31)
+        row += 1
+        q[row] |= (ints[i] >> np.uint32(1)) & np.uint32(0x3)
+        i += 1
+        for j in range(i, i + 10):
+            q[row] |= ints[j] << np.uint32(3 * (j - i) + 2)
+        i += 10
+        row += 1
+    return q.view(np.int32)
+
+
+def pack_zeros_like_gptqmodel(zeros: np.ndarray, bits: int) -> np.ndarray:
+    """``pack_original``'s qzeros loop is the row loop along the outputs."""
+    return np.ascontiguousarray(pack_rows_like_gptqmodel(zeros.T, bits).T)
+
+
+def pack_awq_gemm(ints: np.ndarray) -> np.ndarray:
+    """AWQ GEMM: ``[rows, out]`` 4-bit -> int32 ``[rows, out/8]``, nibble k = column ``AWQ_ORDER[k]``."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    ints = ints.astype(np.uint32)
+    q = np.zeros((ints.shape[0], ints.shape[1] // 8), dtype=np.uint32)
+    for col in range(q.shape[1]):
+        for k in range(8):
+            q[:, col] |= ints[:, col * 8 + order[k]] << np.uint32(4 * k)
+    return q.view(np.int32)
+
+
+def random_quantized(n_in, n_out, bits, group, desc_act, sym, v1, seed=0):
+    """Integers, zeros, scales and g_idx of a random GPTQ weight, and their W = s * (q - z)."""
+    rng = np.random.default_rng(seed)
+    maxq = (1 << bits) - 1
+    size = n_in if group == -1 else group
+    groups = -(-n_in // size)
+    q = rng.integers(0, maxq + 1, (n_in, n_out))
+    if sym:
+        z = np.full((groups, n_out), 1 << (bits - 1))
+    else:  # v1 stores zero-1, so a zero of 0 can't be written (it reads back as 2**bits)
+        z = rng.integers(1 if v1 else 0, maxq + 1, (groups, n_out))
+    s = torch.from_numpy(rng.uniform(0.01, 0.1, (groups, n_out))).half()
+    if desc_act:  # act-order: group i // size of the i-th column in a random order
+        perm = rng.permutation(n_in)
+        g = np.empty(n_in, dtype=np.int64)
+        g[perm] = np.arange(n_in) // size
+    else:
+        g = np.arange(n_in) // size
+    want = (s.float()[g] * torch.from_numpy(q - z[g]).float()).T
+    return q, z, s, g, want
+
+
+def hf_gptq_config(bits, group, desc_act, sym, fmt="gptq"):
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group,
+        "desc_act": desc_act,
+        "sym": sym,
+        "checkpoint_format": fmt,
+    }
+
+
+# -- 1. GPTQModel's own checkpoints -------------------------------------------------------------
+
+
+def test_gptqmodel_fixtures_are_present():
+    assert {"gptq-3bit-g32-sym-v1", "awq-4bit-g32-sym-gemm"} <= set(FIXTURE_CASES), (
+        "run tools/make_gptq_fixtures.py packages/formats/tests/fixtures/gptq in a venv with gptqmodel"
+    )
+
+
+@pytest.mark.parametrize("case", FIXTURE_CASES)
+def test_dequantize_equals_gptqmodels_dequantize_weight(case):
+    ck = open_checkpoint(FIXTURES / case)
+    ref = load_file(FIXTURES / case / "reference.safetensors")
+    quantized = {name: t for name, t in ck.weights() if isinstance(t, GPTQTensor)}
+    assert len(quantized) == 14  # 7 linears in each of 2 layers
+    for name, t in quantized.items():
+        theirs = ref[name.removesuffix(".weight")].float()
+        assert t.shape == tuple(theirs.shape)
+        ours = t.dequantize(torch.float32)
+        torch.testing.assert_close(ours, theirs, rtol=BF16_RTOL, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", FIXTURE_CASES)
+def test_a_quantized_checkpoint_yields_one_weight_per_linear_and_the_rest_unchanged(case):
+    ck = open_checkpoint(FIXTURES / case)
+    names = [name for name, _ in ck.weights()]
+    assert not [n for n in names if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")]
+    assert "model.layers.1.mlp.down_proj.weight" in names and "lm_head.weight" in names
+    assert ck.config.quantization is not None
+    assert ck.config.quantization.quant_method == ("awq" if "awq" in case else "gptq")
+
+
+# -- 2. packed here, as the tools pack -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_inverts_gptqmodels_packing(bits, group, desc_act, sym, fmt):
+    n_in, n_out = 256, 96
+    q, z, s, g, want = random_quantized(n_in, n_out, bits, group, desc_act, sym, v1=fmt == "gptq")
+    stored_z = z - 1 if fmt == "gptq" else z
+    parts = {
+        "qweight": torch.from_numpy(pack_rows_like_gptqmodel(q, bits)),
+        "qzeros": torch.from_numpy(pack_zeros_like_gptqmodel(stored_z & ((1 << bits) - 1), bits)),
+        "scales": s,
+        "g_idx": torch.from_numpy(g.astype(np.int32)),
+    }
+    cfg = quantization_config_from_hf(hf_gptq_config(bits, group, desc_act, sym, fmt), "config.json")
+    t = gptq_tensor("layer", parts, cfg, "model.safetensors")
+    assert t.shape == (n_out, n_in)
+    assert torch.equal(t.int_weight(), torch.from_numpy(q))
+    torch.testing.assert_close(t.dequantize(), want, rtol=0, atol=0)
+    assert t.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_partly_filled_last_word_is_read_through_g_idx(bits):
+    n_in, n_out = 40, 24  # neither a multiple of 32/bits words for every width
+    q, z, s, g, want = random_quantized(n_in, n_out, bits, 8, False, False, v1=False)
+    parts = {
+        "qweight": torch.from_numpy(pack_rows_like_gptqmodel(q, bits)),
+        "qzeros": torch.from_numpy(pack_zeros_like_gptqmodel(z, bits)),
+        "scales": s,
+        "g_idx": torch.from_numpy(g.astype(np.int32)),
+    }
+    cfg = quantization_config_from_hf(hf_gptq_config(bits, 8, False, False, "gptq_v2"), "config.json")
+    t = gptq_tensor("layer", parts, cfg, "model.safetensors")
+    torch.testing.assert_close(t.dequantize(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_inverts_awq_gemm_packing(group):
+    n_in, n_out = 256, 64
+    q, z, s, g, want = random_quantized(n_in, n_out, 4, group, False, False, v1=False, seed=3)
+    parts = {
+        "qweight": torch.from_numpy(pack_awq_gemm(q)),
+        "qzeros": torch.from_numpy(pack_awq_gemm(z)),
+        "scales": s,
+    }
+    cfg = quantization_config_from_hf(
+        {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True},
+        "config.json",
+    )
+    t = gptq_tensor("layer", parts, cfg, "model.safetensors")
+    assert (t.scheme, t.shape) == ("awq", (n_out, n_in))
+    torch.testing.assert_close(t.dequantize(), want, rtol=0, atol=0)
+    assert t.nbytes == n_in * n_out // 2 + z.shape[0] * n_out // 2 + s.numel() * 2
+
+
+# -- 3. bad input ---------------------------------------------------------------------------------
+
+
+def write_checkpoint(folder: Path, quant: dict, edit=None) -> Path:
+    """A one-layer Llama whose linears are GPTQ (4 bits, group 32) or AWQ; ``edit(tensors)``
+    damages it before it is saved."""
+    hidden, inter, vocab = 64, 128, 32
+    awq = quant.get("quant_method") == "awq"
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(vocab, hidden),
+        "lm_head.weight": torch.randn(vocab, hidden),
+        "model.norm.weight": torch.ones(hidden),
+        "model.layers.0.input_layernorm.weight": torch.ones(hidden),
+        "model.layers.0.post_attention_layernorm.weight": torch.ones(hidden),
+    }
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden)}
+    shapes |= {"self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden)}
+    shapes |= {"mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden)}
+    shapes |= {"mlp.down_proj": (hidden, inter)}
+    for i, (module, (n_out, n_in)) in enumerate(shapes.items()):
+        q, z, s, g, _ = random_quantized(n_in, n_out, 4, 32, False, False, v1=not awq, seed=i)
+        prefix = f"model.layers.0.{module}"
+        if awq:
+            tensors[f"{prefix}.qweight"] = torch.from_numpy(pack_awq_gemm(q))
+            tensors[f"{prefix}.qzeros"] = torch.from_numpy(pack_awq_gemm(z))
+        else:
+            tensors[f"{prefix}.qweight"] = torch.from_numpy(pack_rows_like_gptqmodel(q, 4))
+            tensors[f"{prefix}.qzeros"] = torch.from_numpy(pack_zeros_like_gptqmodel(z - 1, 4))
+            tensors[f"{prefix}.g_idx"] = torch.from_numpy(g.astype(np.int32))
+        tensors[f"{prefix}.scales"] = s
+    if edit is not None:
+        edit(tensors)
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "quantization_config": quant,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+GPTQ4 = hf_gptq_config(4, 32, False, False)
+AWQ4 = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True}
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def test_a_well_formed_gptq_and_awq_checkpoint_open(tmp_path):
+    for quant in (GPTQ4, AWQ4):
+        ck = open_checkpoint(write_checkpoint(tmp_path / quant["quant_method"], quant))
+        weights = dict(ck.weights())
+        assert isinstance(weights[f"{DOWN}.weight"], GPTQTensor)
+        assert weights[f"{DOWN}.weight"].shape == (64, 128)
+
+
+def set_part(name, value):
+    def edit(tensors):
+        tensors[name] = value(tensors[name]) if callable(value) else value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "quant,edit,names",
+    [
+        (GPTQ4, set_part(f"{DOWN}.g_idx", lambda g: torch.where(g == 3, 4, g)), [f"{DOWN}.g_idx", "group 4"]),
+        (GPTQ4, set_part(f"{DOWN}.g_idx", lambda g: g - 1), [f"{DOWN}.g_idx", "group -1"]),
+        ({**GPTQ4, "bits": 5}, None, ["quantization_config.bits", "5"]),
+        ({**GPTQ4, "quant_method": "fp8"}, None, ["quantization_config.quant_method", "fp8"]),
+        ({**AWQ4, "version": "gemv"}, None, ["quantization_config.version", "gemv"]),
+        ({**GPTQ4, "checkpoint_format": "marlin"}, None, ["quantization_config.checkpoint_format"]),
+        ({**GPTQ4, "group_size": 48}, None, ["quantization_config.group_size"]),
+        ({**GPTQ4, "pack_dtype": "int16"}, None, ["quantization_config.pack_dtype"]),
+        (GPTQ4, set_part(f"{DOWN}.scales", lambda s: s[:3]), [f"{DOWN}.scales", "shape"]),
+        (GPTQ4, set_part(f"{DOWN}.qzeros", lambda z: z[:, :4]), [f"{DOWN}.qzeros", "shape"]),
+        (GPTQ4, set_part(f"{DOWN}.qweight", lambda q: q[:15]), [f"{DOWN}.qweight", "shape"]),
+        (GPTQ4, set_part(f"{DOWN}.g_idx", lambda g: g[:100]), [f"{DOWN}.qweight", "shape"]),
+        (GPTQ4, set_part(f"{DOWN}.qweight", lambda q: q.float()), [f"{DOWN}.qweight", "dtype"]),
+        (GPTQ4, lambda t: t.pop(f"{DOWN}.scales"), [f"{DOWN}.scales", "missing"]),
+        (GPTQ4, set_part(f"{DOWN}.g_idx", lambda g: g.flip(0)), [f"{DOWN}.g_idx", "desc_act"]),
+        ({**GPTQ4, "desc_act": True}, lambda t: t.pop(f"{DOWN}.g_idx"), [f"{DOWN}.g_idx", "desc_act"]),
+        ({**GPTQ4, "sym": True}, None, ["qzeros", "sym"]),
+        (AWQ4, set_part(f"{DOWN}.g_idx", torch.zeros(128, dtype=torch.int32)), [f"{DOWN}.g_idx", "AWQ"]),
+        ({**AWQ4, "bits": 3}, None, ["quantization_config.bits"]),
+        ({**AWQ4, "zero_point": False}, None, ["qzeros", "zero_point"]),
+    ],
+)
+def test_bad_quantized_checkpoints_are_refused_at_open_naming_the_tensor_and_field(
+    tmp_path, quant, edit, names
+):
+    folder = write_checkpoint(tmp_path, quant, edit)
+    with pytest.raises(FormatError) as e:
+        open_checkpoint(folder)  # refused before any weight is read or loaded
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_a_linear_whose_parts_lie_in_different_shards_is_yielded_once_all_are_read(tmp_path):
+    folder = write_checkpoint(tmp_path, GPTQ4)
+    tensors = load_file(folder / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if not k.startswith(DOWN) or k.endswith(".qweight")}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    save_file(first, str(folder / "a.safetensors"))
+    save_file(second, str(folder / "b.safetensors"))
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    weights = dict(open_checkpoint(folder).weights())
+    down = weights[f"{DOWN}.weight"]
+    assert isinstance(down, GPTQTensor) and down.shape == (64, 128)
+    assert torch.equal(down.qweight, tensors[f"{DOWN}.qweight"])
+    assert torch.equal(down.g_idx, tensors[f"{DOWN}.g_idx"])
+    assert len([n for n in weights if n.endswith("_proj.weight")]) == 7
