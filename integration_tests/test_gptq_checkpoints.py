@@ -111,3 +111,30 @@ def test_the_engine_refuses_a_bad_quantization_config_before_loading(tmp_path, f
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FormatError, match=named):
         LLM(str(folder), dtype="float32", kv_cache_memory=256 * 1024, max_model_len=128)
+
+
+PACKABLE = [c for c in CASES if "4bit" in c and "actorder" not in c]
+
+
+@pytest.mark.parametrize("case", PACKABLE)
+def test_4bit_checkpoints_without_act_order_run_packed_as_q4_1(case):
+    """With packed weights, 4-bit GPTQ/AWQ linears become Q4_1 blocks on the backend's packed
+    matmul (no dequantized copy). m = -scale * zero rounded to fp16 (a relative 2^-11 of m)
+    moves the fp32 logits off transformers' on the exact weights by a fraction of what bf16
+    rounding of the same model does: measured 0.0001-0.06 of transformers' own bf16 error (0 for
+    symmetric zeros, whose m is exact); the bound is 0.2 of it."""
+    from tessera.kernels_cpu import PackedWeight, native
+
+    if native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    folder = FIXTURES / case
+    ours = load_model(open_checkpoint(folder), torch.float32, packed_weights=True)
+    linears = [ly.self_attn.o_proj.weight for ly in ours.layers]
+    assert linears and all(isinstance(w, PackedWeight) and w.scheme == "Q4_1" for w in linears)
+    (got,) = forward_chunks(ours, [[PROMPT[:5], PROMPT[5:]]], block_size=4)
+    hf = transformers_on_our_weights(folder)
+    with torch.no_grad():
+        want = hf(torch.tensor([PROMPT])).logits[0]
+        bf16_noise = (hf.to(torch.bfloat16)(torch.tensor([PROMPT])).logits[0].float() - want).abs().max()
+    err = (got - want).abs().max()
+    assert err <= 0.2 * bf16_noise, (err, bf16_noise)

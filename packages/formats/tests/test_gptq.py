@@ -210,6 +210,74 @@ def test_dequantize_inverts_awq_gemm_packing(group):
     assert t.nbytes == n_in * n_out // 2 + z.shape[0] * n_out // 2 + s.numel() * 2
 
 
+def _gptq_4bit(group, desc_act, sym, fmt, seed=0):
+    n_in, n_out = 256, 96
+    q, z, s, g, want = random_quantized(n_in, n_out, 4, group, desc_act, sym, v1=fmt == "gptq", seed=seed)
+    stored_z = z - 1 if fmt == "gptq" else z
+    parts = {
+        "qweight": torch.from_numpy(pack_rows_like_gptqmodel(q, 4)),
+        "qzeros": torch.from_numpy(pack_zeros_like_gptqmodel(stored_z & 15, 4)),
+        "scales": s,
+        "g_idx": torch.from_numpy(g.astype(np.int32)),
+    }
+    cfg = quantization_config_from_hf(hf_gptq_config(4, group, desc_act, sym, fmt), "config.json")
+    return gptq_tensor("layer", parts, cfg, "model.safetensors"), want
+
+
+def _q4_1_bound(t):
+    """|error| of Q4_1 blocks against the exact weight: m = -scale * zero rounded to fp16."""
+    g = t.group_index()
+    m = (t.scales.float()[g] * t.int_zeros()[g].float()).T
+    return m.abs() * 2.0**-11 + 1e-12
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, 128, -1])
+def test_4bit_gptq_without_act_order_becomes_q4_1_blocks(group, sym, fmt):
+    """4-bit GPTQ maps onto GGUF Q4_1 (d = scale, m = -scale * zero): the gguf package's own
+    dequantizer of those blocks gives the weight within m's fp16 rounding."""
+    import gguf
+
+    t, want = _gptq_4bit(group, False, sym, fmt)
+    blocks = t.as_q4_1()
+    assert (blocks.scheme, blocks.shape) == ("Q4_1", t.shape)
+    theirs = torch.from_numpy(
+        gguf.quants.dequantize(blocks.data.numpy(), gguf.GGMLQuantizationType.Q4_1).astype(np.float32)
+    ).reshape(t.shape)
+    assert ((theirs - want).abs() <= _q4_1_bound(t)).all()
+    torch.testing.assert_close(blocks.dequantize(), theirs, rtol=0, atol=0)
+
+
+def test_4bit_awq_becomes_q4_1_blocks():
+    n_in, n_out = 256, 64
+    q, z, s, g, want = random_quantized(n_in, n_out, 4, 64, False, False, v1=False, seed=5)
+    parts = {
+        "qweight": torch.from_numpy(pack_awq_gemm(q)),
+        "qzeros": torch.from_numpy(pack_awq_gemm(z)),
+        "scales": s,
+    }
+    cfg = quantization_config_from_hf(
+        {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True},
+        "config.json",
+    )
+    t = gptq_tensor("layer", parts, cfg, "model.safetensors")
+    assert ((t.as_q4_1().dequantize() - want).abs() <= _q4_1_bound(t)).all()
+
+
+@pytest.mark.parametrize("bits,desc_act", [(4, True), (3, False), (8, False), (2, False)])
+def test_act_order_and_other_widths_stay_on_the_dequantized_path(bits, desc_act):
+    q, z, s, g, _ = random_quantized(256, 32, bits, 32, desc_act, True, v1=False)
+    parts = {
+        "qweight": torch.from_numpy(pack_rows_like_gptqmodel(q, bits)),
+        "qzeros": torch.from_numpy(pack_zeros_like_gptqmodel(z, bits)),
+        "scales": s,
+        "g_idx": torch.from_numpy(g.astype(np.int32)),
+    }
+    cfg = quantization_config_from_hf(hf_gptq_config(bits, 32, desc_act, True, "gptq_v2"), "config.json")
+    assert gptq_tensor("layer", parts, cfg, "model.safetensors").as_q4_1() is None
+
+
 # -- 3. bad input ---------------------------------------------------------------------------------
 
 

@@ -60,7 +60,9 @@ class GGUFDequantized:
 class GPTQDequantized:
     """A GPTQ or AWQ weight dequantized once at load to the model dtype, through the format's
     reference ``dequantize()``: the reference path, correct on every backend but holding the
-    weight unpacked. Packed CPU/GPU GPTQ kernels (the weight kept at its bit width) come later."""
+    weight unpacked. With packed weights, 4-bit ones without act-order become Q4_1 blocks
+    first (``GPTQTensor.as_q4_1``, in ``prepare_stacked``) and take the GGUF packed path; the
+    rest (2/3/8 bits, act-order) come here."""
 
     name = "gptq-dequantized"
 
@@ -77,10 +79,20 @@ def quant_method(weight, opts: LoadOptions):
     return Unquantized()
 
 
+def _gptq_as_blocks(weight):
+    if isinstance(weight, GPTQTensor):
+        blocks = weight.as_q4_1()
+        if blocks is not None:
+            return blocks
+    return weight
+
+
 def prepare_stacked(parts: list, opts: LoadOptions):
     """Parts stacked by output rows, as one weight for ``ops.linear``: packed parts of one
     scheme are one packed weight (their rows are whole blocks); a mix of schemes is a RowStack
     of the parts as the backend prepared them, or one tensor where all came out dense."""
+    if opts.packed_weights:  # 4-bit GPTQ/AWQ without act-order: Q4_1 blocks, the packed path
+        parts = [_gptq_as_blocks(p) for p in parts]
     if len(parts) == 1:
         return quant_method(parts[0], opts).prepare(parts[0], opts)
     if (

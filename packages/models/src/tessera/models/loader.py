@@ -25,7 +25,8 @@ def load_model(
     Quantized (GGUF) weights are dequantized at load, or with ``packed_weights`` kept packed for
     the kernel backend's own quantized matmul where it has one (the CPU backend: Q4_0, Q4_1,
     Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). GPTQ and AWQ weights are dequantized at load to
-    ``dtype`` (no packed GPTQ kernel yet). ``progress``, if given, is called as
+    ``dtype``, except that with ``packed_weights`` the 4-bit ones without act-order become Q4_1
+    blocks and stay packed (``GPTQTensor.as_q4_1``). ``progress``, if given, is called as
     ``progress(done, total)`` while tensors load. ``tp`` is this process's tensor-parallel rank.
     """
     config = checkpoint.config
