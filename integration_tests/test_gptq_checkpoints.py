@@ -113,16 +113,16 @@ def test_the_engine_refuses_a_bad_quantization_config_before_loading(tmp_path, f
         LLM(str(folder), dtype="float32", kv_cache_memory=256 * 1024, max_model_len=128)
 
 
-PACKABLE = [c for c in CASES if "4bit" in c and "actorder" not in c]
-
-
-@pytest.mark.parametrize("case", PACKABLE)
-def test_4bit_checkpoints_without_act_order_run_packed_as_q4_1(case):
-    """With packed weights, 4-bit GPTQ/AWQ linears become Q4_1 blocks on the backend's packed
-    matmul (no dequantized copy). m = -scale * zero rounded to fp16 (a relative 2^-11 of m)
-    moves the fp32 logits off transformers' on the exact weights by a fraction of what bf16
-    rounding of the same model does: measured 0.0001-0.06 of transformers' own bf16 error (0 for
-    symmetric zeros, whose m is exact); the bound is 0.2 of it."""
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoints_run_packed_from_gguf_blocks(case):
+    """With packed weights, every GPTQ/AWQ linear runs on the backend's packed matmul from GGUF
+    blocks (no dequantized copy): up to 4 bits as Q4_1, 8 bits as Q8_0, act-order behind an
+    input permutation applied to the activations (an InputSegments). m = -scale * zero rounded
+    to fp16 (a relative 2^-11 of m) moves the fp32 logits off transformers' on the exact
+    weights by a fraction of what bf16 rounding of the same model does: measured 0.0001-0.06
+    of transformers' own bf16 error (0 for symmetric zeros, whose m is exact); the bound is 0.2
+    of it."""
+    from tessera.kernels import InputSegments
     from tessera.kernels_cpu import PackedWeight, native
 
     if native.library() is None:
@@ -130,7 +130,16 @@ def test_4bit_checkpoints_without_act_order_run_packed_as_q4_1(case):
     folder = FIXTURES / case
     ours = load_model(open_checkpoint(folder), torch.float32, packed_weights=True)
     linears = [ly.self_attn.o_proj.weight for ly in ours.layers]
-    assert linears and all(isinstance(w, PackedWeight) and w.scheme == "Q4_1" for w in linears)
+    want_scheme = "Q8_0" if "8bit" in case else "Q4_1"
+
+    def packed(w):
+        if isinstance(w, InputSegments):
+            return w.perm is not None and all(packed(p) for _, _, p in w.parts)
+        return isinstance(w, PackedWeight) and w.scheme == want_scheme
+
+    assert linears and all(packed(w) for w in linears)
+    if "actorder" not in case:  # (with act-order, a linear of one group keeps its order)
+        assert not any(isinstance(w, InputSegments) for w in linears)
     (got,) = forward_chunks(ours, [[PROMPT[:5], PROMPT[5:]]], block_size=4)
     hf = transformers_on_our_weights(folder)
     with torch.no_grad():

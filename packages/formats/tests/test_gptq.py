@@ -231,20 +231,40 @@ def _q4_1_bound(t):
     return m.abs() * 2.0**-11 + 1e-12
 
 
+def _gguf_dequantized(blocks, perm, shape):
+    """The gguf package's own dequantization of GroupQuant.blocks(), columns put back by perm."""
+    import gguf
+
+    stored = torch.cat(
+        [
+            torch.from_numpy(
+                gguf.quants.dequantize(qt.data.numpy(), getattr(gguf.GGMLQuantizationType, qt.scheme)).astype(
+                    np.float32
+                )
+            ).reshape(qt.shape)
+            for _, _, qt in blocks
+        ],
+        dim=1,
+    )
+    assert stored.shape == shape
+    if perm is None:
+        return stored
+    return torch.empty_like(stored).index_copy_(1, perm, stored)
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("group", [32, 128, -1])
 def test_4bit_gptq_without_act_order_becomes_q4_1_blocks(group, sym, fmt):
     """4-bit GPTQ maps onto GGUF Q4_1 (d = scale, m = -scale * zero): the gguf package's own
     dequantizer of those blocks gives the weight within m's fp16 rounding."""
-    import gguf
-
     t, want = _gptq_4bit(group, False, sym, fmt)
-    blocks = t.as_q4_1()
-    assert (blocks.scheme, blocks.shape) == ("Q4_1", t.shape)
-    theirs = torch.from_numpy(
-        gguf.quants.dequantize(blocks.data.numpy(), gguf.GGMLQuantizationType.Q4_1).astype(np.float32)
-    ).reshape(t.shape)
+    groups = t.as_groups()
+    assert groups.perm is None
+    torch.testing.assert_close(groups.dequantize(), want, rtol=0, atol=0)
+    ((k0, k1, blocks),) = groups.blocks()
+    assert (k0, k1, blocks.scheme, blocks.shape) == (0, t.shape[1], "Q4_1", t.shape)
+    theirs = _gguf_dequantized([(k0, k1, blocks)], None, t.shape)
     assert ((theirs - want).abs() <= _q4_1_bound(t)).all()
     torch.testing.assert_close(blocks.dequantize(), theirs, rtol=0, atol=0)
 
@@ -262,20 +282,39 @@ def test_4bit_awq_becomes_q4_1_blocks():
         "config.json",
     )
     t = gptq_tensor("layer", parts, cfg, "model.safetensors")
-    assert ((t.as_q4_1().dequantize() - want).abs() <= _q4_1_bound(t)).all()
+    ((_, _, blocks),) = t.as_groups().blocks()
+    assert ((blocks.dequantize() - want).abs() <= _q4_1_bound(t)).all()
 
 
-@pytest.mark.parametrize("bits,desc_act", [(4, True), (3, False), (8, False), (2, False)])
-def test_act_order_and_other_widths_stay_on_the_dequantized_path(bits, desc_act):
-    q, z, s, g, _ = random_quantized(256, 32, bits, 32, desc_act, True, v1=False)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+def test_every_width_and_act_order_becomes_gguf_blocks(bits, desc_act, sym):
+    """Any GPTQ width, act-order or not, is GGUF blocks behind an input permutation: up to 4
+    bits as Q4_1, 8 bits as Q8_0 holding q - zero. The gguf package's dequantizer of those
+    blocks, columns put back by the permutation, gives the weight within fp16 rounding of
+    scale * zero (exact for Q8_0, whose d is the fp16 scale itself)."""
+    q, z, s, g, want = random_quantized(256, 32, bits, 32, desc_act, sym, v1=False, seed=bits)
     parts = {
         "qweight": torch.from_numpy(pack_rows_like_gptqmodel(q, bits)),
         "qzeros": torch.from_numpy(pack_zeros_like_gptqmodel(z, bits)),
         "scales": s,
         "g_idx": torch.from_numpy(g.astype(np.int32)),
     }
-    cfg = quantization_config_from_hf(hf_gptq_config(bits, 32, desc_act, True, "gptq_v2"), "config.json")
-    assert gptq_tensor("layer", parts, cfg, "model.safetensors").as_q4_1() is None
+    cfg = quantization_config_from_hf(hf_gptq_config(bits, 32, desc_act, sym, "gptq_v2"), "config.json")
+    t = gptq_tensor("layer", parts, cfg, "model.safetensors")
+    groups = t.as_groups()
+    assert (groups.perm is not None) == desc_act
+    assert groups.group_bits == (bits,) * 8 and groups.bits_per_weight == bits
+    torch.testing.assert_close(groups.dequantize(), want, rtol=0, atol=0)
+    diff = q.astype(np.int64) - z[g]
+    if bits == 8 and not bool(((diff >= -128) & (diff <= 127)).all()):
+        assert groups.blocks() is None  # q - zero leaves int8: stays dequantized
+        return
+    blocks = groups.blocks()
+    assert {qt.scheme for _, _, qt in blocks} == {"Q4_1" if bits <= 4 else "Q8_0"}
+    theirs = _gguf_dequantized(blocks, groups.perm, t.shape)
+    assert ((theirs - want).abs() <= _q4_1_bound(t)).all()
 
 
 # -- 3. bad input ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from tessera.kernels import RowStack, reference
+from tessera.kernels import InputSegments, RowStack, reference, segments_linear
 
 from . import native
 
@@ -154,6 +154,8 @@ def linear(
         biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
         parts = [linear(x, p, b, out_dtype) for p, b in zip(weight.parts, biases, strict=True)]
         return torch.cat(parts, dim=-1)
+    if isinstance(weight, InputSegments):
+        return segments_linear(linear, x, weight, bias, out_dtype)
     out_dtype = out_dtype or x.dtype
     if not isinstance(weight, PackedWeight):
         return reference.linear(x, weight, bias, out_dtype)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tessera.kernels import RowStack, reference
+from tessera.kernels import InputSegments, RowStack, reference, segments_linear
 
 from .gguf_layout import FORMS, Planes, repack
 
@@ -445,6 +445,13 @@ def linear(
 ) -> torch.Tensor:
     """``x @ W.T + b`` as the reference's ``linear``; ``weight`` is what ``prepare_linear_weight``
     made (or a ``RowStack`` of such parts)."""
+    if isinstance(weight, InputSegments):
+        return segments_linear(linear, x, weight, bias, out_dtype)
+    if isinstance(weight, RowStack) and any(isinstance(p, InputSegments) for p in weight.parts):
+        sizes = [p.shape[0] for p in weight.parts]
+        biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
+        outs = [linear(x, p, b, out_dtype) for p, b in zip(weight.parts, biases, strict=True)]
+        return torch.cat(outs, dim=-1)
     out_dtype = out_dtype or x.dtype
     if not _packed_parts(weight) or x.dtype not in _FLOAT or out_dtype not in _FLOAT:
         return reference.linear(x, weight, bias, out_dtype)

@@ -7,6 +7,7 @@ from .errors import FormatError
 from .gguf_checkpoint import GGUFCheckpoint
 from .gguf_quants import BLOCK_LAYOUT
 from .gptq import GPTQConfig, GPTQTensor, quantization_config_from_hf
+from .grouped import GroupQuant
 from .hf_checkpoint import HFCheckpoint
 from .quantized import QuantizedTensor
 from .tokenizer import Tokenizer
@@ -19,6 +20,7 @@ __all__ = [
     "GGUFCheckpoint",
     "GPTQConfig",
     "GPTQTensor",
+    "GroupQuant",
     "HFCheckpoint",
     "ModelConfig",
     "QuantizedTensor",

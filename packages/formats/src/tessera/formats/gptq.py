@@ -163,34 +163,27 @@ class GPTQTensor:
             return unpack_awq_cols(self.qzeros, self.bits)
         return unpack_rows(self.qzeros.T, self.bits).T[:, : self.shape[0]] + self.zero_offset
 
-    def as_q4_1(self):
-        """The same weight as GGUF Q4_1 blocks (``d * q + m`` per 32 inputs), for the backends'
-        packed 4-bit matmuls: ``d = scale``, ``m = -scale * zero`` rounded to fp16 (a relative
-        2^-11 of m, about 1/250 of a quantization step), the 4-bit integers as they are. A
-        ``QuantizedTensor``, or None where the layout does not map: other bit widths, groups not
-        a multiple of 32 inputs, or act-order (columns of a group scattered by ``g_idx``: those
-        stay on the dequantized path)."""
-        from .quantized import QuantizedTensor
+    def as_groups(self):
+        """The weight as a ``GroupQuant``: columns sorted by group (act-order's ``g_idx``
+        becomes the stored-order permutation; none where the groups already run in order)."""
+        from .grouped import GroupQuant
 
         n_out, n_in = self.shape
-        size = n_in if self.group_size == -1 else self.group_size
-        if self.bits != 4 or size % 32 or n_in % 32:
-            return None
-        if self.g_idx is not None:
-            expected = torch.arange(n_in, device=self.device) // size
-            if not torch.equal(self.g_idx.long(), expected):
-                return None
-        q = self.int_weight().T.reshape(n_out, n_in // 32, 32)  # [out, blocks, 32]
-        group_of_block = torch.arange(n_in // 32, device=self.device) * 32 // size
-        scales = self.scales.float().T[:, group_of_block]  # [out, blocks]
-        zeros = self.int_zeros().T[:, group_of_block].float()
-        d, m = scales.to(torch.float16), (-scales * zeros).to(torch.float16)
-        if not (d.isfinite().all() and m.isfinite().all()):
-            return None
-        nibbles = (q[..., :16] | (q[..., 16:] << 4)).to(torch.uint8)
-        halves = [t.contiguous().view(torch.uint8).reshape(n_out, -1, 2) for t in (d, m)]
-        data = torch.cat([*halves, nibbles], dim=-1).reshape(n_out, -1)
-        return QuantizedTensor("Q4_1", data.contiguous(), (n_out, n_in))
+        g = self.group_index()
+        perm = None
+        if bool((g[1:] < g[:-1]).any()):
+            perm = torch.sort(g, stable=True).indices
+            g = g[perm]
+        counts = torch.bincount(g, minlength=self.groups)
+        used = torch.nonzero(counts).flatten()  # a group no input uses has no columns to store
+        starts = [0, *torch.cumsum(counts[used], 0).tolist()]
+        q = self.int_weight()
+        if perm is not None:
+            q = q[perm]
+        return GroupQuant(
+            (n_out, n_in), q.T.to(torch.uint8).contiguous(), self.scales.float().T[:, used].contiguous(),
+            self.int_zeros().float().T[:, used].contiguous(), tuple(starts), (self.bits,) * len(used), perm,
+        )  # fmt: skip
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``[out, in]`` in ``dtype``: ``scale * (q - zero)`` computed in float32."""

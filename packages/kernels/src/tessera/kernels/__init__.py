@@ -4,13 +4,15 @@ from . import moe, ops, reference
 from .capabilities import preferred_dtype
 from .decoder import DecoderLayerSpec, LinearWeights, MoEWeights
 from .registry import backend, declare_backend, explain, implementations, lookup, register, unregister
-from .weights import RowStack
+from .weights import InputSegments, RowStack, segments_linear
 
 __all__ = [
     "DecoderLayerSpec",
     "LinearWeights",
     "MoEWeights",
+    "InputSegments",
     "RowStack",
+    "segments_linear",
     "backend",
     "declare_backend",
     "explain",

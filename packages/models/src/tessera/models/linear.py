@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import FormatError, GPTQTensor, QuantizedTensor
-from tessera.kernels import LinearWeights, RowStack, ops
+from tessera.formats import FormatError, QuantizedTensor
+from tessera.kernels import InputSegments, LinearWeights, RowStack, ops
 
 from .parallel import NO_TP, TPInfo, narrow_cols, narrow_rows
 
@@ -57,33 +57,64 @@ class GGUFDequantized:
         return weight.to(opts.device).dequantize(opts.dtype)
 
 
-class GPTQDequantized:
-    """A GPTQ or AWQ weight dequantized once at load to the model dtype, through the format's
-    reference ``dequantize()``: the reference path, correct on every backend but holding the
-    weight unpacked. With packed weights, 4-bit ones without act-order become Q4_1 blocks
-    first (``GPTQTensor.as_q4_1``, in ``prepare_stacked``) and take the GGUF packed path; the
-    rest (2/3/8 bits, act-order) come here."""
+class GroupsDequantized:
+    """A GPTQ, AWQ or EXL2 weight dequantized once at load to the model dtype, through the
+    format's reference ``dequantize()``: without packed weights, or where its groups do not map
+    onto GGUF blocks (a group boundary off a multiple of 32 inputs, a scale beyond fp16)."""
 
-    name = "gptq-dequantized"
+    name = "groups-dequantized"
 
-    def prepare(self, weight: GPTQTensor, opts: LoadOptions):
+    def prepare(self, weight, opts: LoadOptions):
         return weight.to(opts.device).dequantize(opts.dtype)
 
 
+class GroupsPacked:
+    """A GPTQ, AWQ or EXL2 weight as GGUF blocks (``GroupQuant.blocks``: Q4_1 for up to 4 bits,
+    Q5_1, Q8_0 for 6-8) that the backend packs for its quantized matmul, behind the input
+    permutation of act-order and EXL2 (an ``InputSegments``: activations are gathered per step,
+    the packed weights never move)."""
+
+    name = "groups-packed"
+
+    @staticmethod
+    def blocks(weight):
+        """``(perm, [(k0, k1, QuantizedTensor)])``, or None where the groups do not map."""
+        groups = weight.as_groups()
+        parts = groups.blocks()
+        return None if parts is None else (groups.perm, parts)
+
+    def prepare(self, weight, opts: LoadOptions):
+        mapped = self.blocks(weight)
+        if mapped is None:
+            return GroupsDequantized().prepare(weight, opts)
+        perm, parts = mapped
+        if perm is None and len(parts) == 1:
+            return GGUFPacked().prepare(parts[0][2], opts)
+        prepared = [(k0, k1, GGUFPacked().prepare(qt, opts)) for k0, k1, qt in parts]
+        return InputSegments(None if perm is None else perm.to(opts.device), prepared)
+
+
+def _is_groups(weight) -> bool:
+    """GPTQ, AWQ and EXL2 tensors: anything that gives its ``GroupQuant``."""
+    return hasattr(weight, "as_groups")
+
+
 def quant_method(weight, opts: LoadOptions):
-    """The method for a loaded tensor (EXL2 will add its own here)."""
-    if isinstance(weight, GPTQTensor):
-        return GPTQDequantized()
+    """The method for a loaded tensor."""
+    if _is_groups(weight):
+        return GroupsPacked() if opts.packed_weights else GroupsDequantized()
     if isinstance(weight, QuantizedTensor):
         return GGUFPacked() if opts.packed_weights else GGUFDequantized()
     return Unquantized()
 
 
-def _gptq_as_blocks(weight):
-    if isinstance(weight, GPTQTensor):
-        blocks = weight.as_q4_1()
-        if blocks is not None:
-            return blocks
+def _as_blocks(weight):
+    """A GPTQ/AWQ/EXL2 weight in input order and one container scheme: its GGUF blocks (so that
+    stacked parts of one scheme concatenate into one packed weight); anything else as it is."""
+    if _is_groups(weight):
+        mapped = GroupsPacked.blocks(weight)
+        if mapped is not None and mapped[0] is None and len(mapped[1]) == 1:
+            return mapped[1][0][2]
     return weight
 
 
@@ -91,8 +122,8 @@ def prepare_stacked(parts: list, opts: LoadOptions):
     """Parts stacked by output rows, as one weight for ``ops.linear``: packed parts of one
     scheme are one packed weight (their rows are whole blocks); a mix of schemes is a RowStack
     of the parts as the backend prepared them, or one tensor where all came out dense."""
-    if opts.packed_weights:  # 4-bit GPTQ/AWQ without act-order: Q4_1 blocks, the packed path
-        parts = [_gptq_as_blocks(p) for p in parts]
+    if opts.packed_weights:  # GPTQ/AWQ in input order and one container: plain GGUF blocks
+        parts = [_as_blocks(p) for p in parts]
     if len(parts) == 1:
         return quant_method(parts[0], opts).prepare(parts[0], opts)
     if (
