@@ -256,3 +256,33 @@ def test_kernels_compile_for_sm80_and_sm90_without_register_spills(compile_cases
     for arch, scheme, xt, ot, res in results:
         assert res["LOCAL"] == 0, f"sm_{arch} {scheme} {xt}->{ot} spills: {res}"
         assert res["REG"] <= 255
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_input_segments_of_three_schemes_behind_a_permutation(m, device):
+    """GPTQ act-order / EXL2 as the backends get them: the inputs permuted, then Q8_0 | Q5_1 |
+    Q4_1 ranges (6-8, 5 and <=4-bit groups); a RowStack of two such weights (q|k with one
+    permutation). The product is x @ W.T with W's columns put back in input order."""
+    from tessera.kernels import InputSegments
+
+    k = 96 + 64 + 128
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(3))
+
+    def segmented(n, seed):
+        parts, refs, k0 = [], [], 0
+        for i, (scheme, width) in enumerate([("Q8_0", 96), ("Q5_1", 64), ("Q4_1", 128)]):
+            qt, ref = gguf_weight(scheme, n, width, seed=seed + i)
+            parts.append((k0, k0 + width, prepare_linear_weight(qt.to(device), torch.float32)))
+            refs.append(ref)
+            k0 += width
+        stored = torch.cat(refs, dim=1)
+        return InputSegments(perm.to(device), parts), torch.empty_like(stored).index_copy_(1, perm, stored)
+
+    (wq, rq), (wk, rk) = segmented(32, 0), segmented(16, 10)
+    x = torch.randn(m, k)
+    assert_product(linear(x.to(device), wq).cpu(), x, rq, None, 1e-6)
+    torch.testing.assert_close(wq.dequantize().cpu(), rq, rtol=0, atol=0)
+    bias = torch.randn(48)
+    y = linear(x.to(device), RowStack([wq, wk]), bias.to(device))
+    assert y.shape == (m, 48)
+    assert_product(y.cpu(), x, torch.cat([rq, rk]), bias, 1e-6)
