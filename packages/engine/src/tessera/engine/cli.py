@@ -257,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_args(inf)
     inf.set_defaults(func=info.run)
 
+    from . import recommend_cli
+
+    rec = sub.add_parser(
+        "recommend", help="which quantized variant fits a device: memory, context, decode speed, quality"
+    )
+    recommend_cli.add_args(rec)
+    rec.set_defaults(func=recommend_cli.run)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bs = bench_sub.add_parser("serve", help="TTFT, inter-token latency and throughput of a running server")

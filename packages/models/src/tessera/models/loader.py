@@ -24,10 +24,11 @@ def load_model(
 
     Quantized (GGUF) weights are dequantized at load, or with ``packed_weights`` kept packed for
     the kernel backend's own quantized matmul where it has one (the CPU backend: Q4_0, Q4_1,
-    Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). GPTQ and AWQ weights are dequantized at load to
-    ``dtype``, except that with ``packed_weights`` the 4-bit ones without act-order become Q4_1
-    blocks and stay packed (``GPTQTensor.as_q4_1``). ``progress``, if given, is called as
-    ``progress(done, total)`` while tensors load. ``tp`` is this process's tensor-parallel rank.
+    Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K). GPTQ, AWQ and EXL2 weights are dequantized at load to
+    ``dtype``, except that with ``packed_weights`` they become GGUF blocks behind an input
+    permutation and stay packed (``GroupQuant.blocks``, ``GroupsPacked``). ``progress``, if
+    given, is called as ``progress(done, total)`` while tensors load. ``tp`` is this process's
+    tensor-parallel rank.
     """
     config = checkpoint.config
     try:

@@ -1,0 +1,87 @@
+"""``tessera recommend`` on the default model: the held-size rules against the CPU layout's own
+arithmetic (csrc/qmatmul.c), its predicted memory against the peak of a real run, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from tessera.engine.cli import main
+from tessera.engine.recommend import HeldBytes, exl2_layout, kv_bytes
+
+
+def test_held_bytes_follow_the_cpu_layouts():
+    """The CPU backend holds a 32-block as 16 quant bytes plus fp16 d and m (Q4_1: 5 bits a
+    weight), 16 + d (Q4_0: 4.5), or 32 + d (Q8_0: 8.5); rows of a K-quant that are not whole
+    256-blocks take llama.cpp's fallback type (Q4_K -> Q5_0: 32 + d in the 8-bit form)."""
+    from tessera.kernels_cpu import native
+
+    if native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    held = HeldBytes(torch.device("cpu"), torch.bfloat16)
+    n, k = 576, 1536
+    assert held("Q4_1", n, k) == n * k * 5 // 8
+    assert held("Q4_0", n, k) == n * k * 9 // 16
+    assert held("Q8_0", n, k) == n * k * 17 // 16
+    assert held("Q4_K", n, 576) == held("Q5_0", n, 576) == n * 576 * 17 // 16
+    assert held("dense", n, k) == n * k * 2
+
+
+def test_exl2_ladder_layouts_average_their_bits():
+    assert exl2_layout(4.0).linears == (("Q4_1", 1.0),)
+    (a, share_a), (b, share_b) = exl2_layout(4.25).linears
+    assert (a, b) == ("Q4_1", "Q5_1") and share_b == pytest.approx(0.25)
+    assert exl2_layout(6.0).linears == (("Q8_0", 1.0),)
+
+
+def test_kv_bytes_are_whole_blocks_with_scales():
+    class C:
+        num_hidden_layers, num_key_value_heads, head_dim = 30, 3, 64
+
+    total, per_token = kv_bytes(C, "int8", torch.bfloat16, 17)
+    assert per_token == 2 * 30 * 3 * (64 + 4)
+    assert total == per_token * 32
+
+
+def test_prediction_is_within_ten_percent_of_a_real_run(capsys):
+    """The acceptance check: the recommended configuration runs in a fresh process at the stated
+    context and batch; its peak resident memory is within 10% of the prediction."""
+    assert main(["recommend", "smollm2-135m-instruct", "--candidates", "given", "--context", "1024",
+                 "--batch", "2", "--verify", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    check = out["verify"]
+    assert abs(check["error"]) <= 0.10, check
+    assert out["choice"]["kind"] == "given" and out["recommendation"].startswith("SmolLM2")
+
+
+def test_the_ladder_and_a_memory_limit(capsys):
+    args = ["recommend", "smollm2-135m-instruct", "--memory", "64MiB", "--context", "512", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["choice"] is None and out["recommendation"].startswith("nothing fits in 0.06 GiB")
+    kinds = {r["kind"] for r in out["rows"]}
+    assert kinds == {"given", "exl2", "gptq", "gguf"}
+    assert {r["kv"] for r in out["rows"]} == {"auto", "fp8", "int8"}
+    rows = {(r["label"], r["kv"]): r for r in out["rows"]}
+    # a finer cache costs more; more bits cost more
+    assert rows[("GGUF Q8_0", "auto")]["kv_bytes"] > rows[("GGUF Q8_0", "fp8")]["kv_bytes"]
+    assert rows[("EXL2 8.0 bpw", "auto")]["weights"] > rows[("EXL2 4.0 bpw", "auto")]["weights"]
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--context", "0"], "--context (0)"),
+        (["--context", "999999"], "beyond the model's 8192 positions"),
+        (["--memory", "lots"], None),
+        (["--eval", "/nonexistent/eval.json"], "--eval /nonexistent/eval.json"),
+    ],
+)
+def test_bad_input_is_refused_with_its_name(args, named, capsys):
+    try:
+        rc = main(["recommend", "smollm2-135m-instruct", "--candidates", "given", *args])
+    except SystemExit as e:  # argparse: a size it cannot read
+        rc = e.code
+    assert rc == 2
+    if named:
+        assert named in capsys.readouterr().err
