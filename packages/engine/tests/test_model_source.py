@@ -119,6 +119,31 @@ def test_temporary_files_of_killed_assemblies_are_removed_and_running_ones_kept(
     assert not abandoned.exists() and running.exists()
 
 
+@pytest.mark.parametrize("damaged", [False, True])
+def test_parts_checked_against_a_digest_pinned_in_the_code(toy, monkeypatch, damaged):
+    """Part packages that ship no SHA256SUMS (the Qwen2.5-Coder parts): the digest is pinned in
+    KNOWN_MODELS, and a damaged part is refused the same way."""
+    model = KNOWN_MODELS["toy"]
+    pinned = AssembledModel(FILE, model.parts, hashlib.sha256(WHOLE).hexdigest(), model.install)
+    monkeypatch.setitem(KNOWN_MODELS, "toy", pinned)
+    if not damaged:
+        assert resolve_model("toy").read_bytes() == WHOLE
+        return
+    part = toy / "site" / "toy_part3" / "data" / f"{FILE}.part02"
+    part.write_bytes(b"THE last part")
+    with pytest.raises(FormatError, match="pinned digest"):
+        resolve_model("toy")
+    assert _cache_listing(toy) == []
+
+
+def test_qwen_coder_half_billion_is_the_checked_491_mb_file():
+    try:
+        path = resolve_model("qwen2.5-coder-0.5b-instruct")
+    except FormatError as e:
+        pytest.skip(f"the optional Qwen2.5-Coder-0.5B packages are absent: {e}")
+    assert path.stat().st_size == 491_400_064
+
+
 def test_missing_part_packages_are_named_with_the_install_command(toy, monkeypatch):
     monkeypatch.setitem(
         KNOWN_MODELS,

