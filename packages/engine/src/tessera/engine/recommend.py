@@ -544,3 +544,19 @@ if __name__ == "__main__":
 
     m, kv, ctx, b = sys.argv[1:5]
     print(json.dumps(measure_run(m, kv, int(ctx), int(b))))
+
+
+def exl2_bpw_for(model: str, device: str, memory: int, context: int, batch: int = 1) -> tuple[float, str]:
+    """``convert --to exl2 --fit-memory``: the highest ladder bpw (and its cache dtype) whose
+    predicted memory fits ``memory`` at ``context`` and ``batch``; a ValueError that says what
+    the smallest needs where none does."""
+    rec = recommend(model, device, memory, context, batch)
+    fitting = [r for r in rec.rows if r.kind == "exl2" and r.fits]
+    if not fitting:
+        smallest = min((r for r in rec.rows if r.kind == "exl2"), key=lambda r: r.total)
+        raise ValueError(
+            f"no EXL2 variant of {model} fits in {_gib(memory)} at {context} tokens x batch {batch}: "
+            f"{smallest.label} with a {smallest.kv} cache needs {_gib(smallest.total)}"
+        )
+    best = max(fitting, key=lambda r: (r.bpw, _KV_RANK[r.kv]))
+    return best.bpw, best.kv
