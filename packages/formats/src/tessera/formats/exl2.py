@@ -240,7 +240,8 @@ def check_exl2_headers(prefix: str, shapes: dict, dtypes: dict, source) -> tuple
 
 def read_group_layout(prefix: str, q_groups: torch.Tensor, words: int, n_in: int, source):
     """``(group_starts, group_bits, word_starts)`` from q_groups, checked against q_weight's
-    ``words`` rows and the ``n_in`` inputs."""
+    ``words`` rows and the ``n_in`` inputs. Groups out of exllamav2's kernel order (widest first,
+    multiples of 32 rows) still have one meaning and are read; ``exl2_parts`` never writes them."""
 
     def bad(what: str):
         return FormatError(f"{source}: tensor {prefix}.q_groups {what}")
@@ -250,8 +251,6 @@ def read_group_layout(prefix: str, q_groups: torch.Tensor, words: int, n_in: int
     for i, b in enumerate(bits):
         if b not in EXL2_BITS:
             raise bad(f"gives group {i} {b} bits (EXL2 has {', '.join(map(str, EXL2_BITS))})")
-    if any(b > a for a, b in pairwise(bits)):
-        raise bad(f"gives bit widths {bits[:8]}... that do not run from widest to narrowest")
     if word_starts[0] != 0:
         raise bad(f"starts group 0 at q_weight row {word_starts[0]}, not 0")
     ends = [*word_starts[1:], words]
