@@ -23,7 +23,8 @@ A quantized linear ``<prefix>`` with ``W [out, in]`` (torch's layout; exllamav2 
                                        the narrowest bit width: the kernels (``shuffle_kernel``,
                                        ``reconstruct_kernel``) read all 8-bit rows, then 6, 5, 4, 3,
                                        2, stepping 32 rows (16 for 2-bit), so group sizes are
-                                       multiples of 32 (16 at 2 bits).
+                                       multiples of 32 (16 at 2 bits). tessera reads any order
+                                       and size (the meaning is the same) but writes only these.
   ``q_weight``    int32 ``[rows, out]`` each group's integers along its stored input rows, one
                                        little-endian bit stream per output column starting at a
                                        fresh word (``pack_columns_kernel``): ``bits`` words hold
@@ -40,9 +41,12 @@ computed in fp16 exactly as ``dq_scale`` does after ``make_q_matrix`` divides ``
 256: ``scale = fp16(fp16(level**2) * fp16(q_scale_max / 256))``. ``find_params`` picks levels as
 ``round(16 * sqrt(scale / max_scale))`` (so the largest scale is level 16) and stores
 ``max_scale`` scaled by its search factor; fp16 rounding of ``q_scale_max / 256`` (subnormal for
-scales under 2**-6) is part of the format.
+``q_scale_max`` under 2**-6) is part of the format. The kernels multiply ``fp16(q - zero)`` by
+that scale in fp16; the float32 product is exact, so ``dequantize(torch.float16)`` equals them.
 
-exllamav2 pads ``out`` to a multiple of 32 (``pad32``); the lm_head is quantized like any linear
+exllamav2 pads ``out`` to a multiple of 32 (``pad32``; q_weight and q_scale then carry the padded
+columns): tessera takes q_weight's columns as the outputs and writes only outputs that need no
+padding. The lm_head is quantized like any linear
 at ``head_bits`` (``qparams_headoptions``: 2, 3, 4, 5, 6 or 8 bits, e.g. 6-bit groups then 4-bit
 ones for ``head_bits`` 4). The converter's full output (``-cf``) signs config.json with
 ``quantization_config = {"quant_method": "exl2", "version", "bits" (target bits per weight of the
@@ -123,8 +127,8 @@ def exl2_config_from_hf(cfg: dict, source) -> EXL2Config:
     ):
         raise FormatError(f"{where}.bits is {shown(bits)}, not a bits-per-weight between 1 and 8")
     head = cfg.get("head_bits")
-    if head is not None and (isinstance(head, bool) or head not in (*EXL2_BITS, 16)):
-        raise FormatError(f"{where}.head_bits is {shown(head)}; EXL2 heads have {EXL2_BITS} bits (or 16)")
+    if head is not None and (isinstance(head, bool) or head not in EXL2_BITS):  # convert_exl2.py's check
+        raise FormatError(f"{where}.head_bits is {shown(head)}, not one of {', '.join(map(str, EXL2_BITS))}")
     cal = cfg.get("calibration")
     if cal is not None:
         if not isinstance(cal, dict):
@@ -193,7 +197,7 @@ class EXL2Tensor:
 
     def as_groups(self) -> GroupQuant:
         """The weight as a GroupQuant: stored order, ``perm = argsort(q_invperm)``, zero 2**(b-1)."""
-        n_out, n_in = self.shape
+        n_out = self.shape[0]
         zero = torch.tensor([2.0 ** (b - 1) for b in self.group_bits], device=self.device)
         perm = torch.argsort(self.q_invperm.long())
         return GroupQuant(
