@@ -1,5 +1,5 @@
 """Tensor-parallel weight loading: each rank's part, put back together, is the whole weight,
-for float, packed (GGUF) and GPTQ weights, at 2 and 3 ranks; size 1 holds everything."""
+for float, packed (GGUF), GPTQ and EXL2 weights, at 2 and 3 ranks; size 1 holds everything."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from tessera.formats import FormatError, GPTQTensor, QuantizedTensor  # noqa: E402
+from tessera.formats import EXL2Tensor, FormatError, GPTQTensor, GroupQuant, QuantizedTensor, exl2_parts  # noqa: E402
+from tessera.formats.exl2 import exl2_tensor  # noqa: E402
 from tessera.models import (  # noqa: E402
     ColumnParallelLinear,
     LoadOptions,
@@ -33,9 +34,23 @@ def gptq_weight(rows: int, cols: int, seed: int) -> GPTQTensor:
     return GPTQTensor("gptq", 4, 32, False, True, qweight, qzeros, scales, g_idx, (rows, cols))
 
 
+def exl2_weight(rows: int, cols: int, seed: int) -> EXL2Tensor:
+    """An EXL2 weight of 8-, 6-, 4- and 3-bit groups behind a random input permutation."""
+    g = torch.Generator().manual_seed(seed)
+    starts, bits = (0, 32, 64, cols - 32, cols), (8, 6, 4, 3)
+    sizes = torch.tensor([b - a for a, b in zip(starts, starts[1:], strict=False)])
+    top = torch.repeat_interleave(torch.tensor([2**b for b in bits]), sizes)
+    q = (torch.rand(rows, cols, generator=g) * top).to(torch.uint8)
+    # one power-of-two scale per group: each row at level 16 of its group's max (on EXL2's grid)
+    scale = torch.tensor([2.0**-4, 2.0**-5, 2.0**-6, 2.0**-7]).expand(rows, -1).contiguous()
+    zero = torch.tensor([2.0 ** (b - 1) for b in bits]).expand(rows, -1).contiguous()
+    groups = GroupQuant((rows, cols), q, scale, zero, starts, bits, torch.randperm(cols, generator=g))
+    return exl2_tensor("w", exl2_parts(groups), "test")
+
+
 def weight(rows: int, cols: int, packed, seed: int):
-    if packed == "gptq":  # dequantized whole for one rank, else dequantized and cut
-        qt = gptq_weight(rows, cols, seed)
+    if packed in ("gptq", "exl2"):  # dequantized whole for one rank, else dequantized and cut
+        qt = gptq_weight(rows, cols, seed) if packed == "gptq" else exl2_weight(rows, cols, seed)
         return qt, qt.dequantize()
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     if not packed:
@@ -52,7 +67,7 @@ def loaded(layer, tensors: dict) -> torch.Tensor:
     return layer.weight
 
 
-@pytest.mark.parametrize("packed", [False, True, "gptq"])
+@pytest.mark.parametrize("packed", [False, True, "gptq", "exl2"])
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_column_and_row_parallel_shards_make_the_whole_weight(packed, size):
     w, whole = weight(96, 192, packed, 0)

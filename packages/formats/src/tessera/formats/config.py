@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .exl2 import EXL2Config
 from .gptq import GPTQConfig
 
 # The architectures whose config tessera reads (our names: HF's model_type, "gemma3" for
@@ -49,8 +50,8 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
     norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum 1
     dense_layers: tuple[int, ...] = ()  # layers of a MoE model with an ordinary MLP
-    # GPTQ / AWQ quantization_config of the checkpoint (None: its linears are plain weights)
-    quantization: GPTQConfig | None = None
+    # GPTQ / AWQ / EXL2 quantization_config of the checkpoint (None: its linears are plain weights)
+    quantization: GPTQConfig | EXL2Config | None = None
     extra: dict = field(default_factory=dict)
 
     def layer_type(self, layer: int) -> str:

@@ -1,9 +1,13 @@
-"""Reading an HF model folder: config.json, (sharded) safetensors, tokenizer, generation config."""
+"""Reading an HF model folder: config.json, (sharded) safetensors, tokenizer, generation config.
+
+Plain, GPTQ/AWQ (``gptq.py``) and EXL2 (``exl2.py``) checkpoints: a quantized linear's parts
+are checked at open and yielded by ``weights()`` as one ``<prefix>.weight`` tensor object."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,8 +27,20 @@ from .config_values import (
     shown,
 )
 from .errors import FormatError
+from .exl2 import PARTS as EXL2_PARTS
+from .exl2 import (
+    EXL2Config,
+    EXL2Tensor,
+    check_exl2_headers,
+    check_perm,
+    check_scale_max,
+    exl2_config_from_hf,
+    exl2_tensor,
+    read_group_layout,
+)
 from .gptq import (
     PARTS,
+    GPTQConfig,
     GPTQTensor,
     check_g_idx,
     check_gptq_shapes,
@@ -161,7 +177,10 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
         )
     moe = _moe_fields(cfg, arch, n_layers, source)
     quant = cfg.get("quantization_config")
-    quant = None if quant is None else quantization_config_from_hf(quant, source)
+    if isinstance(quant, dict) and quant.get("quant_method") == "exl2":
+        quant = exl2_config_from_hf(quant, source)
+    elif quant is not None:
+        quant = quantization_config_from_hf(quant, source)
     return ModelConfig(
         architecture=arch,
         vocab_size=required("vocab_size"),
@@ -239,16 +258,26 @@ def _moe_fields(cfg: dict, arch: str, n_layers: int, source) -> dict:
     }
 
 
-_SAFETENSORS_DTYPES = {"I32": torch.int32, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_SAFETENSORS_DTYPES = {
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+}
 
 
 class HFCheckpoint:
-    """An HF folder with ``config.json`` and ``model.safetensors`` or a sharded index.
+    """An HF folder with ``config.json`` and ``model.safetensors``, a sharded index, or (as
+    exllamav2 writes them) other ``*.safetensors`` files.
 
     Opening reads config.json and every safetensors header (not the tensor data), and checks that
-    the config's layer count and embedding size agree with the tensors the files hold. In a GPTQ
-    or AWQ checkpoint every quantized linear's parts are checked too (shapes and dtypes from the
-    headers, g_idx values read), and ``weights()`` yields each as one ``<prefix>.weight`` GPTQTensor.
+    the config's layer count and embedding size agree with the tensors the files hold. In a GPTQ,
+    AWQ or EXL2 checkpoint every quantized linear's parts are checked too (shapes and dtypes from
+    the headers; g_idx, q_groups, the permutations and q_scale_max read), and ``weights()`` yields
+    each as one ``<prefix>.weight`` GPTQTensor or EXL2Tensor. EXL2 is recognised by its
+    ``*.q_weight`` tensors where config.json has no quantization_config (exllamav2 converts
+    without signing the config unless asked to).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -285,7 +314,10 @@ class HFCheckpoint:
         single = self.path / "model.safetensors"
         if single.is_file():
             return {"model.safetensors": []}
-        raise FormatError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        found = sorted(p.name for p in self.path.glob("*.safetensors") if p.is_file())
+        if found:  # exllamav2's output.safetensors, output-00001-of-00002.safetensors, ...
+            return {name: [] for name in found}
+        raise FormatError(f"{self.path}: no *.safetensors files (nor model.safetensors.index.json)")
 
     def _check_files(self, config_path: Path) -> None:
         from safetensors import SafetensorError, safe_open
@@ -302,14 +334,14 @@ class HFCheckpoint:
                     keys = set(f.keys())
                     if _EMBEDDING in keys:
                         embedding = (file, tuple(f.get_slice(_EMBEDDING).get_shape()))
-                    if self.quantization is not None:
-                        for key in keys:
-                            prefix, _, part = key.rpartition(".")
-                            if part in PARTS:
-                                s = f.get_slice(key)
-                                dtype = _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
-                                shape = tuple(s.get_shape())
-                                quant_headers.setdefault(prefix, {})[part] = (shape, dtype, file)
+                    parts = PARTS if isinstance(self.quantization, GPTQConfig) else EXL2_PARTS
+                    for key in keys:
+                        prefix, _, part = key.rpartition(".")
+                        if part in parts:
+                            s = f.get_slice(key)
+                            dtype = _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype())
+                            shape = tuple(s.get_shape())
+                            quant_headers.setdefault(prefix, {})[part] = (shape, dtype, file)
             except (SafetensorError, OSError) as e:
                 raise FormatError(f"{path}: not a readable safetensors file ({e})") from e
             missing = [n for n in expected if n not in keys]
@@ -319,7 +351,12 @@ class HFCheckpoint:
                 m = _LAYER_TENSOR.fullmatch(key)
                 if m:
                     layers.add(int(m.group(1)))
-        if self.quantization is not None:
+        if self.quantization is None and quant_headers:
+            self.quantization = EXL2Config()
+            self.config = replace(self.config, quantization=self.quantization)
+        if isinstance(self.quantization, EXL2Config):
+            self._check_exl2(quant_headers)
+        elif self.quantization is not None:
             self._check_quantized(quant_headers)
         c = self.config
         holder = next(iter(self._files)) if len(self._files) == 1 else "the sharded checkpoint"
@@ -358,15 +395,47 @@ class HFCheckpoint:
                 "but no tensor is a quantized linear (no *.qweight)"
             )
 
+    def _check_exl2(self, headers: dict[str, dict[str, tuple]]) -> None:
+        from safetensors import safe_open
+
+        def read(prefix: str, part: str, parts: dict) -> torch.Tensor:
+            with safe_open(self.path / parts[part][2], framework="pt") as f:
+                return f.get_tensor(f"{prefix}.{part}")
+
+        for prefix, parts in headers.items():
+            if "q_weight" not in parts:
+                part = next(iter(parts))
+                raise FormatError(
+                    f"{self.path / parts[part][2]}: tensor {prefix}.{part} has no {prefix}.q_weight beside it"
+                )
+            source = self.path / parts["q_weight"][2]
+            shapes = {k: v[0] for k, v in parts.items()}
+            dtypes = {k: v[1] for k, v in parts.items()}
+            _, n_in, _ = check_exl2_headers(prefix, shapes, dtypes, source)
+            # the small parts are read now, so that a bad one is refused before anything loads
+            read_group_layout(prefix, read(prefix, "q_groups", parts), shapes["q_weight"][0], n_in, source)
+            q_perm = read(prefix, "q_perm", parts) if "q_perm" in parts else None
+            check_perm(prefix, read(prefix, "q_invperm", parts), q_perm, source)
+            check_scale_max(prefix, read(prefix, "q_scale_max", parts), source)
+            self._quantized[prefix] = set(parts)
+        if not self._quantized:
+            raise FormatError(
+                f"{self.path / 'config.json'}: quantization_config says exl2, "
+                "but no tensor is a quantized linear (no *.q_weight)"
+            )
+
     def tokenizer(self) -> Tokenizer:
         eos_ids = self._gen_eos + self.config.eos_token_ids
         return Tokenizer.from_hf_folder(self.path, eos_token_ids=tuple(dict.fromkeys(eos_ids)))
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor | GPTQTensor]]:
-        """(name, tensor) of every tensor; a GPTQ/AWQ linear as one ``<prefix>.weight`` GPTQTensor,
-        yielded once all its parts (which may lie in different shards) have been read."""
+    def weights(self) -> Iterator[tuple[str, torch.Tensor | GPTQTensor | EXL2Tensor]]:
+        """(name, tensor) of every tensor; a GPTQ/AWQ/EXL2 linear as one ``<prefix>.weight``
+        GPTQTensor or EXL2Tensor, yielded once all its parts (which may lie in different shards)
+        have been read."""
         from safetensors import SafetensorError, safe_open
 
+        exl2 = isinstance(self.quantization, EXL2Config)
+        part_names = EXL2_PARTS if exl2 else PARTS
         pending: dict[str, dict[str, torch.Tensor]] = {}
         for file in self._files:
             path = self.path / file
@@ -374,13 +443,16 @@ class HFCheckpoint:
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
                         prefix, _, part = name.rpartition(".")
-                        if prefix not in self._quantized or part not in PARTS:
+                        if prefix not in self._quantized or part not in part_names:
                             yield name, f.get_tensor(name)
                             continue
                         parts = pending.setdefault(prefix, {})
                         parts[part] = f.get_tensor(name)
                         if set(parts) == self._quantized[prefix]:
                             del pending[prefix]
-                            yield f"{prefix}.weight", gptq_tensor(prefix, parts, self.quantization, path)
+                            if exl2:
+                                yield f"{prefix}.weight", exl2_tensor(prefix, parts, path)
+                            else:
+                                yield f"{prefix}.weight", gptq_tensor(prefix, parts, self.quantization, path)
             except SafetensorError as e:
                 raise FormatError(f"{path}: damaged tensor data ({e})") from e

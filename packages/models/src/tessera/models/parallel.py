@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import BLOCK_LAYOUT, FormatError, GPTQTensor, QuantizedTensor
+from tessera.formats import BLOCK_LAYOUT, EXL2Tensor, FormatError, GPTQTensor, QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,12 @@ class TPInfo:
 NO_TP = TPInfo()  # one rank: every layer holds its whole weight
 
 
-def _gptq_part(t: GPTQTensor, start: int, length: int, dim: int):
-    """A rank's part of a GPTQ/AWQ weight: the whole one as it is; a part, dequantized (float32)
-    and cut, since GPTQ weights are dequantized at load anyway (act-order groups do not split)."""
+_GROUPED = (GPTQTensor, EXL2Tensor)
+
+
+def _grouped_part(t: GPTQTensor | EXL2Tensor, start: int, length: int, dim: int):
+    """A rank's part of a GPTQ/AWQ/EXL2 weight: the whole one as it is; a part, dequantized
+    (float32) and cut, since act-order and EXL2's permuted groups do not split along the inputs."""
     if start == 0 and length == t.shape[dim]:
         return t
     return t.dequantize(torch.float32).narrow(dim, start, length)
@@ -40,8 +43,8 @@ def _gptq_part(t: GPTQTensor, start: int, length: int, dim: int):
 
 def narrow_rows(t, start: int, length: int):
     """Rows ``start:start+length`` of a tensor or a packed weight (packed rows move whole)."""
-    if isinstance(t, GPTQTensor):
-        return _gptq_part(t, start, length, 0)
+    if isinstance(t, _GROUPED):
+        return _grouped_part(t, start, length, 0)
     if isinstance(t, QuantizedTensor):
         rows = t.data.reshape(t.shape[0], -1)
         return QuantizedTensor(t.scheme, rows[start : start + length].contiguous(), (length, *t.shape[1:]))
@@ -50,8 +53,8 @@ def narrow_rows(t, start: int, length: int):
 
 def narrow_cols(t, start: int, length: int):
     """Input columns ``start:start+length``; a packed weight only at whole blocks."""
-    if isinstance(t, GPTQTensor):
-        return _gptq_part(t, start, length, 1)
+    if isinstance(t, _GROUPED):
+        return _grouped_part(t, start, length, 1)
     if isinstance(t, QuantizedTensor):
         block, size = BLOCK_LAYOUT[t.scheme]
         if start % block or length % block:
@@ -71,6 +74,6 @@ def shape_of(t) -> tuple[int, ...]:
 
 def to_dense(t, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A float tensor in ``dtype`` on ``device`` (a packed one dequantized)."""
-    if isinstance(t, (QuantizedTensor, GPTQTensor)):
+    if isinstance(t, (QuantizedTensor, *_GROUPED)):
         return t.to(device).dequantize(dtype)
     return t.to(device=device, dtype=dtype)
