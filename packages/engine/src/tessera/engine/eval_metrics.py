@@ -3,12 +3,14 @@ distributions the KL divergence and top-1 agreement.
 
 The baseline's distribution at every scored position is kept compact: its ``k`` most likely
 tokens' log-probabilities and ids (float32 and int32) plus the log of the probability mass of
-all the others (the tail). 8,192 positions at k = 1,024 take 64 MiB, where the full float32
-log-probs of a 49,152-token vocabulary would take 1.5 GiB. The KL is then computed over k + 1
-outcomes (the k tokens, and the tail as one outcome, for both models): exact where the
-baseline's tail holds no mass, and otherwise a lower bound of the full KL short by
-``tail mass * KL(tails, each renormalised)`` (the log-sum inequality), which ``tessera eval``
-reports beside it as the mean tail mass.
+all the others (the tail). 8,176 positions (16 windows of 512) at the default k = 4,096 take
+256 MiB, where the full float32 log-probs of a 49,152-token vocabulary would take 1.5 GiB (and
+of a 128k one 4 GiB). The KL is then computed over k + 1 outcomes (the k tokens, and the tail
+as one outcome, for both models): exact where the baseline's tail holds no mass, and otherwise a
+lower bound of the full KL, short by ``tail mass * KL(tails, each renormalised)`` (the log-sum
+inequality). Measured on SmolLM2-135M (Q4_0 and Q4_1 against an F16 copy, 1,022 predictions of
+wiki.utf8's held-out text), k = 4,096 comes out 1.0% below the exact KL (k = 1,024: 4%;
+16,384: 0.1%). ``tessera eval`` reports the baseline's mean tail mass beside it.
 """
 
 from __future__ import annotations

@@ -38,15 +38,15 @@ class Item:
 
 def last_word_items(documents: list[str], limit: int) -> list[Item]:
     """The first ``limit`` items of ``documents`` (fewer where they hold fewer)."""
-    items = []
+    items: list[Item] = []
     for doc in documents:
         for line in doc.splitlines():
+            if len(items) >= limit:
+                return items
             line = line.strip()
             m = _LAST_WORD.fullmatch(line)
             if m and len(line.split()) >= MIN_WORDS:
                 items.append(Item(m.group(1), m.group(2)))
-                if len(items) == limit:
-                    return items
     return items
 
 
