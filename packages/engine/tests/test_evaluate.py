@@ -184,6 +184,18 @@ def test_eval_of_f32_and_q8_0_writes_json_and_plot(tmp_path, capsys):
     assert "perplexity" in table and "tiny-f32 *" in table
 
 
+def test_eval_with_an_explicit_baseline_scores_the_others_against_it(tmp_path):
+    f32, q8 = write_pair(tmp_path)
+    text = write_text(tmp_path / "text.txt")
+    out = tmp_path / "out"
+    args = ["eval", str(f32), "--baseline", str(q8), "--text", str(text), "--tokens", "64", "--window", "64"]
+    assert main([*args, "--last-word-items", "0", "--out", str(out)]) == 0
+    doc = json.loads((out / "eval.json").read_text())
+    q8_row, f32_row = doc["models"]  # the baseline comes first where it was not among the MODELs
+    assert doc["baseline"] == q8_row["model"] == str(q8) and q8_row["kl_divergence"] == 0.0
+    assert f32_row["kl_divergence"] > 0 and f32_row["last_word_accuracy"] is None
+
+
 def test_eval_of_an_unknown_model_is_refused_naming_it(tmp_path, capsys):
     f32, _ = write_pair(tmp_path)
     out = tmp_path / "out"

@@ -127,6 +127,11 @@ def run(ns: argparse.Namespace) -> int:
     device, dtype = _device_and_dtype(ns.device, ns.dtype)
     checkpoints = {name: open_checkpoint(resolve_model(name)) for name in names}
     tokenizer = check_same_tokenizer(checkpoints)
+    for name, ck in checkpoints.items():
+        if ns.window > ck.config.max_position_embeddings:
+            raise ValueError(
+                f"--window {ns.window} is longer than {name}'s context ({ck.config.max_position_embeddings})"
+            )
     held = held_out(ns.text or default_text(), tokenizer, ns.tokens, ns.window, ns.last_word_items)
     bits = {name: linear_bits(ck) for name, ck in _progress(checkpoints.items(), "reading weights")}
     baseline = ns.baseline or choose_baseline(bits)
