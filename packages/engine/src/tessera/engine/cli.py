@@ -1,4 +1,4 @@
-"""The ``tessera`` command: generate, chat, serve, convert, info, bench."""
+"""The ``tessera`` command: generate, chat, serve, convert, eval, recommend, info, bench."""
 
 from __future__ import annotations
 
@@ -332,12 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     bt = bench_sub.add_parser("throughput", help="aggregate output tokens/s at several concurrencies")
     bench_offline.add_throughput_args(bt)
     bt.set_defaults(func=bench_offline.run_throughput)
+    from . import evaluate
+
+    ev = sub.add_parser(
+        "eval",
+        help="quantization quality on held-out text: perplexity, KL and top-1 against a baseline, "
+        "last-word accuracy, bits per weight",
+        description=evaluate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_args(ev)
+    ev.set_defaults(func=evaluate.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    ns.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for reports
     from tessera.formats import FormatError
 
     try:
