@@ -85,3 +85,20 @@ def test_bad_input_is_refused_with_its_name(args, named, capsys):
     assert rc == 2
     if named:
         assert named in capsys.readouterr().err
+
+
+def test_quality_comes_from_tessera_evals_json(tmp_path, capsys):
+    """A variant that ``tessera eval`` scored carries its KL and perplexity, and measured quality
+    ranks before bits."""
+    from tessera.engine import resolve_model
+
+    path = str(resolve_model("smollm2-135m-instruct"))
+    doc = {"models": [{"model": "smollm2-135m-instruct", "path": path, "kl_divergence": 0.01,
+                       "perplexity": 22.5, "top1_agreement": 0.9, "last_word_accuracy": 0.36}]}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps(doc))
+    args = ["recommend", "smollm2-135m-instruct", "--context", "512", "--eval", str(tmp_path / "eval.json")]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    given = [r for r in out["rows"] if r["kind"] == "given"]
+    assert given[0]["quality"] == {"kl": 0.01, "perplexity": 22.5, "top1": 0.9, "last_word": 0.36}
+    assert out["choice"]["kind"] == "given"  # measured quality first, though GGUF Q8_0 has more bits

@@ -301,10 +301,16 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+_EVAL_FIELDS = {"kl_divergence": "kl", "perplexity": "perplexity", "top1_agreement": "top1",
+                "last_word_accuracy": "last_word"}  # fmt: skip
+
+
 def _quality(evals: dict, label: str, path: str | None) -> dict:
+    """What ``tessera eval`` measured for this variant (its eval.json), matched by path or name."""
     for m in evals.get("models", []):
-        if m.get("label") == label or (path and m.get("path") == path):
-            return {k: m[k] for k in ("kl", "perplexity", "top1", "last_word") if k in m}
+        same_path = path is not None and str(Path(m.get("path", "")).resolve()) == str(Path(path).resolve())
+        if same_path or m.get("model") in (label, path):
+            return {short: m[key] for key, short in _EVAL_FIELDS.items() if m.get(key) is not None}
     return {}
 
 
