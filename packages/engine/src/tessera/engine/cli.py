@@ -1,4 +1,4 @@
-"""The ``tessera`` command: generate, chat."""
+"""The ``tessera`` command: generate, chat, serve, convert, info, bench."""
 
 from __future__ import annotations
 
@@ -170,6 +170,59 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tessera.formats.calibration import default_text
+
+    from .convert import Calibration, GPTQTarget, convert
+    from .model_source import resolve_model
+
+    if ns.to != "gptq":
+        raise ValueError(f"--to {ns.to!r} is not a format tessera converts to (supported: gptq)")
+    target = GPTQTarget(ns.bits, ns.group_size, ns.sym, ns.act_order, ns.damp)
+    cal = Calibration(Path(ns.calibration) if ns.calibration else default_text(), ns.rows, ns.row_length)
+    report = convert(resolve_model(ns.src), Path(ns.dst), target, cal, force=ns.force, resume=ns.resume)
+    errors = sorted(report.errors.values())
+    summary = {
+        "destination": ns.dst,
+        "layers": report.layers,
+        "resumed_at_layer": report.resumed_at,
+        "seconds": round(report.seconds, 1),
+        "linears": len(errors),
+        "median_relative_output_error": errors[len(errors) // 2] if errors else None,
+        "max_relative_output_error": errors[-1] if errors else None,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    conv = sub.add_parser(
+        "convert",
+        help="quantize a model with calibration text (GPTQ) into a new checkpoint folder",
+        description="Quantize SRC (a model name, .gguf file or HF folder; GPTQ/AWQ sources are "
+        "dequantized first) layer by layer on calibration text into the HF GPTQ layout at DST. An "
+        "interrupted run resumes from its state folder beside DST.",
+    )
+    conv.add_argument("src", metavar="SRC")
+    conv.add_argument("dst", metavar="DST")
+    conv.add_argument("--to", required=True, help="target format: gptq")
+    conv.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: %(default)s)")
+    conv.add_argument("--group-size", type=int, default=128, help="inputs per group, -1: one per row")
+    conv.add_argument("--act-order", action="store_true", help="quantize inputs by descending activation")
+    conv.add_argument("--sym", action="store_true", help="symmetric (zero at the middle code; GPTQ v1)")
+    conv.add_argument("--damp", type=float, default=0.01, help="Hessian damping (default: %(default)s)")
+    conv.add_argument(
+        "--calibration", metavar="FILE", help="calibration text (default: ../shared/data/wiki.utf8)"
+    )
+    conv.add_argument("--rows", type=int, default=128, help="calibration rows (default: %(default)s)")
+    conv.add_argument("--row-length", type=int, default=512, help="tokens per row (default: %(default)s)")
+    conv.add_argument("--force", action="store_true", help="replace DST if it exists")
+    conv.add_argument("--resume", action="store_true", help="require a matching state to continue")
+    conv.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Run language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    _add_convert_parser(sub)
     from . import bench_serve, info
 
     inf = sub.add_parser("info", help="platform, kernel backend and what runs each op, supported models")
