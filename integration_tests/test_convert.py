@@ -224,3 +224,35 @@ def test_an_existing_destination_needs_force(tiny, text, tmp_path):
 def test_a_calibration_text_too_short_is_a_format_error(tiny, text):
     with pytest.raises(FormatError, match="not the 500 requested"):
         conv.calibration_rows(open_checkpoint(tiny), Calibration(text, 500, 32))
+
+
+@pytest.mark.skipif(
+    not GPTQ_PYTHON.is_file(),
+    reason="GPTQModel's venv /tmp/gptq-venv is absent (tools/make_gptq_fixtures.py says how to make it)",
+)
+def test_our_solver_is_within_5_percent_of_gptqmodels_on_the_same_layer(tiny, text, tmp_path):
+    """q_proj of layer 0 on its calibration inputs (tools/quant/compare_gptq_layer.py does the
+    same on a layer of the default model)."""
+    from safetensors.torch import load_file, save_file
+
+    from tessera.formats.quantize import gptq_quantize, relative_output_error
+    from tessera.kernels import ops
+
+    ck = open_checkpoint(tiny)
+    model = load_model(ck, torch.float32)
+    ids = conv.calibration_rows(ck, Calibration(text, 16, 64))
+    spec = model.layer_specs[0]
+    x = ops.rms_norm(model.embed_input_ids(ids.reshape(-1)), spec.input_norm, spec.eps)
+    w = spec.qkv.weight[: spec.num_heads * spec.head_dim].contiguous()
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    save_file({"W": w, "X": x.contiguous()}, str(tmp_path / "in.safetensors"))
+    runner = Path(__file__).parents[1] / "tools" / "quant" / "gptqmodel_layer.py"
+    for act_order in (False, True):
+        files = [str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")]
+        flags = ["--bits", "4", "--group-size", "32", "--sym", *(["--act-order"] if act_order else [])]
+        cmd = [str(GPTQ_PYTHON), str(runner), *files, *flags]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        theirs = relative_output_error(w, load_file(tmp_path / "out.safetensors")["Q"], h.float())
+        ours = gptq_quantize(w, h.float(), group_bits=4, group_size=32, sym=True, act_order=act_order)
+        assert ours.output_error <= 1.05 * theirs, (act_order, ours.output_error, theirs)

@@ -468,7 +468,10 @@ def _staging(dst: Path) -> Iterator[Path]:
     """A temporary folder beside ``dst``, renamed onto it when the block ends cleanly and
     removed when it raises (an existing ``dst`` is replaced only then)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the result is an ordinary folder
         yield tmp
         if dst.exists():
             old = dst.parent / f".{dst.name}.{os.getpid()}.old"
