@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,9 @@ def converted(tiny, text, tmp_path_factory):
     dst = tmp_path_factory.mktemp("exl2") / "out"
     report = convert_exl2(tiny, dst, 4.25, Calibration(text, CAL_ROWS, CAL_LENGTH), log=quiet)
     assert [p.name for p in dst.parent.iterdir()] == ["out"]  # no state, measurement or staging left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not a private temporary one
     return dst, report
 
 

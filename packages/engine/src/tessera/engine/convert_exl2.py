@@ -448,4 +448,6 @@ def _write_exl2(ck, model, dst: Path, target: EXL2Target, state, measurement: di
     with tempfile.TemporaryDirectory() as side, _staging(dst) as tmp:
         _write_side_files(ck, Path(side))
         extra = {p.name: p for p in Path(side).iterdir()}
+        mode = tmp.stat().st_mode
         write_exl2_folder(tmp, _hf_config(ck, dtype, qcfg), tensors, qcfg, measurement, extra)
+        os.chmod(tmp, mode)  # the writer's own staging folder is private; keep the ordinary mode
