@@ -266,3 +266,22 @@ def test_a_gptq_source_converts(tmp_path):
     report = convert_exl2(GPTQ_SOURCE, tmp_path / "out", 4.0, Calibration(text, 8, 48), log=quiet)
     assert 3.95 <= report.bpw <= 4.0
     assert_logits_are_the_references(tmp_path / "out", quantized_head=True)
+
+
+def test_fit_memory_takes_the_bpw_recommend_picks_and_says_so(monkeypatch, capsys):
+    from tessera.engine import recommend
+    from tessera.engine.cli import build_parser
+    from tessera.engine.convert_exl2_cli import _bpw
+
+    seen = []
+    monkeypatch.setattr(recommend, "exl2_bpw_for", lambda *a: seen.append(a) or (4.5, "fp8"))
+    ns = build_parser().parse_args(
+        ["convert", "m", "d", "--to", "exl2", "--fit-memory", "2GiB", "--context", "4096", "--device", "cuda"]
+    )
+    assert _bpw(ns) == 4.5 and seen == [("m", "cuda", 2 * 2**30, 4096, 1)]
+    assert "4.5 bpw (KV cache: fp8)" in capsys.readouterr().err
+    for args in (["--bpw", "4", "--fit-memory", "2GiB", "--context", "9"], []):
+        with pytest.raises(ValueError, match="exactly one of --bpw and --fit-memory"):
+            _bpw(build_parser().parse_args(["convert", "m", "d", "--to", "exl2", *args]))
+    with pytest.raises(ValueError, match="needs --context"):
+        _bpw(build_parser().parse_args(["convert", "m", "d", "--to", "exl2", "--fit-memory", "2GiB"]))

@@ -42,7 +42,7 @@ def _bpw(ns: argparse.Namespace) -> float:
     bpw, kv = exl2_bpw_for(ns.src, ns.device, ns.fit_memory, ns.context, ns.batch)
     print(
         f"tessera: --fit-memory {ns.fit_memory / 2**30:.2f} GiB at {ns.context} tokens x {ns.batch} on "
-        f"{ns.device}: {bpw} bpw (with a {kv} KV cache)",
+        f"{ns.device}: {bpw} bpw (KV cache: {kv})",
         file=sys.stderr,
     )
     return bpw
