@@ -206,6 +206,7 @@ def test_a_reused_measurement_gives_the_same_allocation(tiny, text, converted, t
         ({"bpw": 9.0}, ValueError, "can be stored at"),
         ({"rows": 500}, FormatError, "not the 500 requested"),
         ({"head_bits": 7}, ValueError, "--head-bits 7"),
+        ({"measure_rows": 0}, ValueError, "--measure-rows 0"),
         ({"exists": True}, ValueError, "already exists"),
         ({"measurement": "bad"}, FormatError, "not a readable measurement.json"),
         ({"measurement": "other"}, FormatError, "no measurement of model.layers.0.self_attn.q_proj"),
@@ -228,7 +229,8 @@ def test_bad_input_is_refused_before_anything_is_written(tiny, text, tmp_path, c
     with pytest.raises(error, match=message):
         convert_exl2(
             tiny, dst, change.get("bpw", 4.0), Calibration(text, change.get("rows", 4), 32),
-            head_bits=change.get("head_bits", 6), measurement=measurement, log=quiet,
+            head_bits=change.get("head_bits", 6), measurement=measurement,
+            measure_rows=change.get("measure_rows", 32), log=quiet,
         )  # fmt: skip
     assert sorted(p.name for p in work.iterdir()) == before
 

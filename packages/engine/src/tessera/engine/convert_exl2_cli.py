@@ -19,6 +19,10 @@ def add_args(conv: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--measurement", metavar="FILE", help="reuse a measurement.json instead of measuring")
     g.add_argument(
+        "--measure-rows", type=int, default=32,
+        help="calibration rows the measurement runs on (at most --rows; default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
         "--fit-memory", type=parse_size, metavar="SIZE",
         help="instead of --bpw: the largest bpw whose model and cache fit SIZE at --context (e.g. 2GiB)",
     )  # fmt: skip
@@ -61,8 +65,8 @@ def run(ns: argparse.Namespace) -> int:
     cal = Calibration(Path(ns.calibration) if ns.calibration else default_text(), ns.rows, ns.row_length)
     report = convert_exl2(
         resolve_model(ns.src), Path(ns.dst), bpw, cal, head_bits=ns.head_bits,
-        measurement=Path(ns.measurement) if ns.measurement else None, damp=ns.damp, force=ns.force,
-        resume=ns.resume,
+        measurement=Path(ns.measurement) if ns.measurement else None, measure_rows=ns.measure_rows,
+        damp=ns.damp, force=ns.force, resume=ns.resume,
     )  # fmt: skip
     errors = sorted(report.errors.values())
     print(
