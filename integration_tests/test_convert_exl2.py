@@ -96,6 +96,7 @@ def converted(tiny, text, tmp_path_factory):
     umask = os.umask(0)
     os.umask(umask)
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not a private temporary one
+    assert all(f.stat().st_mode & 0o777 == 0o666 & ~umask for f in dst.iterdir())
     return dst, report
 
 

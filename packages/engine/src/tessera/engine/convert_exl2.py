@@ -456,4 +456,7 @@ def _write_exl2(ck, model, dst: Path, target: EXL2Target, state, measurement: di
         extra = {p.name: p for p in Path(side).iterdir()}
         mode = tmp.stat().st_mode
         write_exl2_folder(tmp, _hf_config(ck, dtype, qcfg), tensors, qcfg, measurement, extra)
-        os.chmod(tmp, mode)  # the writer's own staging folder is private; keep the ordinary mode
+        # the writer's staging folder is private and safetensors writes 0600: keep ordinary modes
+        os.chmod(tmp, mode)
+        for f in tmp.iterdir():
+            os.chmod(f, mode & 0o666)
