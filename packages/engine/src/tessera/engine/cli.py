@@ -178,8 +178,12 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     from .convert import Calibration, GPTQTarget, convert
     from .model_source import resolve_model
 
+    if ns.to == "exl2":
+        from . import convert_exl2_cli
+
+        return convert_exl2_cli.run(ns)
     if ns.to != "gptq":
-        raise ValueError(f"--to {ns.to!r} is not a format tessera converts to (supported: gptq)")
+        raise ValueError(f"--to {ns.to!r} is not a format tessera converts to (supported: gptq, exl2)")
     target = GPTQTarget(ns.bits, ns.group_size, ns.sym, ns.act_order, ns.damp)
     cal = Calibration(Path(ns.calibration) if ns.calibration else default_text(), ns.rows, ns.row_length)
     report = convert(resolve_model(ns.src), Path(ns.dst), target, cal, force=ns.force, resume=ns.resume)
@@ -207,7 +211,7 @@ def _add_convert_parser(sub) -> None:
     )
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("dst", metavar="DST")
-    conv.add_argument("--to", required=True, help="target format: gptq")
+    conv.add_argument("--to", required=True, help="target format: gptq or exl2")
     conv.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default: %(default)s)")
     conv.add_argument("--group-size", type=int, default=128, help="inputs per group, -1: one per row")
     conv.add_argument("--act-order", action="store_true", help="quantize inputs by descending activation")
@@ -220,6 +224,9 @@ def _add_convert_parser(sub) -> None:
     conv.add_argument("--row-length", type=int, default=512, help="tokens per row (default: %(default)s)")
     conv.add_argument("--force", action="store_true", help="replace DST if it exists")
     conv.add_argument("--resume", action="store_true", help="require a matching state to continue")
+    from . import convert_exl2_cli
+
+    convert_exl2_cli.add_args(conv)
     conv.set_defaults(func=cmd_convert)
 
 

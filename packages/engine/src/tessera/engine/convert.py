@@ -494,10 +494,13 @@ def convert(
     force: bool = False,
     resume: bool = False,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    write: Callable[..., None] | None = None,
 ) -> ConvertReport:
     """Quantize the model at ``src`` into ``target``'s format at ``dst`` (see the module doc).
     Bad input (destination, calibration text, model) is refused before anything is written;
-    ``resume`` insists on a matching state (a matching state is resumed anyway)."""
+    ``resume`` insists on a matching state (a matching state is resumed anyway). ``write(ck,
+    model, dst, target, state)`` makes the output from the finished layers (default: the HF
+    GPTQ folder)."""
     from tqdm import tqdm
 
     from tessera.models import load_model
@@ -537,7 +540,7 @@ def convert(
         bar.update(1)
         bar.set_postfix(err=f"{max(errors.values()):.4f}")
     bar.close()
-    _write(ck, model, dst, target, state)
+    (write or _write)(ck, model, dst, target, state)
     state.remove()
     report.seconds = time.perf_counter() - t0
     return report
