@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,9 @@ def test_converted_gptq_reloads_with_tessera(tiny, converted):
         for name, w in ours.items():  # each its own source weight, moved by GPTQ's compensation
             assert (w - src[name]).norm() / src[name].norm() < 0.5, name
         load_model(ck, torch.float32)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert {f.stat().st_mode & 0o777 for f in dst.iterdir()} == {0o666 & ~umask}  # ordinary files
 
 
 @pytest.mark.skipif(

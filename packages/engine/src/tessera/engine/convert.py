@@ -473,6 +473,9 @@ def _staging(dst: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the result is an ordinary folder
         yield tmp
+        for f in tmp.iterdir():  # safetensors writes its files 0600: ordinary files too
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if dst.exists():
             old = dst.parent / f".{dst.name}.{os.getpid()}.old"
             os.replace(dst, old)
