@@ -21,7 +21,7 @@ from tessera.kernels import InputSegments, RowStack
 from . import native, packed  # packed imports this module: its names are read at call time
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
-MAX_SEGS = 64  # csrc/qmatmul.c
+MAX_SEGS, MAX_PARTS = 64, 8  # csrc/qmatmul.c
 
 
 class Seg(ctypes.Structure):
@@ -44,7 +44,10 @@ class CParts:
         self.parts: list[Part] = []
         self._keep: list = []
         perms: list[torch.Tensor] = []
-        for part in weight.parts if isinstance(weight, RowStack) else [weight]:
+        stacked = weight.parts if isinstance(weight, RowStack) else [weight]
+        if len(stacked) > MAX_PARTS:
+            raise ValueError("too many stacked parts")
+        for part in stacked:
             perm, segs = _segments(part, self._keep)
             if perm is not None:
                 same = next((q for q in perms if torch.equal(q, perm)), None)

@@ -374,15 +374,32 @@ static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
     store_rows(a, g, t0, mt, total);
 }
 
-static void qmm_part(void *arg, int part, int n_parts) {
-    const qmm_t *a = (const qmm_t *)arg;
-    const int groups = a->N / 16;
-    const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+// row groups [g0, g1) of one product, all its tokens
+static void qmm_rows(const qmm_t *a, int g0, int g1) {
     const int tw = a->xf ? QMT_F32 : QMT;
     for (int tb = 0; tb < a->M; tb += QTB) {  // a block of tokens stays in cache over the row groups
         const int te = tb + QTB < a->M ? tb + QTB : a->M;
         for (int g = g0; g < g1; g++)
             for (int t0 = tb; t0 < te; t0 += tw) qmm_tile(a, g, t0, te - t0 < tw ? te - t0 : tw);
+    }
+}
+
+// several products side by side (a row stack's parts): their row groups shared out among the
+// threads as one range, so the parts cost one wake-up of the threads, not one each
+#define MAX_PARTS 8
+typedef struct {
+    qmm_t p[MAX_PARTS];
+    int start[MAX_PARTS + 1];  // first row group of each part, then the total
+    int n;
+} qmm_stack_t;
+
+static void qmm_stack_part(void *arg, int part, int n_parts) {
+    const qmm_stack_t *s = (const qmm_stack_t *)arg;
+    const int groups = s->start[s->n];
+    const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+    for (int i = 0; i < s->n; i++) {
+        const int lo = g0 > s->start[i] ? g0 : s->start[i], hi = g1 < s->start[i + 1] ? g1 : s->start[i + 1];
+        if (lo < hi) qmm_rows(&s->p[i], lo - s->start[i], hi - s->start[i]);
     }
 }
 
@@ -495,43 +512,46 @@ static int segments_of(const tq_part *p, int K, qseg *out) {
 
 int tessera_q_matmul_parts(const tq_part *parts, int n_parts, const void *x, int x_bf16, int M, int K, void *out,
                            int64_t ldo, int out_bf16, int n_threads) {
-    if (n_parts <= 0 || M <= 0 || K % 32) return -1;
-    int64_t width = 0;
-    int gather = 0;
+    if (n_parts <= 0 || n_parts > MAX_PARTS || M <= 0 || K % 32) return -1;
+    qmm_stack_t st;
+    qseg segs[MAX_PARTS][MAX_SEGS];
+    st.n = n_parts;
+    st.start[0] = 0;
     for (int i = 0; i < n_parts; i++) {
-        if (parts[i].N <= 0 || parts[i].N % 16 || parts[i].n_segs <= 0 || parts[i].n_segs > MAX_SEGS) return -1;
-        width += parts[i].N;
-        gather |= parts[i].perm != NULL;
-    }
-    if (ldo < width) return -1;
-    qinputs in;
-    if (alloc_inputs(&in, x_bf16, gather, M, K)) return -3;
-    const size_t es = out_bf16 ? 2 : 4;
-    int rc = 0;
-    int64_t col = 0;
-    for (int i = 0; i < n_parts && !rc; col += parts[i].N, i++) {
         const tq_part *p = &parts[i];
-        qseg segs[MAX_SEGS];
-        if (segments_of(p, K, segs)) {
-            rc = -1;
-            break;
-        }
-        // inputs quantized once for consecutive parts with one permutation (q|k|v, gate|up)
-        if (i == 0 || p->perm != parts[i - 1].perm) {
-            quant_t qa = {x, x_bf16, K, p->perm, in};
-            parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
-        }
-        const float *xf = x_bf16 ? NULL : p->perm ? in.xg : (const float *)x;
-        qmm_t a = {segs, p->n_segs, (const int32_t *)in.xq, in.xs, in.xsum, xf, p->bias, (char *)out + col * es, ldo,
-                   M, K, p->N, out_bf16};
-        const int groups = p->N / 16;
-        int nt = n_threads;
-        if ((int64_t)groups * 16 * M * K < (1 << 16)) nt = 1;  // too small to share
-        if (nt > groups) nt = groups;
-        if (nt < 1) nt = 1;
-        pool_run(qmm_part, &a, nt, nt);
+        if (p->N <= 0 || p->N % 16 || p->n_segs <= 0 || p->n_segs > MAX_SEGS || segments_of(p, K, segs[i]))
+            return -1;
+        st.start[i + 1] = st.start[i] + p->N / 16;
     }
-    free_inputs(&in);
+    if (ldo < (int64_t)st.start[n_parts] * 16) return -1;
+    // x gathered and quantized once per run of parts with one permutation (q|k|v, gate|up)
+    qinputs in[MAX_PARTS];
+    int n_in = 0, rc = 0;
+    const size_t es = out_bf16 ? 2 : 4;
+    for (int i = 0; i < n_parts; i++) {
+        const tq_part *p = &parts[i];
+        if (i == 0 || p->perm != parts[i - 1].perm) {
+            if (alloc_inputs(&in[n_in], x_bf16, p->perm != NULL, M, K)) {
+                rc = -3;
+                break;
+            }
+            quant_t qa = {x, x_bf16, K, p->perm, in[n_in]};
+            parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
+            n_in++;
+        }
+        const qinputs *q = &in[n_in - 1];
+        const float *xf = x_bf16 ? NULL : p->perm ? q->xg : (const float *)x;
+        st.p[i] = (qmm_t){segs[i], p->n_segs, (const int32_t *)q->xq, q->xs, q->xsum, xf, p->bias,
+                          (char *)out + (int64_t)st.start[i] * 16 * es, ldo, M, K, p->N, out_bf16};
+    }
+    if (!rc) {
+        const int groups = st.start[n_parts];
+        if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
+        if (n_threads > groups) n_threads = groups;
+        if (n_threads < 1) n_threads = 1;
+        pool_run(qmm_stack_part, &st, n_threads, n_threads);
+    }
+    for (int i = 0; i < n_in; i++) free_inputs(&in[i]);
     return rc;
 }
 
