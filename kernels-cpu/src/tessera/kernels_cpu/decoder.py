@@ -1,5 +1,6 @@
 """A stack of ``DecoderLayerSpec`` layers in one C call per step (csrc/decoder_bf16.c): bf16,
-packed weights, a bf16 cache. Same kernels in the same order as the op-by-op path, so the
+packed weights (GGUF, or GPTQ/EXL2 as packed segments behind an input permutation:
+segments.py), a bf16 cache. Same kernels in the same order as the op-by-op path, so the
 results are the same to the bit, without the Python call, tensors and thread wake-ups of ~10
 ops per layer (at one sequence, those cost more than the arithmetic).
 
@@ -15,9 +16,9 @@ import weakref
 
 import torch
 
-from tessera.kernels import RowStack, reference
+from tessera.kernels import InputSegments, RowStack, reference
 
-from . import native
+from . import native, segments
 from .moe import PackedExperts
 from .packed import PackedWeight
 
@@ -33,12 +34,8 @@ def _op_by_op(reason: str, layers, x, residual, cos, sin, kv_caches, metas):
     return reference.decoder_layers(layers, x, residual, cos, sin, kv_caches, metas)
 
 
-class _Weight(ctypes.Structure):
-    _fields_ = [("qtype", _i), ("N", _i), ("K", _i), ("qs", _p), ("d", _p), ("m", _p), ("bias", _p)]
-
-
 class _Stack(ctypes.Structure):
-    _fields_ = [("n_parts", _i), ("part", _Weight * 3)]
+    _fields_ = [("n_parts", _i), ("part", segments.Part * 3)]
 
 
 class _Moe(ctypes.Structure):
@@ -81,37 +78,19 @@ def _bf16_vec(t, n: int) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (n,)
 
 
-def _part(w, bias, keep: list) -> _Weight | None:
-    if not isinstance(w, PackedWeight):
+def _weight(w, bias, keep: list) -> _Stack | None:
+    """A packed weight, an ``InputSegments`` of packed weights, or a row stack of up to 3 of
+    those, as the C struct (None for anything else)."""
+    parts = segments.c_parts(w)
+    if parts is None or len(parts.parts) > 3:
         return None
-    n, k = w.shape
     if bias is not None:
-        if bias.shape != (n,) or bias.dtype not in (torch.bfloat16, torch.float32):
+        if bias.shape != (w.shape[0],) or bias.dtype not in (torch.bfloat16, torch.float32):
             return None
         bias = bias.to(torch.bfloat16).contiguous()
-        keep.append(bias)
-    return _Weight(
-        w.qtype,
-        n,
-        k,
-        w.qs.data_ptr(),
-        w.d.data_ptr(),
-        w.m.data_ptr() if w.m is not None else None,
-        bias.data_ptr() if bias is not None else None,
-    )
-
-
-def _weight(w, bias, keep: list) -> _Stack | None:
-    """A packed weight, or a row stack of up to 3 packed weights, as the C struct."""
-    parts = w.parts if isinstance(w, RowStack) else [w]
-    if len(parts) > 3:
-        return None
-    sizes = [p.shape[0] for p in parts]
-    biases = bias.split(sizes) if bias is not None else [None] * len(parts)
-    made = [_part(p, b, keep) for p, b in zip(parts, biases, strict=True)]
-    if any(m is None for m in made):
-        return None
-    return _Stack(len(made), (_Weight * 3)(*made))
+    keep += [parts, bias]
+    made = parts.with_biases(bias)
+    return _Stack(len(made), (segments.Part * 3)(*made))
 
 
 def _tensors(layers) -> list:
@@ -139,7 +118,7 @@ class _Plan:
         first = layers[0]
         self.H, self.KH, self.D = first.num_heads, first.num_kv_heads, first.head_dim
         self.eps, self.scale = float(first.eps), float(first.scale)
-        packed = (PackedWeight, RowStack)
+        packed = (PackedWeight, RowStack, InputSegments)
         self.moe = first.moe
         if any((ly.moe is None) != (self.moe is None) for ly in layers):
             self.reason = "a stack mixing dense and mixture-of-experts layers"
@@ -202,11 +181,11 @@ class _Plan:
                 (2 * self.inter, self.hidden),
                 (self.hidden, self.inter),
             ][: len(ws)]
-            if any(
-                w is None or (sum(p.N for p in w.part[: w.n_parts]), w.part[0].K) != s
-                for w, s in zip(ws, shapes, strict=True)
-            ):
-                self.reason = f"layer {i}: a weight in a scheme the C matmul does not take"
+            if any(w is None or p.shape != s for w, p, s in zip(ws, projections, shapes, strict=True)):
+                self.reason = (
+                    f"layer {i}: a weight in a scheme the C matmul does not take (a dense part, "
+                    "more than 3 stacked parts or 64 input segments, a permutation off its inputs)"
+                )
                 return
             moe = _Moe()
             if self.moe is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = ["attention_bf16.c", "elementwise_bf16.c", "qmatmul.c", "decoder_bf16.c", "moe.c", "pool.c"]
-HEADERS = ["simd.h", "pool.h"]
+HEADERS = ["simd.h", "pool.h", "qmatmul.h"]
 # -ffp-contract=off: no FMA the source does not write, so the arithmetic of a row is the source's
 # in every layout and inlining context (batch invariance, csrc/attention_bf16.c)
 CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
@@ -100,6 +100,7 @@ def library() -> ctypes.CDLL | None:
     lib.tessera_q_repack.argtypes = [i, p, i, i, p, p, p]
     lib.tessera_q_matmul.argtypes = [i, p, i, i, i, i, p, p, p, p, p, i, i]
     lib.tessera_q_matmul_ld.argtypes = [i, p, i, i, i, i, p, p, p, p, p, ctypes.c_int64, i, i]
+    lib.tessera_q_matmul_parts.argtypes = [p, i, p, i, i, i, p, ctypes.c_int64, i, i]
     lib.tessera_q_gather_rows.argtypes = [i, p, p, p, i, i, p, i, p, i]
     lib.tessera_q_dequantize_t.argtypes = [i, p, p, p, i, i, p, i, i]
     lib.tessera_llama_layers_bf16.argtypes = [p, i, p, p, p, i]
@@ -113,6 +114,7 @@ def library() -> ctypes.CDLL | None:
         lib.tessera_q_repack,
         lib.tessera_q_matmul,
         lib.tessera_q_matmul_ld,
+        lib.tessera_q_matmul_parts,
         lib.tessera_q_gather_rows,
         lib.tessera_q_dequantize_t,
         lib.tessera_llama_layers_bf16,

@@ -15,7 +15,7 @@ import torch
 
 from tessera.kernels import InputSegments, RowStack, reference, segments_linear
 
-from . import native
+from . import native, segments
 
 # GGUF type numbers of the schemes the C kernels take
 QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
@@ -149,6 +149,12 @@ def _dequantized_t(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 def linear(
     x: torch.Tensor, weight, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
+    out_dtype = out_dtype or x.dtype
+    c_dtypes = (torch.float32, torch.bfloat16)
+    if x.dtype in c_dtypes and out_dtype in c_dtypes:
+        parts = segments.c_parts(weight)
+        if parts is not None:  # packed, segments of packed (GPTQ, EXL2), row stacks of those
+            return segments.matmul(parts, x, bias, out_dtype)
     if isinstance(weight, RowStack):
         sizes = [p.shape[0] for p in weight.parts]
         biases = bias.split(sizes) if bias is not None else [None] * len(sizes)
@@ -156,41 +162,12 @@ def linear(
         return torch.cat(parts, dim=-1)
     if isinstance(weight, InputSegments):
         return segments_linear(linear, x, weight, bias, out_dtype)
-    out_dtype = out_dtype or x.dtype
     if not isinstance(weight, PackedWeight):
         return reference.linear(x, weight, bias, out_dtype)
+    # other dtypes: torch's GEMM over the dequantized weight
     n, k = weight.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    tokens = x2.shape[0]
-    if x.dtype not in (torch.float32, torch.bfloat16) or out_dtype not in (torch.float32, torch.bfloat16):
-        out = torch.mm(x2, _dequantized_t(weight, x.dtype))
-        if bias is not None:
-            out += bias
-        return out.reshape(*lead, n).to(out_dtype)
-    x2 = x2.contiguous()
-    # the C kernel writes fp32 or bf16 straight from its fp32 sums (logits in fp32 from bf16
-    # inputs are not rounded to bf16 first)
-    out = torch.empty(tokens, n, dtype=out_dtype)
+    out = torch.mm(x.reshape(-1, k), _dequantized_t(weight, x.dtype))
     if bias is not None:
-        bias = bias.to(out_dtype).contiguous()
-    rc = native.library().tessera_q_matmul(
-        weight.qtype,
-        x2.data_ptr(),
-        int(x.dtype == torch.bfloat16),
-        tokens,
-        k,
-        n,
-        weight.qs.data_ptr(),
-        weight.d.data_ptr(),
-        weight.m.data_ptr() if weight.m is not None else None,
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        int(out_dtype == torch.bfloat16),
-        torch.get_num_threads(),
-    )
-    if rc == -3:
-        raise MemoryError(f"no memory for the inputs of a {tokens}-token packed matmul")
-    if rc != 0:
-        raise ValueError(f"the packed {weight.scheme} matmul refused x of shape {tuple(x.shape)}")
-    return out.reshape(*lead, n)
+        out += bias
+    return out.reshape(*lead, n).to(out_dtype)

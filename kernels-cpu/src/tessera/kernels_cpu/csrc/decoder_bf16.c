@@ -6,23 +6,20 @@
 //   a = attention(q, cache); x = a Wo (+ b); h, residual = rms_norm(x + residual);
 //   x = silu_and_mul(h Wgate_up (+ b)) Wdown (+ b)
 // or, for a mixture-of-experts layer, x = moe(h): router logits in fp32, softmax, top-k, then
-// tessera_moe (moe.c) over the packed experts.
+// tessera_moe (moe.c) over the packed experts. A weight may be packed segments along permuted
+// inputs (GPTQ act-order, EXL2; qmatmul.h): h is gathered and quantized once per projection.
 
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    int qtype, N, K;
-    const uint8_t *qs;
-    const uint16_t *d, *m;
-    const uint16_t *bias;  // bf16 [N] or NULL
-} tq_weight;
+#include "qmatmul.h"
 
-// a projection: up to 3 packed weights stacked by output rows (q|k|v of different schemes)
+// a projection: up to 3 weights stacked by output rows (q|k|v of different schemes, or each
+// with its own input segments), biases in bf16
 typedef struct {
     int n_parts;
-    tq_weight part[3];
+    tq_part part[3];
 } tq_stack;
 
 // a mixture-of-experts MLP; n_experts 0 for a dense layer
@@ -53,9 +50,6 @@ typedef struct {
     void *moe_scratch;                        // tessera_moe's, 64-byte aligned
 } tq_step;
 
-int tessera_q_matmul_ld(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
-                        const uint16_t *d, const uint16_t *m, const void *bias, void *out, int64_t ldo,
-                        int out_bf16, int n_threads);
 int tessera_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
                           uint16_t *residual_out, int T, int N, float eps, int n_threads);
 int tessera_rotary_bf16(uint16_t *x, const float *cos, const float *sin, int T, int heads, int D, int64_t stride,
@@ -112,16 +106,10 @@ static int moe_mlp(const tq_moe *m, const tq_step *st, int T, int H, uint16_t *x
                        m->dn_qtype, m->dn, x, st->moe_scratch, nt);
 }
 
-static int matmul(const tq_stack *s, const uint16_t *x, int T, uint16_t *out, int n_threads) {
+static int matmul(const tq_stack *s, const uint16_t *x, int T, int K, uint16_t *out, int n_threads) {
     int ldo = 0;
     for (int i = 0; i < s->n_parts; i++) ldo += s->part[i].N;
-    for (int i = 0, col = 0; i < s->n_parts; col += s->part[i].N, i++) {
-        const tq_weight *w = &s->part[i];
-        const int rc = tessera_q_matmul_ld(w->qtype, x, 1, T, w->K, w->N, w->qs, w->d, w->m, w->bias, out + col, ldo,
-                                           1, n_threads);
-        if (rc) return rc;
-    }
-    return 0;
+    return tessera_q_matmul_parts(s->part, s->n_parts, x, 1, T, K, out, ldo, 1, n_threads);
 }
 
 #define TRY(call)               \
@@ -144,7 +132,7 @@ int tessera_llama_layers_bf16(const tq_layer *layers, int n_layers, const tq_ste
         } else {
             TRY(tessera_rms_norm_bf16(x, residual, ly->input_norm, st->h, residual, T, E, st->eps, nt));
         }
-        TRY(matmul(&ly->qkv, st->h, T, st->qkv, nt));
+        TRY(matmul(&ly->qkv, st->h, T, E, st->qkv, nt));
         TRY(tessera_rotary_bf16(st->qkv, st->cos, st->sin, T, st->H, D, row, nt));
         TRY(tessera_rotary_bf16(st->qkv + qw, st->cos, st->sin, T, st->KH, D, row, nt));
         for (int t = 0; t < T; t++) {
@@ -158,15 +146,15 @@ int tessera_llama_layers_bf16(const tq_layer *layers, int n_layers, const tq_ste
         TRY(tessera_attention_bf16(st->q, ly->k_cache, ly->v_cache, st->qsl, st->seq_lens, st->block_tables,
                                    st->bt_stride, NULL, st->n_seqs, st->H, st->KH, D, st->BS, st->scale, ly->window,
                                    st->attn, nt));
-        TRY(matmul(&ly->o, st->attn, T, x, nt));
+        TRY(matmul(&ly->o, st->attn, T, qw, x, nt));
         TRY(tessera_rms_norm_bf16(x, residual, ly->post_norm, st->h, residual, T, E, st->eps, nt));
         if (ly->moe.n_experts) {
             TRY(moe_mlp(&ly->moe, st, T, E, x, nt));
             continue;
         }
-        TRY(matmul(&ly->gate_up, st->h, T, st->gu, nt));
+        TRY(matmul(&ly->gate_up, st->h, T, E, st->gu, nt));
         TRY(tessera_silu_and_mul_bf16(st->gu, st->act, T, st->inter, nt));
-        TRY(matmul(&ly->down, st->act, T, x, nt));
+        TRY(matmul(&ly->down, st->act, T, st->inter, x, nt));
     }
     return 0;
 }

@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "qmatmul.h"
+
 #define QMT 8   // tokens per pass over a row group's packed bytes
 #define QMT_F32 4  // the same for fp32 inputs: 4 accumulator chains per token at every tile width
 #define QTB 64  // tokens per block of the loop over row groups (many-token products)
@@ -191,11 +193,18 @@ int tessera_q_repack(int qtype, const uint8_t *src, int N, int K, uint8_t *qs, u
     return 0;
 }
 
-// one product's arguments and its quantized inputs
+// one segment of a product: a packed weight over 32-blocks [b0, b0 + nb) of the inputs
 typedef struct {
     qform f;
     const uint8_t *qs;
     const uint16_t *d, *m;
+    int b0, nb;
+} qseg;
+
+// one product's arguments and its quantized inputs
+typedef struct {
+    const qseg *seg;
+    int n_seg;
     const int32_t *xq;   // int8 path: [M][K/32][8] groups of 4 int8 inputs
     const float *xs;     // int8 path: [M][K/32] scales
     const float *xsum;   // [M][K/32][2]: sums over each half block (int8 path: of the dequantized inputs)
@@ -219,24 +228,26 @@ static inline void store_rows(const qmm_t *a, int g, int t0, int MT, __m512 *tot
     }
 }
 
-static inline __m512 scale_m(const qmm_t *a, int64_t i, __m512 dv) {
-    return a->f.has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->m + i * 16)))
-                      : _mm512_mul_ps(dv, _mm512_set1_ps(a->f.mfac));
+static inline __m512 scale_m(const qseg *s, int64_t i, __m512 dv) {
+    return s->f.has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->m + i * 16)))
+                      : _mm512_mul_ps(dv, _mm512_set1_ps(s->f.mfac));
 }
 
-// int8 inputs: rows of group g for tokens [t0, t0 + MT); BITS and SPB are constants
-static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, int g, int t0, const int MT, const int BITS,
-                                                               const int SPB) {
+// int8 inputs: rows of group g for tokens [t0, t0 + MT) over segment s, added to io (a token's
+// sums continue from segment to segment in their order); BITS and SPB are constants
+static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, const qseg *sg, int g, int t0,
+                                                               const int MT, const int BITS, const int SPB,
+                                                               __m512 *io) {
     const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
     // few tokens: two accumulator chains per token (integer sums: exact in any order, so a
     // token's result does not depend on the tile width)
     const int split = MT <= 4;
     const __m512i nib = _mm512_set1_epi8(0x0F);
     __m512 total[QMT];
-    for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const int64_t gb = (int64_t)g * nb + b;
-        const uint8_t *q = a->qs + gb * gbb;
+    for (int t = 0; t < MT; t++) total[t] = io[t];
+    for (int b = 0; b < sg->nb; b++) {
+        const int64_t gb = (int64_t)g * sg->nb + b, xb = sg->b0 + b;  // weight block, input block
+        const uint8_t *q = sg->qs + gb * gbb;
         for (int h = 0; h < SPB; h++) {
             __m512i acc[QMT], acc2[QMT];
             for (int t = 0; t < MT; t++) acc[t] = acc2[t] = _mm512_setzero_si512();
@@ -245,7 +256,7 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, i
                     const __m512i v = _mm512_loadu_si512(q + s * 64);
                     const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
                     for (int t = 0; t < MT; t++) {
-                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + b) * 8;
+                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + xb) * 8;
                         acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(x[s]));
                         if (split)
                             acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, _mm512_set1_epi32(x[4 + s]));
@@ -258,7 +269,7 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, i
                 for (int s = h * steps; s < (h + 1) * steps; s++) {
                     const __m512i v = _mm512_loadu_si512(q + s * 64);
                     for (int t = 0; t < MT; t++) {
-                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + b) * 8;
+                        const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + xb) * 8;
                         if (split && (s & 1))
                             acc2[t] = _mm512_dpbusd_epi32(acc2[t], v, _mm512_set1_epi32(x[s]));
                         else
@@ -267,10 +278,10 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, i
                 }
             }
             const int64_t si = gb * SPB + h;
-            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + si * 16)));
-            const __m512 mv = scale_m(a, si, dv);
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg->d + si * 16)));
+            const __m512 mv = scale_m(sg, si, dv);
             for (int t = 0; t < MT; t++) {
-                const int64_t tb = (int64_t)(t0 + t) * nb + b;
+                const int64_t tb = (int64_t)(t0 + t) * nb + xb;
                 const float xsum = SPB == 2 ? a->xsum[tb * 2 + h] : a->xsum[tb * 2] + a->xsum[tb * 2 + 1];
                 const __m512i dot = split ? _mm512_add_epi32(acc[t], acc2[t]) : acc[t];
                 total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, _mm512_set1_ps(a->xs[tb])), total[t]);
@@ -278,20 +289,21 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, i
             }
         }
     }
-    store_rows(a, g, t0, MT, total);
+    for (int t = 0; t < MT; t++) io[t] = total[t];
 }
 
 // fp32 inputs: sum q x accumulated with FMAs (q converted exactly), then d * that + m * sum x,
 // so the result matches the dequantized weight times x up to summation order
-static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, int g, int t0, const int MT, const int BITS,
-                                                                const int SPB) {
+static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, const qseg *sg, int g, int t0,
+                                                                const int MT, const int BITS, const int SPB,
+                                                                __m512 *io) {
     const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
     const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x0F : 0xFF);
     __m512 total[QMT_F32];
-    for (int t = 0; t < MT; t++) total[t] = _mm512_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        const int64_t gb = (int64_t)g * nb + b;
-        const uint8_t *q = a->qs + gb * gbb;
+    for (int t = 0; t < MT; t++) total[t] = io[t];
+    for (int b = 0; b < sg->nb; b++) {
+        const int64_t gb = (int64_t)g * sg->nb + b, xb = sg->b0 + b;
+        const uint8_t *q = sg->qs + gb * gbb;
         for (int h = 0; h < SPB; h++) {
             // 4 accumulator chains per token (so FMA latency does not bound a decode), at every
             // tile width: a token's sums go in the same order whatever the tokens beside it
@@ -307,7 +319,7 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
                     __m512 w1 = w0;
                     if (BITS == 4) w1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), mask));
                     for (int t = 0; t < MT; t++) {
-                        const float *x = a->xf + (int64_t)(t0 + t) * a->K + b * 32;
+                        const float *x = a->xf + (int64_t)(t0 + t) * a->K + xb * 32;
                         __m512 *c = &acc[j % chains][t];
                         *c = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[4 * s + j]), *c);
                         if (BITS == 4) *c = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[16 + 4 * s + j]), *c);
@@ -317,21 +329,21 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
             for (int c = 1; c < chains; c++)
                 for (int t = 0; t < MT; t++) acc[0][t] = _mm512_add_ps(acc[0][t], acc[c][t]);
             const int64_t si = gb * SPB + h;
-            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(a->d + si * 16)));
-            const __m512 mv = scale_m(a, si, dv);
+            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sg->d + si * 16)));
+            const __m512 mv = scale_m(sg, si, dv);
             for (int t = 0; t < MT; t++) {
-                const int64_t tb = (int64_t)(t0 + t) * nb + b;
+                const int64_t tb = (int64_t)(t0 + t) * nb + xb;
                 const float xsum = SPB == 2 ? a->xsum[tb * 2 + h] : a->xsum[tb * 2] + a->xsum[tb * 2 + 1];
                 total[t] = _mm512_fmadd_ps(dv, acc[0][t], total[t]);
                 total[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum), total[t]);
             }
         }
     }
-    store_rows(a, g, t0, MT, total);
+    for (int t = 0; t < MT; t++) io[t] = total[t];
 }
 
 #define QMM_CASE(fn, n, B, S) \
-    case n: fn(a, g, t0, n, B, S); break;
+    case n: fn(a, sg, g, t0, n, B, S, total); break;
 #define QMM_TILE(fn, B, S)                                                                                         \
     switch (mt) {                                                                                                  \
         QMM_CASE(fn, 1, B, S) QMM_CASE(fn, 2, B, S) QMM_CASE(fn, 3, B, S) QMM_CASE(fn, 4, B, S)                   \
@@ -343,22 +355,27 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
         default : break;                                                                      \
     }
 
+// rows of group g for tokens [t0, t0 + mt): the segments in order into one fp32 sum per output
 static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
-    const int form = (a->f.bits == 4 ? 0 : a->f.spb == 1 ? 1 : 2) + (a->xf ? 3 : 0);
-    switch (form) {
-        case 0: QMM_TILE(qmm_group_i8, 4, 1) break;
-        case 1: QMM_TILE(qmm_group_i8, 8, 1) break;
-        case 2: QMM_TILE(qmm_group_i8, 8, 2) break;
-        case 3: QMM_TILE4(qmm_group_f32, 4, 1) break;
-        case 4: QMM_TILE4(qmm_group_f32, 8, 1) break;
-        default: QMM_TILE4(qmm_group_f32, 8, 2) break;
+    __m512 total[QMT];
+    for (int t = 0; t < mt; t++) total[t] = _mm512_setzero_ps();
+    for (int i = 0; i < a->n_seg; i++) {
+        const qseg *sg = &a->seg[i];
+        const int form = (sg->f.bits == 4 ? 0 : sg->f.spb == 1 ? 1 : 2) + (a->xf ? 3 : 0);
+        switch (form) {
+            case 0: QMM_TILE(qmm_group_i8, 4, 1) break;
+            case 1: QMM_TILE(qmm_group_i8, 8, 1) break;
+            case 2: QMM_TILE(qmm_group_i8, 8, 2) break;
+            case 3: QMM_TILE4(qmm_group_f32, 4, 1) break;
+            case 4: QMM_TILE4(qmm_group_f32, 8, 1) break;
+            default: QMM_TILE4(qmm_group_f32, 8, 2) break;
+        }
     }
+    store_rows(a, g, t0, mt, total);
 }
 
-static void qmm_part(void *arg, int part, int n_parts) {
-    const qmm_t *a = (const qmm_t *)arg;
-    const int groups = a->N / 16;
-    const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+// row groups [g0, g1) of one product, all its tokens
+static void qmm_rows(const qmm_t *a, int g0, int g1) {
     const int tw = a->xf ? QMT_F32 : QMT;
     for (int tb = 0; tb < a->M; tb += QTB) {  // a block of tokens stays in cache over the row groups
         const int te = tb + QTB < a->M ? tb + QTB : a->M;
@@ -367,44 +384,175 @@ static void qmm_part(void *arg, int part, int n_parts) {
     }
 }
 
-// Per token and 32-block: int8 quants (bf16 inputs) or nothing (fp32), and half-block sums.
+// several products side by side (a row stack's parts): their row groups shared out among the
+// threads as one range, so the parts cost one wake-up of the threads, not one each
+#define MAX_PARTS 8
+typedef struct {
+    qmm_t p[MAX_PARTS];
+    int start[MAX_PARTS + 1];  // first row group of each part, then the total
+    int n;
+} qmm_stack_t;
+
+static void qmm_stack_part(void *arg, int part, int n_parts) {
+    const qmm_stack_t *s = (const qmm_stack_t *)arg;
+    const int groups = s->start[s->n];
+    const int g0 = (int)((int64_t)groups * part / n_parts), g1 = (int)((int64_t)groups * (part + 1) / n_parts);
+    for (int i = 0; i < s->n; i++) {
+        const int lo = g0 > s->start[i] ? g0 : s->start[i], hi = g1 < s->start[i + 1] ? g1 : s->start[i + 1];
+        if (lo < hi) qmm_rows(&s->p[i], lo - s->start[i], hi - s->start[i]);
+    }
+}
+
+// x's inputs in product order, per token and 32-block: int8 quants and scales (bf16 x), the
+// gathered inputs (fp32 x under a permutation), and half-block sums
+typedef struct {
+    int8_t *xq;
+    float *xs, *xsum, *xg;
+} qinputs;
+
 typedef struct {
     const void *x;
     int x_bf16, K;
-    int8_t *xq;
-    float *xs, *xsum;
+    const int32_t *perm;
+    qinputs in;
 } quant_t;
+
+// token t's 32 inputs from product input k on, as fp32 (under a permutation: gathered)
+static inline void load32(const quant_t *a, int64_t t, int k, __m512 *v0, __m512 *v1) {
+    if (a->x_bf16) {
+        const uint16_t *row = (const uint16_t *)a->x + t * a->K;
+        if (a->perm) {
+            uint16_t g[32];
+            for (int i = 0; i < 32; i++) g[i] = row[a->perm[k + i]];
+            *v0 = load_bf16(g);
+            *v1 = load_bf16(g + 16);
+        } else {
+            *v0 = load_bf16(row + k);
+            *v1 = load_bf16(row + k + 16);
+        }
+        return;
+    }
+    const float *row = (const float *)a->x + t * a->K;
+    if (a->perm) {
+        float *g = a->in.xg + t * a->K + k;
+        for (int i = 0; i < 32; i++) g[i] = row[a->perm[k + i]];
+        row = a->in.xg + t * a->K;
+    }
+    *v0 = _mm512_loadu_ps(row + k);
+    *v1 = _mm512_loadu_ps(row + k + 16);
+}
 
 static void quantize_rows(void *arg, int lo, int hi) {
     const quant_t *a = (const quant_t *)arg;
+    const qinputs *o = &a->in;
     const int nb = a->K / 32;
     for (int t = lo; t < hi; t++) {
         for (int b = 0; b < nb; b++) {
-            const int64_t k = (int64_t)t * a->K + b * 32, tb = (int64_t)t * nb + b;
+            const int64_t tb = (int64_t)t * nb + b;
             __m512 v0, v1;
-            if (a->x_bf16) {
-                v0 = load_bf16((const uint16_t *)a->x + k);
-                v1 = load_bf16((const uint16_t *)a->x + k + 16);
-            } else {
-                v0 = _mm512_loadu_ps((const float *)a->x + k);
-                v1 = _mm512_loadu_ps((const float *)a->x + k + 16);
-            }
+            load32(a, t, b * 32, &v0, &v1);
             if (!a->x_bf16) {
-                a->xsum[tb * 2] = _mm512_reduce_add_ps(v0);
-                a->xsum[tb * 2 + 1] = _mm512_reduce_add_ps(v1);
+                o->xsum[tb * 2] = _mm512_reduce_add_ps(v0);
+                o->xsum[tb * 2 + 1] = _mm512_reduce_add_ps(v1);
                 continue;
             }
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
             const float sx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
             const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-            _mm_storeu_si128((__m128i *)(a->xq + tb * 32), _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(a->xq + tb * 32 + 16), _mm512_cvtsepi32_epi8(q1));
-            a->xs[tb] = sx;
-            a->xsum[tb * 2] = sx * (float)_mm512_reduce_add_epi32(q0);
-            a->xsum[tb * 2 + 1] = sx * (float)_mm512_reduce_add_epi32(q1);
+            _mm_storeu_si128((__m128i *)(o->xq + tb * 32), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(o->xq + tb * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+            o->xs[tb] = sx;
+            o->xsum[tb * 2] = sx * (float)_mm512_reduce_add_epi32(q0);
+            o->xsum[tb * 2 + 1] = sx * (float)_mm512_reduce_add_epi32(q1);
         }
     }
+}
+
+static void free_inputs(qinputs *in) {
+    free(in->xq);
+    free(in->xs);
+    free(in->xsum);
+    free(in->xg);
+}
+
+// the buffers of M tokens' K inputs (gathered fp32 ones where `gather`): 0, or -3 without memory
+static int alloc_inputs(qinputs *in, int x_bf16, int gather, int M, int K) {
+    const int nb = K / 32;
+    *in = (qinputs){0};
+    in->xsum = malloc(sizeof(float) * (size_t)M * nb * 2);
+    if (x_bf16) {
+        in->xq = malloc((size_t)M * K);
+        in->xs = malloc(sizeof(float) * (size_t)M * nb);
+    } else if (gather) {
+        in->xg = malloc(sizeof(float) * (size_t)M * K);
+    }
+    if (!in->xsum || (x_bf16 ? !in->xq || !in->xs : gather && !in->xg)) {
+        free_inputs(in);
+        return -3;
+    }
+    return 0;
+}
+
+// a part's segments as the kernel's: -1 where they do not cover [0, K) in whole 32-blocks, or
+// name a scheme it does not take
+static int segments_of(const tq_part *p, int K, qseg *out) {
+    int k = 0;
+    for (int i = 0; i < p->n_segs; i++) {
+        const tq_seg *s = &p->segs[i];
+        qform f;
+        if (form_of(s->qtype, &f) || s->k0 != k || s->k1 <= s->k0 || s->k0 % 32 || (s->k1 - s->k0) % 32) return -1;
+        out[i] = (qseg){f, s->qs, s->d, s->m, s->k0 / 32, (s->k1 - s->k0) / 32};
+        k = s->k1;
+    }
+    return k == K ? 0 : -1;
+}
+
+#define MAX_SEGS 64
+
+int tessera_q_matmul_parts(const tq_part *parts, int n_parts, const void *x, int x_bf16, int M, int K, void *out,
+                           int64_t ldo, int out_bf16, int n_threads) {
+    if (n_parts <= 0 || n_parts > MAX_PARTS || M <= 0 || K % 32) return -1;
+    qmm_stack_t st;
+    qseg segs[MAX_PARTS][MAX_SEGS];
+    st.n = n_parts;
+    st.start[0] = 0;
+    for (int i = 0; i < n_parts; i++) {
+        const tq_part *p = &parts[i];
+        if (p->N <= 0 || p->N % 16 || p->n_segs <= 0 || p->n_segs > MAX_SEGS || segments_of(p, K, segs[i]))
+            return -1;
+        st.start[i + 1] = st.start[i] + p->N / 16;
+    }
+    if (ldo < (int64_t)st.start[n_parts] * 16) return -1;
+    // x gathered and quantized once per run of parts with one permutation (q|k|v, gate|up)
+    qinputs in[MAX_PARTS];
+    int n_in = 0, rc = 0;
+    const size_t es = out_bf16 ? 2 : 4;
+    for (int i = 0; i < n_parts; i++) {
+        const tq_part *p = &parts[i];
+        if (i == 0 || p->perm != parts[i - 1].perm) {
+            if (alloc_inputs(&in[n_in], x_bf16, p->perm != NULL, M, K)) {
+                rc = -3;
+                break;
+            }
+            quant_t qa = {x, x_bf16, K, p->perm, in[n_in]};
+            parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
+            n_in++;
+        }
+        const qinputs *q = &in[n_in - 1];
+        const float *xf = x_bf16 ? NULL : p->perm ? q->xg : (const float *)x;
+        st.p[i] = (qmm_t){segs[i], p->n_segs, (const int32_t *)q->xq, q->xs, q->xsum, xf, p->bias,
+                          (char *)out + (int64_t)st.start[i] * 16 * es, ldo, M, K, p->N, out_bf16};
+    }
+    if (!rc) {
+        const int groups = st.start[n_parts];
+        if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
+        if (n_threads > groups) n_threads = groups;
+        if (n_threads < 1) n_threads = 1;
+        pool_run(qmm_stack_part, &st, n_threads, n_threads);
+    }
+    for (int i = 0; i < n_in; i++) free_inputs(&in[i]);
+    return rc;
 }
 
 // out [M, N] (fp32, or bf16 when out_bf16; rows ldo elements apart) = x [M, K] times the
@@ -415,28 +563,9 @@ int tessera_q_matmul_ld(int qtype, const void *x, int x_bf16, int M, int K, int 
                         int out_bf16, int n_threads) {
     qform f;
     if (form_of(qtype, &f) || N % 16 || K % 32 || M <= 0 || ldo < N) return -1;
-    const int nb = K / 32;
-    int8_t *xq = x_bf16 ? malloc((size_t)M * K) : NULL;
-    float *xs = x_bf16 ? malloc(sizeof(float) * (size_t)M * nb) : NULL;
-    float *xsum = malloc(sizeof(float) * (size_t)M * nb * 2);
-    if ((x_bf16 && (!xq || !xs)) || !xsum) {
-        free(xq);
-        free(xs);
-        free(xsum);
-        return -3;
-    }
-    quant_t qa = {x, x_bf16, K, xq, xs, xsum};
-    parallel_rows(quantize_rows, &qa, M, M >= 64 ? n_threads : 1);
-    qmm_t a = {f, qs, d, m, (const int32_t *)xq, xs, xsum, x_bf16 ? NULL : (const float *)x, bias, out, ldo, M, K, N, out_bf16};
-    const int groups = N / 16;
-    if ((int64_t)groups * 16 * M * K < (1 << 16)) n_threads = 1;  // too small to share
-    if (n_threads > groups) n_threads = groups;
-    if (n_threads < 1) n_threads = 1;
-    pool_run(qmm_part, &a, n_threads, n_threads);
-    free(xq);
-    free(xs);
-    free(xsum);
-    return 0;
+    const tq_seg seg = {qtype, 0, K, qs, d, m};
+    const tq_part part = {N, 1, &seg, NULL, bias};
+    return tessera_q_matmul_parts(&part, 1, x, x_bf16, M, K, out, ldo, out_bf16, n_threads);
 }
 
 int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, const uint8_t *qs,
@@ -533,6 +662,10 @@ int tessera_q_gather_rows(int qtype, const uint8_t *qs, const uint16_t *d, const
 int tessera_q_repack(void) { return -100; }
 int tessera_q_matmul(void) { return -100; }
 int tessera_q_matmul_ld(void) { return -100; }
+int tessera_q_matmul_parts(const tq_part *parts, int n_parts, const void *x, int x_bf16, int M, int K, void *out,
+                           int64_t ldo, int out_bf16, int n_threads) {
+    return -100;
+}
 int tessera_q_gather_rows(void) { return -100; }
 int tessera_q_dequantize_t(void) { return -100; }
 #endif
