@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,26 @@ def test_fit_memory_takes_the_bpw_recommend_picks_and_says_so(monkeypatch, capsy
             _bpw(build_parser().parse_args(["convert", "m", "d", "--to", "exl2", *args]))
     with pytest.raises(ValueError, match="needs --context"):
         _bpw(build_parser().parse_args(["convert", "m", "d", "--to", "exl2", "--fit-memory", "2GiB"]))
+
+
+def test_a_tied_head_is_written_as_its_own_quantized_lm_head(tiny, text, tmp_path):
+    """A head tied to the embeddings is read every decode token: it is written as a separate
+    6-bit lm_head (config.json unties it; the embedding table stays as it was), and the folder's
+    logits are the references'."""
+    from safetensors.torch import load_file, save_file
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    tensors = load_file(tied / "model.safetensors")
+    tensors.pop("lm_head.weight")
+    save_file(tensors, tied / "model.safetensors", metadata={"format": "pt"})
+    dst = tmp_path / "out"
+    report = convert_exl2(tied, dst, 4.25, Calibration(text, CAL_ROWS, CAL_LENGTH), log=quiet)
+    assert report.head.endswith("untied")
+    assert json.loads((dst / "config.json").read_text())["tie_word_embeddings"] is False
+    stored = load_file(dst / "model.safetensors")
+    embed = stored["model.embed_tokens.weight"].float()
+    torch.testing.assert_close(embed, tensors["model.embed_tokens.weight"])
+    assert_logits_are_the_references(dst, quantized_head=True)

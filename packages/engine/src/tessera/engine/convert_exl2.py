@@ -296,9 +296,11 @@ def plan_bits(options, shapes: dict[str, LinearShape], bpw: float) -> dict[str, 
 
 
 def _head_option(config, head_bits: int, log) -> EXL2Option | None:
+    """The lm_head's setting. A head tied to the embeddings is written as its own quantized
+    lm_head too (config.json then unties them): decode reads it every token, so at fp16 it would
+    cost as many bytes as a 4-bit decoder of SmolLM2's size; the embedding table stays fp16."""
     if config.tie_word_embeddings:
-        log("tessera: lm_head is tied to the embeddings: it stays as the embedding table (fp16)")
-        return None
+        log(f"tessera: the tied lm_head is written as its own {head_bits}-bit lm_head (embeddings: fp16)")
     if config.vocab_size % 32:
         log(f"tessera: lm_head kept fp16: its {config.vocab_size} outputs are not a multiple of 32")
         return None
@@ -419,7 +421,7 @@ def convert_exl2(
         measure_seconds=measure_seconds,
         seconds=time.perf_counter() - t0,
         measured=measurement is None,
-        head="tied to the embeddings" if ck.config.tie_word_embeddings else head.desc if head else "fp16",
+        head=(head.desc if head else "fp16") + (", untied" if ck.config.tie_word_embeddings and head else ""),
         errors=report.errors,
         plan={n: o.desc for n, o in plan.items()},
     )
@@ -447,15 +449,20 @@ def _write_exl2(ck, model, dst: Path, target: EXL2Target, state, measurement: di
     tensors = _plain_tensors(model, dtype)
     for i in range(len(model.layer_specs)):
         tensors.update(state.layer_tensors(i))
+    untie = False
     if target.head is not None:
-        del tensors["lm_head.weight"]
+        tensors.pop("lm_head.weight", None)
         tensors.update(_head_parts(model, state, target.head, target.damp))
+        untie = ck.config.tie_word_embeddings
     qcfg = target.quantization_config()
     with tempfile.TemporaryDirectory() as side, _staging(dst) as tmp:
         _write_side_files(ck, Path(side))
         extra = {p.name: p for p in Path(side).iterdir()}
         mode = tmp.stat().st_mode
-        write_exl2_folder(tmp, _hf_config(ck, dtype, qcfg), tensors, qcfg, measurement, extra)
+        hf_config = _hf_config(ck, dtype, qcfg)
+        if untie:
+            hf_config["tie_word_embeddings"] = False
+        write_exl2_folder(tmp, hf_config, tensors, qcfg, measurement, extra)
         # the writer's staging folder is private and safetensors writes 0600: keep ordinary modes
         os.chmod(tmp, mode)
         for f in tmp.iterdir():
