@@ -42,6 +42,18 @@ def _profile_batch(num_tokens: int, max_len: int) -> list[int]:
     return [max_len] * full + ([rest] if rest else [])
 
 
+def profile_tables(num_tokens: int, max_len: int, block_size: int) -> tuple[list[int], list[list[int]], int]:
+    """(sequence lengths, block tables, blocks in all) of a throwaway prefill of ``num_tokens``
+    tokens in sequences of at most ``max_len``: each sequence its own consecutive blocks."""
+    lens = _profile_batch(num_tokens, max(1, max_len))
+    tables, next_block = [], 0
+    for n in lens:
+        blocks = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + blocks)))
+        next_block += blocks
+    return lens, tables, next_block
+
+
 @torch.inference_mode()
 def profile_memory(
     model: CausalLM,
@@ -57,12 +69,7 @@ def profile_memory(
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    lens = _profile_batch(num_tokens, max(1, max_len))
-    tables, next_block = [], 0
-    for n in lens:
-        blocks = -(-n // block_size)
-        tables.append(list(range(next_block, next_block + blocks)))
-        next_block += blocks
+    lens, tables, next_block = profile_tables(num_tokens, max_len, block_size)
     shapes = {(s.num_kv_heads, s.head_dim) for s in model.kv_cache_spec()}
     if len(shapes) != 1:
         raise ValueError(

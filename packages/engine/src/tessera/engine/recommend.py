@@ -228,15 +228,10 @@ def activation_bytes(model, tokens: int, seqs: int, context: int, block_size: in
     at most ``context``) and the logits of ``seqs`` rows, on a throwaway cache."""
     from tessera.models import LayerKVCache, build_attention_metadata
 
-    from .gpu_memory import _profile_batch
+    from .gpu_memory import profile_tables
 
     device = model.device
-    lens = _profile_batch(tokens, max(1, context))
-    tables, nxt = [], 0
-    for n in lens:
-        blocks = -(-n // block_size)
-        tables.append(list(range(nxt, nxt + blocks)))
-        nxt += blocks
+    lens, tables, nxt = profile_tables(tokens, context, block_size)
     spec = model.kv_cache_spec()[0]
     cache = LayerKVCache.allocate(nxt, block_size, spec.num_kv_heads, spec.head_dim, kv_dtype, device)
     positions, metas = build_attention_metadata(lens, lens, [tables], block_size, device)
