@@ -3,13 +3,15 @@
 On the device machine (its python3 has torch, triton, transformers; carry the other wheels, see
 tools/device_wheels.sh), from the repository root:
 
-    python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference]
+    python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference] \
+        [--stages suite,correctness,bench,bench-exl2,exllamav2]
 
 Here, on the CPU, the same flow on tiny shapes checks the script itself:
 
     uv run python tools/gpu_check.py --out /tmp/gpu_check --smoke
 
-Stages, each skipped with its reason once the time budget is spent:
+Stages (all by default; ``--stages`` picks some), each skipped with its reason once the time
+budget is spent:
 1. the machine: GPU, torch/triton versions, and the ceilings measured on it (device-to-device copy
    bandwidth, bf16 matrix rate on random data), beside the datasheet's 4.8 TB/s and 989 TFLOP/s;
 2. the test suite with TESSERA_DEVICE=cuda (kernels-cuda's tests then run every kernel compiled,
@@ -20,11 +22,20 @@ Stages, each skipped with its reason once the time budget is spent:
    is the tolerance, whichever order the sums go in); greedy tokens equal up to near-ties;
 4. speed, on random-weight GGUFs shaped like SmolLM2-135M and Llama-3-8B (Q4_K matrices, Q8_0
    embedding and output, tools/bench/make_random_gguf.py): single-stream decode tokens/s and the
-   fraction of HBM bandwidth it reaches (weights + KV bytes per token over the time), prefill of a
-   2,048-token prompt and its fraction of the bf16 peak, aggregate output tokens/s at 64 and 256
-   concurrent requests of 512 + 128 tokens with their time to first token, and the same figures
-   with TESSERA_KERNELS=reference (every op the torch reference) as a ratio.
-Prints one JSON line last; writes gpu_check.json and the logs under --out.
+   fraction of HBM bandwidth it reaches (bytes one decode token reads: the weights as the backend
+   holds them, i.e. linears, LM head and one embedding row, plus the KV cache; over the time),
+   prefill of a 2,048-token prompt and its fraction of the bf16 peak, aggregate output tokens/s
+   at 64 and 256 concurrent requests of 512 + 128 tokens with their time to first token, and the
+   same figures with TESSERA_KERNELS=reference (every op the torch reference) as a ratio;
+5. bench-exl2: the same figures (kernels only, 64 concurrent) for a random EXL2 folder shaped
+   like Llama-3-8B at about 4.0 bpw (tools/bench/make_random_exl2.py), with the time to write it
+   and its stored bits per weight; EXL2 runs as GGUF containers, so the held bytes exceed the
+   file's;
+6. exllamav2: exllamav2 0.3.2 against tessera on a random EXL2 folder shaped like SmolLM2-135M,
+   logits and each linear's dequantized weight (tools/exllamav2_check.py); where exllamav2 is
+   not installed, has no GPU, or its extension does not build, the reason is recorded.
+Writes gpu_check.json under --out after every stage (a run stopped at its limit keeps what it
+measured), the logs beside it, and prints the JSON last.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -237,9 +249,12 @@ def child_bench(path: str, device: str, dump: str, quick: bool, concurrency: lis
     from tessera.sampling import SamplingParams
 
     prefill, prompt, output = (256, 64, 16) if quick else (2048, 512, 128)
+    from tessera.engine.recommend import decode_weight_bytes
+
     c = _config(path)
     per_token = c["layers"] * 2 * c["kv_heads"] * c["head_dim"] * 2
     tokens = max(max(concurrency, default=1) * (prompt + output + 32), prefill + output + 64)
+    t0 = time.perf_counter()
     llm = LLM(
         path,
         dtype="bfloat16",
@@ -249,9 +264,11 @@ def child_bench(path: str, device: str, dump: str, quick: bool, concurrency: lis
         max_num_seqs=max(concurrency, default=1),
         max_num_batched_tokens=max(prefill, 2048),
     )
+    load_s = time.perf_counter() - t0
     lat = latency(llm, prefill, 16 if quick else 128, 1 if quick else 3)
     llm.generate(random_prompts(4, 16, c["vocab"], seed=99), SamplingParams(max_tokens=2))  # warm-up
-    result = {"prefill_tokens": prefill, **lat, "throughput": {}}
+    result = {"prefill_tokens": prefill, "load_s": load_s, **lat, "throughput": {}}
+    result["weight_read_bytes"] = decode_weight_bytes(llm.model)  # as the backend holds them
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     for n in concurrency:
         llm.reset_prefix_cache()
@@ -282,6 +299,9 @@ def child_bench(path: str, device: str, dump: str, quick: bool, concurrency: lis
 
 
 def _config(path: str) -> dict:
+    """The shape of a GGUF file or an HF folder (config.json), and its decoder's matrix weights."""
+    if Path(path).is_dir():
+        return _hf_config(Path(path))
     import gguf
 
     r = gguf.GGUFReader(path)
@@ -302,9 +322,29 @@ def _config(path: str) -> dict:
     }
 
 
-def bench(path: Path, env: dict, device: str, quick: bool, concurrency: list[int], reference: bool) -> dict:
-    from membw import decode_bytes
+def _hf_config(folder: Path) -> dict:
+    """``_config`` of a Llama-layout HF folder: the decoder's matrices from config.json."""
+    c = json.loads((folder / "config.json").read_text())
+    hidden, heads, ffn = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+    head_dim = c.get("head_dim") or hidden // heads
+    kv_heads = c.get("num_key_value_heads", heads)
+    per_layer = hidden * (2 * heads * head_dim + 2 * kv_heads * head_dim) + 3 * hidden * ffn
+    return {
+        "layers": c["num_hidden_layers"],
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab": c["vocab_size"],
+        "matrix_params": c["num_hidden_layers"] * per_layer,
+    }
 
+
+def bench(
+    path: Path, env: dict, device: str, quick: bool, concurrency: list[int], reference: bool, timeout: float
+) -> dict:
+    """Each side (kernels, and the torch reference where asked) in a child process, each given
+    at most ``timeout`` seconds, so that a slow load or bench leaves the rest of the budget."""
     c = _config(str(path))
     out = {"shape": c}
     sides = [("kernels", "")] + ([("reference", "reference")] if reference else [])
@@ -313,13 +353,21 @@ def bench(path: Path, env: dict, device: str, quick: bool, concurrency: list[int
         conc = concurrency if side == "kernels" else concurrency[:1]
         cmd = [sys.executable, __file__, "--child-bench", str(path), device, str(dump), str(int(quick))]
         cmd += [str(n) for n in conc]
-        r = subprocess.run(cmd, env=dict(env, TESSERA_KERNELS=backend), capture_output=True, text=True)
+        try:
+            r = subprocess.run(
+                cmd, env=dict(env, TESSERA_KERNELS=backend), capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            out[side] = {"error": f"ran past its {timeout:.0f} s"}
+            continue
         if r.returncode:
             out[side] = {"error": r.stderr[-1500:]}
             continue
         res = json.loads(dump.read_text())
-        # bytes one decode token reads: the weights (embedding row aside) and a short KV cache
-        per_token = decode_bytes(str(path), 16 + 64)
+        # bytes one decode token reads: the weights as the backend holds them (linears, LM head,
+        # one embedding row) and the KV cache at the decode's mean context (16-token prompt + 64)
+        kv = c["layers"] * (16 + 64) * 2 * c["kv_heads"] * c["head_dim"] * 2
+        res["decode_bytes_per_token"] = per_token = res["weight_read_bytes"] + kv
         res["decode_hbm_fraction"] = per_token * res["decode_tok_s"] / (HBM_TB_S * 1e12)
         n, t = res["prefill_tokens"], res["prefill_tokens"]
         flops = 2 * c["matrix_params"] * n + 2 * 2 * c["layers"] * c["heads"] * c["head_dim"] * t * t / 2
@@ -334,6 +382,50 @@ def bench(path: Path, env: dict, device: str, quick: bool, concurrency: list[int
     return out
 
 
+# -- 5. EXL2 ----------------------------------------------------------------------------------
+
+# tiny enough for the CPU; down_proj's 768 inputs give 6 groups, so 5, 4 and 3 bits mix there
+EXL2_TINY = dict(layers=2, hidden=256, ffn=768, heads=4, kv_heads=2, vocab=1024)
+
+
+def bench_exl2(work: Path, env: dict, device: str, smoke: bool, budget: Budget) -> dict:
+    """Speed of a random EXL2 folder shaped like Llama-3-8B (make_random_exl2.py: about 4.0 bpw,
+    5/4/3-bit groups behind a permutation, 6-bit LM head), kernels only: the torch reference
+    would hold the 8B model dequantized."""
+    from make_random_exl2 import SHAPES, stored_bits, write
+
+    shapes = {"tiny": EXL2_TINY} if smoke else {"llama3-8b": SHAPES["llama3-8b"]}
+    out = {}
+    for name, shape in shapes.items():
+        if budget.left() < 150:
+            out[name] = f"skipped: {budget.left():.0f} s of the budget left"
+            continue
+        log(f"bench-exl2 {name}: writing the random EXL2 folder")
+        t = time.perf_counter()
+        path = write(work / f"{name}.exl2", **shape)
+        res = {"write_s": time.perf_counter() - t, "stored": stored_bits(path)}
+        res |= bench(path, env, device, smoke, [4] if smoke else [64], False, max(60.0, budget.left() - 10))
+        shutil.rmtree(path)
+        out[name] = res
+        log(f"bench-exl2 {name}: {json.dumps(res)}")
+    return out
+
+
+def exllamav2_stage(work: Path, env: dict, device: str, smoke: bool, budget: Budget, out: Path) -> dict:
+    """exllamav2 against tessera on a random EXL2 folder shaped like SmolLM2-135M
+    (tools/exllamav2_check.py)."""
+    from exllamav2_check import cross_check
+    from make_random_exl2 import SHAPES, write
+
+    if budget.left() < 90:
+        return {"status": f"skipped: {budget.left():.0f} s of the budget left"}
+    folder = write(work / "xcheck" / "model", **(EXL2_TINY if smoke else SHAPES["smollm2-135m"]))
+    return cross_check(folder, env, device, max(30.0, budget.left() - 15), out)
+
+
+STAGES = ("suite", "correctness", "bench", "bench-exl2", "exllamav2")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-logits":
         return child_logits(*sys.argv[2:6])
@@ -343,10 +435,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--budget-s", type=float, default=540.0, help="stop starting stages after this")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
     p.add_argument("--skip-suite", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the torch-reference baseline")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, on the CPU: checks this script")
     a = p.parse_args()
+    stages = {x.strip() for x in a.stages.split(",") if x.strip()}
+    if stages - set(STAGES):
+        p.error(f"unknown stages {sorted(stages - set(STAGES))}; the stages are {', '.join(STAGES)}")
+    if a.skip_suite or a.smoke:
+        stages.discard("suite")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(a.budget_s)
@@ -356,32 +454,47 @@ def main() -> None:
     import torch
 
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
-    result: dict = {"machine": machine(device)}
+    result: dict = {"machine": machine(device), "stages": sorted(stages)}
     log(json.dumps(result["machine"]))
-    if a.skip_suite or a.smoke:
-        result["suite"] = "skipped"
-    else:
+
+    def save() -> None:  # after every stage: a run stopped at its time limit keeps what it measured
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+
+    save()
+    if "suite" in stages:
         result["suite"] = suite(out, env, max(60.0, budget.left() * 0.45), device)
         log(f"suite: {result['suite']}")
+        save()
     tiny = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1000)
-    small = tiny if a.smoke else dict(layers=4, hidden=512, ffn=1536, heads=8, kv_heads=2, vocab=4096)
-    result["correctness"] = correctness(work, env, device, small)
-    log(f"correctness: {result['correctness']}")
-    from make_random_gguf import SHAPES, write
+    if "correctness" in stages:
+        small = tiny if a.smoke else dict(layers=4, hidden=512, ffn=1536, heads=8, kv_heads=2, vocab=4096)
+        result["correctness"] = correctness(work, env, device, small)
+        log(f"correctness: {result['correctness']}")
+        save()
+    if "bench" in stages:
+        from make_random_gguf import SHAPES, write
 
-    shapes = {"smollm2-135m": tiny} if a.smoke else {k: SHAPES[k] for k in ("smollm2-135m", "llama3-8b")}
-    result["bench"] = {}
-    for name, shape in shapes.items():
-        if budget.left() < 60:
-            result["bench"][name] = f"skipped: {budget.left():.0f} s of the budget left"
-            continue
-        log(f"bench {name}: writing the random GGUF")
-        path = write(str(work / f"{name}.gguf"), scheme="Q4_K", **shape)
-        conc = [4] if a.smoke else [64, 256]
-        result["bench"][name] = bench(path, env, device, a.smoke, conc, not a.no_reference)
-        path.unlink()
-        log(f"bench {name}: {json.dumps(result['bench'][name])}")
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+        shapes = {"smollm2-135m": tiny} if a.smoke else {k: SHAPES[k] for k in ("smollm2-135m", "llama3-8b")}
+        result["bench"] = {}
+        for name, shape in shapes.items():
+            if budget.left() < 60:
+                result["bench"][name] = f"skipped: {budget.left():.0f} s of the budget left"
+                continue
+            log(f"bench {name}: writing the random GGUF")
+            path = write(str(work / f"{name}.gguf"), scheme="Q4_K", **shape)
+            conc = [4] if a.smoke else [64, 256]
+            timeout = max(60.0, budget.left() - 10)
+            result["bench"][name] = bench(path, env, device, a.smoke, conc, not a.no_reference, timeout)
+            path.unlink()
+            log(f"bench {name}: {json.dumps(result['bench'][name])}")
+            save()
+    if "bench-exl2" in stages:
+        result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget)
+        save()
+    if "exllamav2" in stages:
+        result["exllamav2"] = exllamav2_stage(work, env, device, a.smoke, budget, out)
+        log(f"exllamav2: {json.dumps(result['exllamav2'])}")
+        save()
     print(json.dumps(result))
 
 

@@ -368,14 +368,14 @@ def recommend(
     free = plat.free_memory() + (runtime if dev.type == "cpu" else 0)
     memory_limit = memory if memory is not None else free
     add(f"{Path(str(source)).name} (as given)", "given", _bpw(loaded), given_weights,
-        _read_bytes(loaded), str(source))  # fmt: skip
+        decode_weight_bytes(loaded), str(source))  # fmt: skip
     del loaded
     for v in variants:
         m, w = _load_measured(v, dtype, dev)
         shape = lambda c: (c.hidden_size, c.num_hidden_layers, c.vocab_size)  # noqa: E731
         if shape(m.config) != shape(config):
             raise ValueError(f"--variant {v} is not a variant of {model}: its shapes differ")
-        add(f"{Path(v).name}", "given", _bpw(m), w, _read_bytes(m), v)
+        add(f"{Path(v).name}", "given", _bpw(m), w, decode_weight_bytes(m), v)
         del m
     if candidates == "all":
         ladder = [(f"EXL2 {b} bpw", "exl2", b, exl2_layout(b)) for b in EXL2_LADDER]
@@ -439,7 +439,7 @@ def _bpw(model) -> float:
     return bits / elems if elems else 0.0
 
 
-def _read_bytes(model) -> int:
+def decode_weight_bytes(model) -> int:
     """Bytes of weights one decode token reads: all linears and the LM head (the embedding
     matrix where tied), one embedding row."""
     lin = sum(_nbytes(lin.weight) for lin in _linears(model))

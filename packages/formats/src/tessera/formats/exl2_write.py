@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from itertools import pairwise
+from itertools import groupby, pairwise
 from pathlib import Path
 
 import torch
@@ -47,17 +47,24 @@ def exl2_scale_grid(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int ``[rows, cols]`` of ``bits``-bit values -> int32 ``[ceil(rows*bits/32), cols]``, each
-    column one little-endian bit stream (the inverse of ``gptq.unpack_rows``)."""
+    column one little-endian bit stream (the inverse of ``gptq.unpack_rows``). Every 32 values
+    fill exactly ``bits`` words, so the values are taken in stripes of 32 rows and each of the 32
+    positions ORed into its word (and the next, where it straddles): 32 whole-tensor operations
+    in int32, fast enough for an 8B model's matrices."""
     rows, cols = values.shape
     n_words = -(-rows * bits // 32)
-    v = values.to(torch.int64) & ((1 << bits) - 1)
-    pos = torch.arange(rows) * bits
-    word, off = pos // 32, pos % 32
-    out = torch.zeros(n_words + 1, cols, dtype=torch.int64)  # one spare word for the spill
-    out.index_add_(0, word, v << off[:, None])
-    out.index_add_(0, word + 1, torch.where((off + bits > 32)[:, None], v >> (32 - off)[:, None], 0))
-    out = out[:n_words] & 0xFFFFFFFF
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    v = values.to(torch.int32)
+    v &= (1 << bits) - 1
+    if rows % 32:
+        v = torch.cat([v, v.new_zeros(-rows % 32, cols)])
+    v = v.reshape(-1, 32, cols)
+    out = torch.zeros(v.shape[0], bits, cols, dtype=torch.int32)
+    for j in range(32):
+        word, off = divmod(j * bits, 32)
+        out[:, word] |= v[:, j] << off  # bits past 31 fall off: the spill below carries them
+        if off + bits > 32:
+            out[:, word + 1] |= v[:, j] >> (32 - off)
+    return out.reshape(-1, cols)[:n_words].contiguous()
 
 
 def _pack_levels(levels: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ def check_writable(g: GroupQuant) -> None:
     if not bool((g.zero.float().cpu() == zero).all()):
         raise ValueError("zero points other than 2**(bits-1): EXL2 is symmetric")
     top = torch.tensor([2**b - 1 for b in g.group_bits])[g.column_groups().cpu()]
-    if bool((g.q.cpu().long() > top).any()):
+    if bool((g.q.cpu() > top.to(torch.uint8)).any()):
         raise ValueError("integers beyond their group's bit width")
 
 
@@ -117,12 +124,16 @@ def exl2_parts(g: GroupQuant) -> dict[str, torch.Tensor]:
     EXL2's grid; a ValueError where exllamav2 could not read them back."""
     check_writable(g)
     levels, q_scale_max = _recover_levels(g)
-    q = g.q.cpu()
+    q = g.q.cpu().T.contiguous()  # [in, out]: each output's bit stream runs down the stored inputs
     words, groups = [], []
     row = 0
-    for i, (a, b) in enumerate(pairwise(g.group_starts)):
-        packed = pack_rows(q[:, a:b].T, g.group_bits[i])
-        groups += [g.group_bits[i], row]
+    # every group spans whole words (check_writable), so a run of one width packs in one call
+    for bits, run in groupby(range(g.groups), key=lambda i: g.group_bits[i]):
+        run = list(run)
+        a, b = g.group_starts[run[0]], g.group_starts[run[-1] + 1]
+        packed = pack_rows(q[a:b], bits)
+        for i in run:
+            groups += [bits, row + (g.group_starts[i] - a) * bits // 32]
         words.append(packed)
         row += packed.shape[0]
     if row >= 2**15:
