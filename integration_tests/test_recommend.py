@@ -43,12 +43,19 @@ def test_kv_bytes_are_whole_blocks_with_scales():
     assert total == per_token * 32
 
 
-def test_prediction_is_within_ten_percent_of_a_real_run(capsys):
+def test_prediction_is_within_ten_percent_of_a_real_run():
     """The acceptance check: the recommended configuration runs in a fresh process at the stated
-    context and batch; its peak resident memory is within 10% of the prediction."""
-    assert main(["recommend", "smollm2-135m-instruct", "--candidates", "given", "--context", "1024",
-                 "--batch", "2", "--verify", "--json"]) == 0  # fmt: skip
-    out = json.loads(capsys.readouterr().out)
+    context and batch; its peak resident memory is within 10% of the prediction. The command
+    runs in a process of its own, as users run it: its runtime part is the resident memory of
+    the process it measures in (a test process that ran hundreds of tests holds gigabytes)."""
+    import subprocess
+    import sys
+
+    args = ["recommend", "smollm2-135m-instruct", "--candidates", "given", "--context", "1024",
+            "--batch", "2", "--verify", "--json"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "tessera.engine.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
     check = out["verify"]
     assert abs(check["error"]) <= 0.10, check
     assert out["choice"]["kind"] == "given" and out["recommendation"].startswith("SmolLM2")

@@ -323,7 +323,9 @@ def recommend(
     progress=None,
 ) -> Recommendation:
     """Measures and ranks the candidates (module docstring); ``candidates`` "given" keeps only the
-    model and ``variants`` (files that exist: their weights are loaded and counted, not derived)."""
+    model and ``variants`` (files that exist: their weights are loaded and counted, not derived).
+    The runtime part is this process's resident memory: call it from a fresh process (the
+    ``tessera recommend`` command is one), not from one that has run other work."""
     from tessera.kernels import preferred_dtype
 
     if context < 1 or batch < 1:
