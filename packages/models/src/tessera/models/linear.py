@@ -84,7 +84,10 @@ class GroupsPacked:
         return None if parts is None else (groups.perm, parts)
 
     def prepare(self, weight, opts: LoadOptions):
-        mapped = self.blocks(weight)
+        if isinstance(weight, _MappedGroups):  # mapped already by prepare_stacked
+            weight, mapped = weight.weight, weight.mapped
+        else:
+            mapped = self.blocks(weight)
         if mapped is None:
             return GroupsDequantized().prepare(weight, opts)
         perm, parts = mapped
@@ -96,7 +99,16 @@ class GroupsPacked:
 
 def _is_groups(weight) -> bool:
     """GPTQ, AWQ and EXL2 tensors: anything that gives its ``GroupQuant``."""
-    return hasattr(weight, "as_groups")
+    return hasattr(weight, "as_groups") or isinstance(weight, _MappedGroups)
+
+
+@dataclass(frozen=True)
+class _MappedGroups:
+    """A GPTQ/AWQ/EXL2 weight with its ``GroupsPacked.blocks`` mapping (None: does not map),
+    carried from ``prepare_stacked`` to ``GroupsPacked.prepare`` so each weight is mapped once."""
+
+    weight: object
+    mapped: tuple | None
 
 
 def quant_method(weight, opts: LoadOptions):
@@ -110,12 +122,14 @@ def quant_method(weight, opts: LoadOptions):
 
 def _as_blocks(weight):
     """A GPTQ/AWQ/EXL2 weight in input order and one container scheme: its GGUF blocks (so that
-    stacked parts of one scheme concatenate into one packed weight); anything else as it is."""
-    if _is_groups(weight):
-        mapped = GroupsPacked.blocks(weight)
-        if mapped is not None and mapped[0] is None and len(mapped[1]) == 1:
-            return mapped[1][0][2]
-    return weight
+    stacked parts of one scheme concatenate into one packed weight); any other GPTQ/AWQ/EXL2
+    weight with its mapping (``_MappedGroups``); anything else as it is."""
+    if not _is_groups(weight):
+        return weight
+    mapped = GroupsPacked.blocks(weight)
+    if mapped is not None and mapped[0] is None and len(mapped[1]) == 1:
+        return mapped[1][0][2]
+    return _MappedGroups(weight, mapped)
 
 
 def prepare_stacked(parts: list, opts: LoadOptions):
