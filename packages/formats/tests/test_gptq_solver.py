@@ -139,3 +139,28 @@ def test_a_hessian_of_the_wrong_size_is_refused():
     w, h = _layer()
     with pytest.raises(ValueError, match="H must be"):
         gptq_quantize(w, h[:10, :10], group_bits=4, group_size=32, sym=True, act_order=False)
+
+
+def test_a_shared_hessian_factor_and_output_error_give_the_same_result():
+    """EXL2's measurement solves many settings against one H: sharing its factor and W's output
+    energy must not change any of them."""
+    from tessera.formats.quantize import OutputError, factor_hessian
+
+    torch.manual_seed(3)
+    w = torch.randn(24, 96)
+    x = torch.randn(400, 96) * torch.linspace(0.1, 3, 96)
+    h = x.T @ x / 400
+    h[:, 5] = h[5, :] = 0  # a dead input
+    factor = factor_hessian(h, act_order=True, damp=0.01)
+    error = OutputError(w, h)
+    for bits in (3, 4, [6, 4, 4]):
+        size = 32
+        alone = gptq_quantize(w, h, group_bits=bits, group_size=size, sym=True, act_order=True)
+        shared = gptq_quantize(
+            w, h, group_bits=bits, group_size=size, sym=True, act_order=True, factor=factor, error=error
+        )
+        assert torch.equal(alone.groups.q, shared.groups.q)
+        assert torch.equal(alone.groups.scale, shared.groups.scale)
+        assert alone.output_error == shared.output_error and alone.proxy_loss == shared.proxy_loss
+    with pytest.raises(ValueError, match="another act_order"):
+        gptq_quantize(w, h, group_bits=4, group_size=32, sym=True, act_order=False, factor=factor)

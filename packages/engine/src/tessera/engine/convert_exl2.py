@@ -23,14 +23,13 @@ the folder is written, so an interrupted quantization pass does not measure agai
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 from tessera.formats import FormatError, open_checkpoint
 from tessera.formats.exl2_write import exl2_parts, exl2_scale_grid, write_exl2_folder
-from tessera.formats.quantize import QuantResult, gptq_quantize
+from tessera.formats.quantize import HessianFactor, OutputError, QuantResult, factor_hessian, gptq_quantize
 from tessera.formats.quantize.exl2_allocate import allocate
 from tessera.formats.quantize.exl2_options import CANDIDATES, HEAD_OPTIONS, EXL2Option
 
@@ -102,29 +101,21 @@ def exl2_scales(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
     return exact[:, 0], zero, (levels[:, 0], q_scale_max[0])
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The solver's column loop is a chain of small ops on ``[out]`` vectors: waking a second
-    thread for each costs more than it saves (measured 3-10x slower with 2 threads on 2 busy
-    cores, SmolLM2's shapes), so it runs on one and the thread count is restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def quantize_exl2(
-    weight: torch.Tensor, hessian: torch.Tensor, option: EXL2Option, damp: float
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    option: EXL2Option,
+    damp: float,
+    factor: HessianFactor | None = None,
+    error: OutputError | None = None,
 ) -> QuantResult:
-    """GPTQ with act-order at ``option``'s groups and widths (most salient inputs in the widest)."""
+    """GPTQ with act-order at ``option``'s groups and widths (most salient inputs in the widest).
+    ``factor`` and ``error``: see ``gptq_quantize`` (the measurement shares them across candidates)."""
     sizes, bits = option.layout(weight.shape[1])
-    with _one_thread():
-        return gptq_quantize(
-            weight, hessian, group_bits=bits, group_size=sizes, sym=True, act_order=True, damp=damp,
-            scale_fn=exl2_scales,
-        )  # fmt: skip
+    return gptq_quantize(
+        weight, hessian, group_bits=bits, group_size=sizes, sym=True, act_order=True, damp=damp,
+        scale_fn=exl2_scales, factor=factor, error=error,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -141,7 +132,12 @@ class MeasureTarget:
         return {"candidates": [o.desc for o in self.candidates], "damp": self.damp}
 
     def quantize(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
-        errors = [quantize_exl2(weight, hessian, o, self.damp).output_error for o in self.candidates]
+        # one Cholesky factor and one output energy for all candidates: they share W and H
+        factor = factor_hessian(hessian, act_order=True, damp=self.damp)
+        error = OutputError(weight, hessian)
+        errors = [
+            quantize_exl2(weight, hessian, o, self.damp, factor, error).output_error for o in self.candidates
+        ]
         return QuantizedLinear({f"{name}.{_ERRORS}": torch.tensor(errors, dtype=torch.float64)}, weight, 0.0)
 
     def quantization_config(self) -> dict:

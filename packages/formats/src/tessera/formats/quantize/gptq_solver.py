@@ -27,7 +27,8 @@ salient groups get more bits).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -120,6 +121,56 @@ def _find_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return scale, zero
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What the solver derives from ``H`` alone, for quantizing one weight many ways (EXL2's
+    measurement solves every candidate setting against one Hessian): the dead inputs
+    (``diag H == 0``), the act-order permutation (descending ``diag H``; None without act-order),
+    ``U`` (upper Cholesky factor of the damped inverse, permuted) and the damping used."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor | None
+    u: torch.Tensor
+    damp: float
+    requested_damp: float
+
+    @property
+    def act_order(self) -> bool:
+        return self.perm is not None
+
+
+def factor_hessian(H: torch.Tensor, *, act_order: bool, damp: float = 0.01) -> HessianFactor:
+    """``H``'s ``HessianFactor``: the float64 Cholesky work of ``gptq_quantize``, done once."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square, not {list(H.shape)}")
+    if not H.isfinite().all():
+        raise ValueError("H must be finite")
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp {damp} is not a fraction in [0, 1)")
+    h = H.detach().float().clone()
+    dead = h.diagonal() == 0
+    h.diagonal().masked_fill_(dead, 1.0)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        h = h[perm][:, perm]
+    u, used = _inverse_factor(h, damp)
+    return HessianFactor(dead, perm, u, used, damp)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The column loop is a chain of small ops on ``[out]`` vectors: waking a second thread for
+    each costs more than it saves (measured 3-10x slower with 2 threads on 2 busy cores,
+    SmolLM2's shapes), so it runs on one; the Cholesky work and the output error, large float64
+    products, keep the caller's threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """``U`` (upper Cholesky factor of ``(H + d * mean(diag H) * I)^-1``) and the fraction ``d``
     used: ``damp``, raised by 0.01 until the factorisation succeeds. Computed in float64."""
@@ -165,6 +216,8 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     scale_fn: ScaleFn | None = None,
+    factor: HessianFactor | None = None,
+    error: OutputError | None = None,
 ) -> QuantResult:
     """Quantize ``W [out, in]`` against ``H [in, in]`` (``2 X^T X / n`` of its inputs).
 
@@ -172,6 +225,9 @@ def gptq_quantize(
     ``group_size``: see ``group_sizes``. ``sym``: zero fixed at the middle code. ``act_order``:
     visit (and store) the inputs by descending ``diag(H)``. ``damp``: fraction of the mean
     diagonal added to H. ``block``: columns per lazy batch. ``scale_fn``: see ``ScaleFn``.
+    ``factor``: ``factor_hessian(H, act_order=act_order, damp=damp)`` when the caller quantizes
+    one weight several ways; ``error``: ``OutputError(W, H)`` likewise. The result is the same
+    with or without them.
     """
     n_out, n_in = W.shape
     per_group = None if isinstance(group_bits, int) else [int(b) for b in group_bits]
@@ -182,16 +238,15 @@ def gptq_quantize(
     for s in sizes:
         starts.append(starts[-1] + s)
 
+    if factor is None:
+        factor = factor_hessian(H, act_order=act_order, damp=damp)
+    elif factor.act_order != act_order or factor.requested_damp != damp or factor.u.shape[0] != n_in:
+        raise ValueError("factor was made for another act_order, damp or input size")
     w = W.detach().float().clone()
-    h = H.detach().float().clone()
-    dead = h.diagonal() == 0
-    h.diagonal().masked_fill_(dead, 1.0)
-    w[:, dead] = 0
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    w[:, factor.dead] = 0
+    perm, u = factor.perm, factor.u
     if perm is not None:
-        w, h = w[:, perm], h[perm][:, perm]
-    u, used_damp = _inverse_factor(h, damp)
-    del h
+        w = w[:, perm]
 
     q_int = torch.zeros((n_out, n_in), dtype=torch.uint8, device=w.device)
     deq = torch.zeros_like(w)
@@ -199,6 +254,25 @@ def gptq_quantize(
     zero = torch.zeros_like(scale)
     meta: list = []
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
+    with _one_thread():
+        _solve(w, u, starts, bits, sym, scale_fn, block, q_int, deq, scale, zero, meta, loss)
+    groups = GroupQuant(
+        (n_out, n_in), q_int, scale, zero, tuple(starts), tuple(bits), None if perm is None else perm.clone()
+    )
+    if error is None:
+        error = OutputError(W, H)
+    return QuantResult(
+        groups,
+        proxy_loss=float(loss),
+        output_error=error(groups.dequantize()),
+        damp=factor.damp,
+        scale_meta=tuple(meta) if scale_fn is not None else (),
+    )
+
+
+def _solve(w, u, starts, bits, sym, scale_fn, block, q_int, deq, scale, zero, meta, loss) -> None:
+    """The column loop over ``w`` (permuted), writing codes, dequantized columns, group scales and
+    zeros, scale metadata and the proxy loss into the given buffers."""
     group_at = {a: g for g, a in enumerate(starts[:-1])}
     g = -1
     for i1, i2 in _blocks(starts, block):
@@ -227,17 +301,6 @@ def gptq_quantize(
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
-    groups = GroupQuant(
-        (n_out, n_in), q_int, scale, zero, tuple(starts), tuple(bits), None if perm is None else perm.clone()
-    )
-    return QuantResult(
-        groups,
-        proxy_loss=float(loss),
-        output_error=relative_output_error(W, groups.dequantize(), H),
-        damp=used_damp,
-        scale_meta=tuple(meta) if scale_fn is not None else (),
-    )
-
 
 def _group_params(x: torch.Tensor, bits: int, sym: bool, scale_fn: ScaleFn | None):
     """A group's (scale, zero, meta): min-max, then ``scale_fn`` where given; checked usable."""
@@ -254,14 +317,24 @@ def _group_params(x: torch.Tensor, bits: int, sym: bool, scale_fn: ScaleFn | Non
     return s, z, m
 
 
+class OutputError:
+    """``Q -> trace((W-Q) H (W-Q)^T) / trace(W H W^T)`` in float64 for one ``W`` and ``H``: the
+    squared error of the layer's output on the calibration inputs relative to the output's own
+    energy, with ``W``'s energy computed once (a measurement scores many ``Q`` of one weight)."""
+
+    def __init__(self, W: torch.Tensor, H: torch.Tensor) -> None:
+        self.w, self.h = W.detach().double(), H.detach().double()
+        self.energy = ((self.w @ self.h) * self.w).sum()
+
+    def __call__(self, Q: torch.Tensor) -> float:
+        e = self.w - Q.double()
+        num = ((e @ self.h) * e).sum()
+        return float(num / self.energy) if self.energy > 0 else float(num)
+
+
 def relative_output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """``trace((W-Q) H (W-Q)^T) / trace(W H W^T)`` in float64: the squared error of the layer's
-    output on the calibration inputs relative to the output's own energy."""
-    w, q, h = W.double(), Q.double(), H.double()
-    e = w - q
-    num = ((e @ h) * e).sum()
-    den = ((w @ h) * w).sum()
-    return float(num / den) if den > 0 else float(num)
+    """``trace((W-Q) H (W-Q)^T) / trace(W H W^T)`` (see ``OutputError``)."""
+    return OutputError(W, H)(Q)
 
 
 def fp16_scales(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
