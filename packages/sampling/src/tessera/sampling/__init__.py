@@ -1,7 +1,16 @@
 """SamplingParams (plain data) and the batched sampler."""
 
 from .params import SamplingParams
-from .sampler import Sampler, SamplerOutput, SamplingRow, filter_logits, make_generator
+from .sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    draw_seed,
+    exponential_race,
+    filter_logits,
+    make_generator,
+)
+from .speculative import draft_bitmasks, speculative_rows
 from .structured_output import GrammarCompiler, StructuredOutput
 
 __all__ = [
@@ -11,6 +20,10 @@ __all__ = [
     "SamplingRow",
     "GrammarCompiler",
     "StructuredOutput",
+    "draft_bitmasks",
+    "draw_seed",
+    "exponential_race",
     "filter_logits",
     "make_generator",
+    "speculative_rows",
 ]

@@ -53,6 +53,25 @@ def filter_logits(
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def exponential_race(
+    probs: torch.Tensor, generators: dict[int, tuple[torch.Generator, int | None]] | None = None
+) -> torch.Tensor:
+    """One token per row of ``probs`` ``[B, V]`` (a distribution up to a positive factor per row).
+
+    Exponential race: with E_x ~ Exp(1) i.i.d., P(argmax_x p_x / E_x = y) = p_y / sum_x p_x, since
+    E_x / p_x ~ Exp(p_x) and the first of independent exponential clocks rings with probability
+    its rate over the total. Row ``r`` listed in ``generators`` draws its noise from that generator,
+    first reseeded with the given seed when there is one; the other rows from torch's global
+    generator.
+    """
+    noise = torch.empty_like(probs).exponential_()
+    for r, (g, seed) in (generators or {}).items():
+        if seed is not None:
+            g.manual_seed(seed)
+        noise[r].exponential_(generator=g)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
 @dataclass
 class SamplingRow:
     """What the sampler needs of one request this step."""
@@ -63,6 +82,9 @@ class SamplingRow:
     output_token_ids: list[int] = field(default_factory=list)
     matcher: object | None = None  # an llguidance matcher when the output is constrained
     matcher_vocab: int = 0  # the tokenizer's vocabulary size the matcher masks over
+    # an llguidance bitmask ``[ceil(matcher_vocab / 32)]`` int32 computed ahead (the rows that verify
+    # a speculative draft, tessera.sampling.speculative); used instead of asking a matcher
+    token_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,20 +137,8 @@ class Sampler:
         logits = logits.float()
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        processed = any(
-            r.params.allowed_token_ids is not None
-            or r.params.banned_token_ids
-            or r.params.logit_bias
-            or r.params.uses_penalties
-            or len(r.output_token_ids) < r.params.min_tokens
-            for r in rows
-        )
-        if processed:
-            logits = self._process(logits.clone(), rows)
+        logits = self._processed(logits, rows)
         constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
-        if constrained:
-            # the caller's logits are never written: _process already copied, or copy now
-            logits = self._apply_grammars(logits if processed else logits.clone(), rows, constrained)
         tokens = self._sample(logits, rows)
         for i in constrained:
             rows[i].matcher.consume_token(int(tokens[i]))
@@ -147,10 +157,42 @@ class Sampler:
                 logprobs[i] = entry
         return SamplerOutput(tokens.tolist(), logprobs)
 
+    def probabilities(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The distribution ``[B, V]`` (float32) that a call with these logits and rows draws each
+        row's token from: after the row's processors and grammar mask, its temperature, top-k,
+        top-p and min-p; one-hot at the argmax for a greedy row. No matcher is advanced.
+
+        For speculative verification pass the rows of tessera.sampling.speculative_rows, one per
+        verified position."""
+        logits = self._processed(logits.float(), rows)
+        probs = torch.zeros_like(logits)
+        probs.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            probs[idx] = self._random_probs(logits, rows, random_rows)
+        return probs
+
+    def _processed(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Float logits after every row's processors and grammar mask; a copy when anything
+        applies (the caller's tensor is never written)."""
+        processed = any(
+            r.params.allowed_token_ids is not None
+            or r.params.banned_token_ids
+            or r.params.logit_bias
+            or r.params.uses_penalties
+            or len(r.output_token_ids) < r.params.min_tokens
+            for r in rows
+        )
+        if processed:
+            logits = self._process(logits.clone(), rows)
+        masked = [i for i, r in enumerate(rows) if r.matcher is not None or r.token_bitmask is not None]
+        if masked:
+            logits = self._apply_grammars(logits if processed else logits.clone(), rows, masked)
+        return logits
+
     @staticmethod
-    def _apply_grammars(
-        logits: torch.Tensor, rows: list[SamplingRow], constrained: list[int]
-    ) -> torch.Tensor:
+    def _apply_grammars(logits: torch.Tensor, rows: list[SamplingRow], masked: list[int]) -> torch.Tensor:
         """Mask, in place, every token the row's grammar forbids next."""
         from llguidance.torch import (
             allocate_token_bitmask,
@@ -158,28 +200,27 @@ class Sampler:
             fill_next_token_bitmask,
         )
 
-        vocab = rows[constrained[0]].matcher_vocab
-        sub = logits[constrained, :vocab].contiguous()
-        mask = allocate_token_bitmask(len(constrained), vocab)
-        for j, i in enumerate(constrained):
-            fill_next_token_bitmask(rows[i].matcher, mask, j)
+        vocab = rows[masked[0]].matcher_vocab
+        sub = logits[masked, :vocab].contiguous()
+        mask = allocate_token_bitmask(len(masked), vocab)
+        for j, i in enumerate(masked):
+            if rows[i].token_bitmask is not None:
+                mask[j] = rows[i].token_bitmask
+            else:
+                fill_next_token_bitmask(rows[i].matcher, mask, j)
         apply_token_bitmask_inplace(sub, mask)
-        logits[constrained, :vocab] = sub
+        logits[masked, :vocab] = sub
         if logits.shape[1] > vocab:  # padding rows of the embedding past the tokenizer's vocab
-            logits[constrained, vocab:] = float("-inf")
+            logits[masked, vocab:] = float("-inf")
         return logits
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        params = [r.params for r in rows]
-        greedy_ids = logits.argmax(dim=-1)
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if not random_rows:
-            return greedy_ids
+    @staticmethod
+    def _random_probs(logits: torch.Tensor, rows: list[SamplingRow], random_rows: list[int]) -> torch.Tensor:
+        """softmax(filter(logits / temperature)) of the non-greedy rows, in ``random_rows`` order."""
         dev = logits.device
-        idx_rows = torch.tensor(random_rows, device=dev)
-        sub = [params[i] for i in random_rows]
+        sub = [rows[i].params for i in random_rows]
         temp = torch.tensor([p.temperature for p in sub], device=dev, dtype=torch.float32)
-        x = logits[idx_rows] / temp[:, None]
+        x = logits[torch.tensor(random_rows, device=dev)] / temp[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):
             x = filter_logits(
                 x,
@@ -187,24 +228,22 @@ class Sampler:
                 torch.tensor([p.top_p for p in sub], device=dev, dtype=torch.float32),
                 torch.tensor([p.min_p for p in sub], device=dev, dtype=torch.float32),
             )
-        probs = x.softmax(dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. A seeded row draws its
-        # noise from its own generator, seeded for this output position, so its tokens don't
-        # depend on the rest of the batch or on how often it was preempted.
-        noise = torch.empty_like(probs)
-        unseeded = []
+        return x.softmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        greedy_ids = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if not random_rows:
+            return greedy_ids
+        probs = self._random_probs(logits, rows, random_rows)
+        # A seeded row draws its noise from its own generator, seeded for this output position,
+        # so its tokens don't depend on the rest of the batch or on how often it was preempted.
+        generators = {}
         for j, i in enumerate(random_rows):
             g, seed = rows[i].generator, rows[i].params.seed
-            if g is None:
-                unseeded.append(j)
-                continue
-            if seed is not None:
-                g.manual_seed(draw_seed(seed, len(rows[i].output_token_ids)))
-            noise[j].exponential_(generator=g)
-        if unseeded:
-            idx = torch.tensor(unseeded, device=dev)
-            noise[idx] = torch.empty((len(unseeded), probs.shape[1]), device=dev).exponential_()
-        sampled = (probs / noise).argmax(dim=-1)
+            if g is not None:
+                position = len(rows[i].output_token_ids)
+                generators[j] = (g, None if seed is None else draw_seed(seed, position))
         out = greedy_ids.clone()
-        out[idx_rows] = sampled
+        out[torch.tensor(random_rows, device=logits.device)] = exponential_race(probs, generators)
         return out
