@@ -4,7 +4,9 @@ give ``tessera eval`` variants of one model where only one checkpoint is at hand
 Each ``blk.N.*`` matrix is dequantized and requantized with the ``gguf`` package's own
 (reference) code; every other tensor (embedding, output head, norms) and all metadata are copied
 unchanged. From a Q4_1 file, F16 and F32 hold its weights as they are (up to fp16 rounding), and
-Q8_0, Q5_0, Q4_0 re-round them: a second quantization on top of the first.
+Q8_0, Q5_0, Q4_0 re-round them: a second quantization on top of the first. ``--embedding F16``
+also stores the token embedding (the output head when tied) in that scheme: with ``--scheme Q4_1``
+from a Q4_1 file it gives the GGUF twin of a GPTQ checkpoint, which keeps its head in 16 bits.
 
     uv run python tools/eval/requantize_gguf.py SRC.gguf OUT.gguf --scheme Q8_0
 """
@@ -57,6 +59,7 @@ def main() -> None:
     p.add_argument("src", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--scheme", required=True, choices=SCHEMES)
+    p.add_argument("--embedding", choices=SCHEMES, help="also requantize token_embd (default: copy)")
     args = p.parse_args()
     if args.out.exists():
         raise SystemExit(f"requantize_gguf: {args.out} exists; not overwriting it")
@@ -68,6 +71,8 @@ def main() -> None:
     for t in tqdm(reader.tensors, desc=f"to {args.scheme}", leave=False, disable=None):
         if _LAYER_MATRIX.fullmatch(t.name) and len(t.shape) == 2:
             data, kind = requantized(t, qtype)
+        elif t.name == "token_embd.weight" and args.embedding:
+            data, kind = requantized(t, SCHEMES[args.embedding])
         else:
             data, kind = t.data, t.tensor_type
         writer.add_tensor(t.name, data, raw_dtype=kind)
