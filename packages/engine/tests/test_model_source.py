@@ -144,6 +144,14 @@ def test_qwen_coder_half_billion_is_the_checked_491_mb_file():
     assert path.stat().st_size == 491_400_064
 
 
+def test_qwen_coder_one_and_a_half_billion_is_the_checked_1117_mb_file():
+    try:
+        path = resolve_model("qwen2.5-coder-1.5b-instruct")
+    except FormatError as e:
+        pytest.skip(f"the optional Qwen2.5-Coder-1.5B packages are absent: {e}")
+    assert path.stat().st_size == 1_117_320_768
+
+
 def test_missing_part_packages_are_named_with_the_install_command(toy, monkeypatch):
     monkeypatch.setitem(
         KNOWN_MODELS,

