@@ -18,7 +18,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 _TEXTS = [
     "The river rises in the hills above the old mill, runs past the church and the market square, "
     "and reaches the sea after forty miles of farmland and small villages.",
-    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",
+    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+    "    return total / len(values)\n",
     "Mix two cups of flour with one egg, add a pinch of salt and a glass of milk, then stir until smooth.",
 ]
 
