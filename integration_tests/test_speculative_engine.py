@@ -180,3 +180,17 @@ def test_stop_strings_cut_the_verified_tokens(plain, spec):
     assert ref.finish_reason == "stop" and ref.stop_reason == "market"
     assert (out.text, out.token_ids, out.finish_reason) == (ref.text, ref.token_ids, ref.finish_reason)
     assert_no_block_held(spec)
+
+
+def test_logprobs_of_verified_tokens_equal_plain_decodings(plain, spec):
+    messages = [{"role": "user", "content": f"Repeat this text exactly: {_TEXTS[2]}"}]
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=2, ignore_eos=True)
+    before = spec.stats().spec_num_accepted_tokens
+    (ref,) = plain.generate([plain.tokenizer.encode_chat(messages)], params)
+    (out,) = spec.generate([spec.tokenizer.encode_chat(messages)], params)
+    assert spec.stats().spec_num_accepted_tokens > before
+    assert out.token_ids == ref.token_ids and len(out.logprobs) == len(ref.logprobs) == 24
+    for got, want in zip(out.logprobs, ref.logprobs, strict=True):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+    assert_no_block_held(spec)

@@ -46,6 +46,7 @@ class CachedRequestState:
     matcher_vocab: int = 0
     prompt_logprobs: list | None = None  # accumulated across prefill chunks when asked for
     acceptance: Acceptance | None = None  # of its speculative drafts, when speculation is on
+    draft_probs: torch.Tensor | None = None  # [k, vocab]: what a sampling proposer drew its draft from
 
     def sampling_row(self) -> SamplingRow:
         return SamplingRow(
@@ -275,12 +276,20 @@ class ModelRunner:
         base = [self.requests[r].sampling_row() for r in spec]
         draft_list = [drafts[r] for r in spec]
         rows = [r for b, d in zip(base, draft_list, strict=True) for r in speculative_rows(b, d)]
-        probs = self.sampler.probabilities(logits[spec_rows], rows)
-        out = rejection_sample(probs, draft_list, base)
+        spec_logits = logits[spec_rows]
+        probs = self.sampler.probabilities(spec_logits, rows)
+        out = rejection_sample(probs, draft_list, base, self._draft_probs(spec, draft_list, probs.shape[1]))
         eos = set(self.sampler.eos_token_ids)
+        start = 0
         for rid, d, toks, n_acc in zip(spec, draft_list, out.token_ids, out.num_accepted, strict=True):
             st = self.requests[rid]
+            st.draft_probs = None
             self.spec_policy.record(st.acceptance, len(d), n_acc)
+            if st.params.logprobs is not None:
+                logprobs[rid] = _logprob_entries(
+                    spec_logits[start : start + len(toks)], toks, st.params.logprobs
+                )
+            start += len(d) + 1
             if st.matcher is not None:
                 # the matcher advances over the kept tokens only, as far as an EOS (which, like
                 # the plain sampler, it is offered last; a stopped matcher refuses it)
@@ -293,21 +302,41 @@ class ModelRunner:
         return {rid: new_tokens[rid] for rid in sample_reqs}, logprobs
 
     def _propose(self, sample_reqs: list[str]) -> dict[str, list[int]]:
-        """Drafts to follow the tokens just sampled, k per request from the policy (none for a
-        request that wants logprobs: its verified tokens would carry none)."""
+        """Drafts to follow the tokens just sampled, k per request from the policy. A sampling
+        proposer's distributions stay here, with the request, until its draft is verified."""
         states = [self.requests[r] for r in sample_reqs]
         ks = []
         for st in states:
             limit = self.max_model_len - len(st.token_ids)
             if st.params.max_tokens is not None:
                 limit = min(limit, st.params.max_tokens - (len(st.token_ids) - st.num_prompt_tokens) - 1)
-            if st.params.logprobs is not None:
-                limit = 0
             ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit))
         if not any(ks):
             return {}
         drafts = self.proposer.draft([st.token_ids for st in states], ks)
+        if drafts.probs is not None:
+            start = 0
+            for st, d in zip(states, drafts.token_ids, strict=True):
+                st.draft_probs = drafts.probs[start : start + len(d)] if d else None
+                start += len(d)
         return {rid: d for rid, d in zip(sample_reqs, drafts.token_ids, strict=True) if d}
+
+    def _draft_probs(self, spec: list[str], drafts: list[list[int]], vocab: int) -> torch.Tensor | None:
+        """``[sum(k), vocab]`` draft distributions of the drafts being verified (the scheduler may
+        have cut a draft: its first rows), one-hot rows for a deterministic proposer's; None when
+        every draft is deterministic (the n-gram case)."""
+        states = [self.requests[r] for r in spec]
+        if all(st.draft_probs is None for st in states):
+            return None
+        rows = []
+        for st, d in zip(states, drafts, strict=True):
+            if st.draft_probs is not None:
+                rows.append(st.draft_probs[: len(d)].to(self.device, torch.float32))
+            else:
+                one_hot = torch.zeros(len(d), vocab, device=self.device)
+                one_hot[torch.arange(len(d)), torch.tensor(d)] = 1.0
+                rows.append(one_hot)
+        return torch.cat(rows)
 
     # -- the GPU path: persistent buffers, CUDA graphs -------------------------------------
 
@@ -404,3 +433,18 @@ class ModelRunner:
                 done[rid] = st.prompt_logprobs
                 st.prompt_logprobs = None
         return done
+
+
+def _logprob_entries(logits: torch.Tensor, tokens: list[int], top: int) -> list[list[tuple[int, float]]]:
+    """Per emitted token, its logprob and the ``top`` most likely, from the model's own
+    distribution at its position (before any processing), as the plain sampler reports them."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    best = lp.topk(top) if top else None
+    out = []
+    for j, (tok, v) in enumerate(zip(tokens, chosen, strict=True)):
+        entry = [(tok, v)]
+        if best is not None:
+            entry += list(zip(best.indices[j].tolist(), best.values[j].tolist(), strict=True))
+        out.append(entry)
+    return out
