@@ -116,3 +116,16 @@ def test_bench_latency_and_throughput_print_the_documented_json():
     (line,) = r.stdout.splitlines()
     obj = json.loads(line)
     assert obj["output_tok_s"] > 0 and obj["concurrency"] == 2
+
+
+def test_bench_latency_with_speculation_reports_acceptance():
+    small = ["--prompt-tokens", "32", "--output-tokens", "16", "--runs", "1", "--kv-cache-memory", "64MiB"]
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    r = tessera("bench", "latency", "--json", "--speculative-config", spec, *small)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    obj = json.loads(line)
+    assert obj["speculative_config"]["num_speculative_tokens"] == 3
+    assert 0 <= obj["spec_acceptance_rate"] <= 1 and 0 <= obj["spec_step_share"] <= 1
+    assert obj["spec_mean_accepted_length"] == 0 or 1 <= obj["spec_mean_accepted_length"] <= 4
+    assert obj["decode_tok_s"] > 0

@@ -84,3 +84,46 @@ def test_auto_dtype_is_what_the_device_backend_prefers(monkeypatch):
     assert preferred_dtype(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(native, "library", lambda: object())
     assert preferred_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_speculative_config_from_the_command_line_reaches_engine_args():
+    for cmd in (["generate", "hi"], ["serve"], ["bench", "latency"]):
+        ns = build_parser().parse_args(
+            [*cmd, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
+        )
+        c = EngineArgs.from_cli(ns).speculative_config
+        assert (c.method, c.num_speculative_tokens, c.adaptive) == ("ngram", 3, True)
+
+
+@pytest.mark.parametrize(
+    "config,names",
+    [
+        ('{"method": "medusa", "num_speculative_tokens": 4}', "speculative_config.method"),
+        ('{"method": "ngram", "num_speculative_tokens": 99}', "num_speculative_tokens"),
+        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 4}', "not built yet"),
+        ('{"method": "ngram", "num_speculative_tokens": 4,', "not valid JSON"),
+    ],
+)
+def test_a_bad_speculative_config_is_refused_before_any_weight_loads(tmp_path, config, names):
+    # the model file does not exist: the config error comes first
+    with pytest.raises(ValueError, match=names):
+        LLM(str(tmp_path / "missing.gguf"), speculative_config=config)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--speculative-config", config])
+
+
+def test_the_metrics_endpoint_exposes_speculative_decoding():
+    from prometheus_client import generate_latest
+
+    from tessera.engine.server.metrics import Metrics
+    from tessera.scheduler import SchedulerStats
+
+    stats = SchedulerStats(
+        1, 0, 0, 0.1, num_steps=10, num_spec_steps=4, spec_num_drafts=4, spec_num_draft_tokens=16,
+        spec_num_accepted_tokens=12,
+    )  # fmt: skip
+    text = generate_latest(Metrics(lambda: stats, lambda: 0).registry).decode()
+    assert "tessera_spec_decode_acceptance_rate 0.75" in text
+    assert "tessera_spec_decode_mean_accepted_length 4.0" in text
+    assert "tessera_spec_decode_step_share 0.4" in text
+    assert "tessera_spec_decode_num_accepted_tokens_total 12.0" in text

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, fields
 
 from tessera.kvcache import QUANTIZED_KV_DTYPES
+from tessera.spec_decode import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -49,6 +50,13 @@ def parse_memory_fraction(text: str | float) -> float:
     return value
 
 
+def _speculative_config_arg(text: str) -> SpeculativeConfig:
+    try:
+        return SpeculativeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _fraction_arg(text: str) -> float:
     try:
         return parse_memory_fraction(text)
@@ -76,9 +84,12 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"  # fcfs | priority
     quantized_weights: str = "packed"  # packed | dequantize
     batch_invariant: bool = True  # a request's tokens do not depend on what runs beside it
+    # JSON text, a dict or a SpeculativeConfig (vLLM's --speculative-config); None: no speculation
+    speculative_config: SpeculativeConfig | str | dict | None = None
 
     def __post_init__(self) -> None:
         self.gpu_memory_utilization = parse_memory_fraction(self.gpu_memory_utilization)
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +183,18 @@ class EngineArgs:
             "(like vLLM's VLLM_BATCH_INVARIANT). Free on the CPU's default bf16 kernels; "
             "--no-batch-invariant lets float32 and quantized-KV attention run long prompts "
             "through torch's SDPA, faster for them (default: on)",
+        )
+        g.add_argument(
+            "--speculative-config",
+            type=_speculative_config_arg,
+            default=None,
+            metavar="JSON",
+            help='speculative decoding, as vLLM spells it: \'{"method": "ngram", '
+            '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+            '(prompt lookup: drafts copied from the prompt and output). "adaptive": true (default) '
+            "chooses each request's k per step from its measured acceptance and the batch size, and "
+            'none where speculation would not pay; "disable_by_batch_size": N turns it off above N '
+            "running requests. The output distribution is unchanged (exact rejection sampling)",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
 

@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+import msgspec
+
 from tessera.kernels import backend
 
 from .args import EngineArgs
@@ -56,6 +58,7 @@ def latency(llm, prompt_tokens: int, output_tokens: int, runs: int) -> dict:
     decode = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
     llm.generate(random_prompts(1, min(prompt_tokens, 64), vocab, seed=99), one)  # warm-up
     ttfts, decodes = [], []
+    spec = []  # per decode run: (drafts, draft tokens, accepted, steps, speculating steps)
     bar = _bar(2 * runs, "latency")
     for r in range(runs):
         llm.reset_prefix_cache()
@@ -66,12 +69,15 @@ def latency(llm, prompt_tokens: int, output_tokens: int, runs: int) -> dict:
         bar.update()
         llm.reset_prefix_cache()
         (prompt,) = random_prompts(1, 16, vocab, seed=1000 + r)
+        before = _spec_counts(llm)
         stamps = [time.perf_counter() for _ in llm.stream(prompt, decode)]
-        decodes.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        spec.append([b - a for a, b in zip(before, _spec_counts(llm), strict=True)])
+        # a step may yield several tokens (speculative decoding): count tokens, not steps
+        decodes.append((output_tokens - 1) / (stamps[-1] - stamps[0]))
         bar.update()
     bar.close()
     ttft = statistics.median(ttfts)
-    return {
+    row = {
         "prefill_tok_s": prompt_tokens / ttft,
         "ttft_ms": ttft * 1e3,
         "decode_tok_s": statistics.median(decodes),
@@ -79,6 +85,26 @@ def latency(llm, prompt_tokens: int, output_tokens: int, runs: int) -> dict:
         "output_tokens": output_tokens,
         "runs": runs,
     }
+    if llm.args.speculative_config is not None:
+        drafts, drafted, accepted, steps, spec_steps = map(sum, zip(*spec, strict=True))
+        row |= {
+            "speculative_config": msgspec.to_builtins(llm.args.speculative_config),
+            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+            "spec_mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
+            "spec_step_share": spec_steps / steps if steps else 0.0,
+        }
+    return row
+
+
+def _spec_counts(llm) -> tuple[int, ...]:
+    s = llm.stats()
+    return (
+        s.spec_num_drafts,
+        s.spec_num_draft_tokens,
+        s.spec_num_accepted_tokens,
+        s.num_steps,
+        s.num_spec_steps,
+    )
 
 
 def throughput(
@@ -144,6 +170,11 @@ def run_latency(ns: argparse.Namespace) -> int:
             f"TTFT {row['ttft_ms']:.1f} ms, decode {row['decode_tok_s']:.1f} tok/s "
             f"(median of {ns.runs})"
         )
+        if "spec_acceptance_rate" in row:
+            print(
+                f"speculative: acceptance {row['spec_acceptance_rate']:.1%}, mean accepted length "
+                f"{row['spec_mean_accepted_length']:.2f}, {row['spec_step_share']:.1%} of decode steps"
+            )
     return 0
 
 

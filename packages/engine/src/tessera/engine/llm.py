@@ -26,6 +26,7 @@ from tessera.models import load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
 from .engine_core import EngineCore
@@ -56,6 +57,8 @@ class LLM:
         self.args = args
         if args.seed is not None:
             torch.manual_seed(args.seed)
+        # before any weight loads: the n-gram proposer builds its C here, or says why it can't
+        proposer = make_proposer(args.speculative_config) if args.speculative_config else None
         checkpoint = open_checkpoint(resolve_model(args.model))
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer()
@@ -148,6 +151,8 @@ class LLM:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=max_model_len,
             enforce_eager=args.enforce_eager,
+            speculative_config=args.speculative_config,
+            proposer=proposer,
         )
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -14,8 +14,16 @@ import torch
 
 from tessera.kvcache import KVCacheGroups, KVCacheSpec, group_layers
 from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
-from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator
+from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator, speculative_rows
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
+from tessera.spec_decode import (
+    Acceptance,
+    AdaptivePolicy,
+    Proposer,
+    SpeculativeConfig,
+    make_proposer,
+    rejection_sample,
+)
 
 from .cuda_graphs import DecodeGraphs, capture_sizes, graph_blocker
 from .input_buffers import InputBuffers
@@ -37,6 +45,8 @@ class CachedRequestState:
     matcher: object | None = None
     matcher_vocab: int = 0
     prompt_logprobs: list | None = None  # accumulated across prefill chunks when asked for
+    acceptance: Acceptance | None = None  # of its speculative drafts, when speculation is on
+    draft_probs: torch.Tensor | None = None  # [k, vocab]: what a sampling proposer drew its draft from
 
     def sampling_row(self) -> SamplingRow:
         return SamplingRow(
@@ -65,10 +75,16 @@ class ModelRunner:
         max_model_len: int | None = None,
         enforce_eager: bool = False,
         buffered: bool | None = None,
+        speculative_config: SpeculativeConfig | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         """On a CUDA device (or with ``buffered``) the step's inputs go through persistent
         buffers and pure-decode steps replay CUDA graphs (unless ``enforce_eager``); sized by
-        ``max_num_seqs``, ``max_num_batched_tokens`` and ``max_model_len``."""
+        ``max_num_seqs``, ``max_num_batched_tokens`` and ``max_model_len``.
+
+        With ``speculative_config`` every request that sampled proposes a draft (``proposer``, by
+        default the one the config names) of as many tokens as the adaptive policy chooses; the
+        scheduler sends it back to verify in the next step."""
         self.model = model
         self.batch_invariant = batch_invariant
         self.device = model.device
@@ -101,6 +117,15 @@ class ModelRunner:
         self.layer_group = [g for g, _ in slots]
         self.layer_caches = [self.kv_caches[j] for _, j in slots]
         self.sampler = Sampler(eos_token_ids)
+        self.proposer: Proposer | None = None
+        self.spec_policy: AdaptivePolicy | None = None
+        if speculative_config is not None:
+            self.proposer = proposer or make_proposer(speculative_config)
+            self.spec_policy = AdaptivePolicy(
+                speculative_config.num_speculative_tokens,
+                adaptive=speculative_config.adaptive,
+                disable_by_batch_size=speculative_config.disable_by_batch_size,
+            )
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
         self.requests: dict[str, CachedRequestState] = {}
         self.max_model_len = max_model_len or num_blocks * block_size
@@ -139,6 +164,8 @@ class ModelRunner:
             )
             if params.prompt_logprobs is not None:
                 state.prompt_logprobs = []
+            if self.spec_policy is not None:
+                state.acceptance = Acceptance()
             if params.structured is not None:
                 state.matcher = self.grammars.matcher(params.structured)
                 state.matcher_vocab = self.grammars.vocab_size
@@ -169,16 +196,20 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sample_reqs: list[str] = []
+        drafts = so.scheduled_spec_tokens
         for rid, n in so.num_scheduled_tokens.items():
             st = self.requests[rid]
             start = st.num_computed_tokens
             end = start + n
-            ids.extend(st.token_ids[start:end])
+            draft = drafts.get(rid, ())
+            # a draft verifies in one chunk after the request's last token: k + 1 logit rows
+            ids.extend(st.token_ids[start : end - len(draft)])
+            ids.extend(draft)
             qsl.append(qsl[-1] + n)
             seq_lens.append(end)
             tables.append(st.block_ids)  # one table per KV cache group
-            if end == len(st.token_ids):  # caught up: this step yields a token
-                sample_rows.append(qsl[-1] - 1)
+            if end - len(draft) == len(st.token_ids):  # caught up: this step yields tokens
+                sample_rows.extend(range(qsl[-1] - 1 - len(draft), qsl[-1]))
                 sample_reqs.append(rid)
         query_lens = list(so.num_scheduled_tokens.values())
         group_tables = [[t[g] for t in tables] for g in range(self.num_groups)]
@@ -203,18 +234,109 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         else:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        states = [self.requests[r] for r in sample_reqs]
-        sampled = self.sampler(logits, [s.sampling_row() for s in states])
-        for st, tok in zip(states, sampled.token_ids, strict=True):
-            st.token_ids.append(tok)
-        logprobs = {
-            rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
-        }
+        if drafts:
+            new_tokens, logprobs = self._verify(logits, sample_reqs, drafts)
+        else:
+            states = [self.requests[r] for r in sample_reqs]
+            sampled = self.sampler(logits, [s.sampling_row() for s in states])
+            new_tokens = {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)}
+            logprobs = {
+                rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
+            }
+        for rid, toks in new_tokens.items():
+            self.requests[rid].token_ids.extend(toks)
         return ModelRunnerOutput(
-            {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)},
-            logprobs,
-            prompt_lps,
+            new_tokens, logprobs, prompt_lps, self._propose(sample_reqs) if self.proposer else {}
         )
+
+    # -- speculative decoding ------------------------------------------------------------------
+
+    def _verify(
+        self, logits: torch.Tensor, sample_reqs: list[str], drafts: dict[str, list[int]]
+    ) -> tuple[dict[str, list[int]], dict]:
+        """The tokens of a step in which some requests verify drafts (``logits`` has ``k + 1``
+        rows for those, one for the others): the plain sampler for the others, the target's
+        processed distributions at every draft position and the rejection sampler for these."""
+        plain_rows, spec_rows, plain, spec = [], [], [], []
+        row = 0
+        for rid in sample_reqs:
+            k = len(drafts.get(rid, ()))
+            (spec_rows if k else plain_rows).extend(range(row, row + k + 1))
+            (spec if k else plain).append(rid)
+            row += k + 1
+        new_tokens: dict[str, list[int]] = {}
+        logprobs = {}
+        if plain:
+            states = [self.requests[r] for r in plain]
+            sampled = self.sampler(logits[plain_rows], [s.sampling_row() for s in states])
+            for rid, tok, lp in zip(plain, sampled.token_ids, sampled.logprobs, strict=True):
+                new_tokens[rid] = [tok]
+                if lp is not None:
+                    logprobs[rid] = [lp]
+        base = [self.requests[r].sampling_row() for r in spec]
+        draft_list = [drafts[r] for r in spec]
+        rows = [r for b, d in zip(base, draft_list, strict=True) for r in speculative_rows(b, d)]
+        spec_logits = logits[spec_rows]
+        probs = self.sampler.probabilities(spec_logits, rows)
+        out = rejection_sample(probs, draft_list, base, self._draft_probs(spec, draft_list, probs.shape[1]))
+        eos = set(self.sampler.eos_token_ids)
+        start = 0
+        for rid, d, toks, n_acc in zip(spec, draft_list, out.token_ids, out.num_accepted, strict=True):
+            st = self.requests[rid]
+            st.draft_probs = None
+            self.spec_policy.record(st.acceptance, len(d), n_acc)
+            if st.params.logprobs is not None:
+                logprobs[rid] = _logprob_entries(
+                    spec_logits[start : start + len(toks)], toks, st.params.logprobs
+                )
+            start += len(d) + 1
+            if st.matcher is not None:
+                # the matcher advances over the kept tokens only, as far as an EOS (which, like
+                # the plain sampler, it is offered last; a stopped matcher refuses it)
+                stop = next((i for i, t in enumerate(toks) if t in eos), len(toks))
+                if not st.matcher.consume_tokens(toks[:stop]):
+                    raise RuntimeError(f"request {rid}: the grammar matcher refused verified tokens {toks}")
+                if stop < len(toks):
+                    st.matcher.consume_token(toks[stop])
+            new_tokens[rid] = toks
+        return {rid: new_tokens[rid] for rid in sample_reqs}, logprobs
+
+    def _propose(self, sample_reqs: list[str]) -> dict[str, list[int]]:
+        """Drafts to follow the tokens just sampled, k per request from the policy. A sampling
+        proposer's distributions stay here, with the request, until its draft is verified."""
+        states = [self.requests[r] for r in sample_reqs]
+        ks = []
+        for st in states:
+            limit = self.max_model_len - len(st.token_ids)
+            if st.params.max_tokens is not None:
+                limit = min(limit, st.params.max_tokens - (len(st.token_ids) - st.num_prompt_tokens) - 1)
+            ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit))
+        if not any(ks):
+            return {}
+        drafts = self.proposer.draft([st.token_ids for st in states], ks)
+        if drafts.probs is not None:
+            start = 0
+            for st, d in zip(states, drafts.token_ids, strict=True):
+                st.draft_probs = drafts.probs[start : start + len(d)] if d else None
+                start += len(d)
+        return {rid: d for rid, d in zip(sample_reqs, drafts.token_ids, strict=True) if d}
+
+    def _draft_probs(self, spec: list[str], drafts: list[list[int]], vocab: int) -> torch.Tensor | None:
+        """``[sum(k), vocab]`` draft distributions of the drafts being verified (the scheduler may
+        have cut a draft: its first rows), one-hot rows for a deterministic proposer's; None when
+        every draft is deterministic (the n-gram case)."""
+        states = [self.requests[r] for r in spec]
+        if all(st.draft_probs is None for st in states):
+            return None
+        rows = []
+        for st, d in zip(states, drafts, strict=True):
+            if st.draft_probs is not None:
+                rows.append(st.draft_probs[: len(d)].to(self.device, torch.float32))
+            else:
+                one_hot = torch.zeros(len(d), vocab, device=self.device)
+                one_hot[torch.arange(len(d)), torch.tensor(d)] = 1.0
+                rows.append(one_hot)
+        return torch.cat(rows)
 
     # -- the GPU path: persistent buffers, CUDA graphs -------------------------------------
 
@@ -311,3 +433,18 @@ class ModelRunner:
                 done[rid] = st.prompt_logprobs
                 st.prompt_logprobs = None
         return done
+
+
+def _logprob_entries(logits: torch.Tensor, tokens: list[int], top: int) -> list[list[tuple[int, float]]]:
+    """Per emitted token, its logprob and the ``top`` most likely, from the model's own
+    distribution at its position (before any processing), as the plain sampler reports them."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    best = lp.topk(top) if top else None
+    out = []
+    for j, (tok, v) in enumerate(zip(tokens, chosen, strict=True)):
+        entry = [(tok, v)]
+        if best is not None:
+            entry += list(zip(best.indices[j].tolist(), best.values[j].tolist(), strict=True))
+        out.append(entry)
+    return out

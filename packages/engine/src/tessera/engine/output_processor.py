@@ -50,13 +50,14 @@ class OutputProcessor:
             if st is None:
                 continue
             out = st.out
-            out.token_ids.extend(eco.new_token_ids)
+            new, delta = _add_tokens(st.detok, eco.new_token_ids)
+            out.token_ids.extend(new)
             out.num_cached_tokens = eco.num_cached_tokens
             if eco.prompt_logprobs is not None:
                 out.prompt_logprobs = list(eco.prompt_logprobs)
             if eco.logprobs is not None:
-                out.logprobs = (out.logprobs or []) + list(eco.logprobs)
-            out.delta_text = st.detok.add_tokens(eco.new_token_ids)
+                out.logprobs = (out.logprobs or []) + list(eco.logprobs[: len(new)])
+            out.delta_text = delta
             out.text = st.detok.text
             if st.detok.stopped_by is not None and eco.finish_reason is None:
                 out.finish_reason, out.stop_reason = "stop", st.detok.stopped_by
@@ -68,3 +69,16 @@ class OutputProcessor:
                 del self._states[eco.request_id]
             changed.append(out)
         return changed, to_stop
+
+
+def _add_tokens(detok: IncrementalDetokenizer, new: list[int]) -> tuple[list[int], str]:
+    """The tokens of a step (several after a speculative verification) up to the one that
+    completes a stop string, and their text."""
+    if not detok.stop or len(new) <= 1:
+        return new, detok.add_tokens(new)
+    delta = ""
+    for i, token in enumerate(new):
+        delta += detok.add_tokens([token])
+        if detok.stopped_by is not None:
+            return new[: i + 1], delta
+    return new, delta

@@ -47,6 +47,9 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # requests the runner should forget (finished, aborted or preempted since the last step)
     finished_request_ids: list[str] = []
     preempted_request_ids: list[str] = []
+    # request id -> the draft tokens it verifies this step; they are counted in its
+    # num_scheduled_tokens, after its last token (a request with a draft has caught up)
+    scheduled_spec_tokens: dict[str, list[int]] = {}
 
 
 class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
@@ -58,6 +61,9 @@ class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):
     # request id -> per prompt token after the first [(token, logprob), (top, logprob), ...],
     # sent once, in the step that finishes the prompt
     prompt_logprobs: dict[str, list[list[tuple[int, float]]]] = {}
+    # request id -> draft tokens proposed to follow its sampled ones, to verify next step; a
+    # request that verified a draft samples its accepted draft tokens and one more
+    spec_token_ids: dict[str, list[int]] = {}
 
 
 class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
@@ -77,7 +83,31 @@ class SchedulerStats(msgspec.Struct):
     kv_cache_usage: float  # share of blocks held by requests
     prefix_cache_queries: int = 0  # prompt tokens looked up since start
     prefix_cache_hits: int = 0  # of which found cached
+    # speculative decoding, since start
+    num_steps: int = 0  # steps that computed any token
+    num_spec_steps: int = 0  # of which verified at least one draft
+    spec_num_drafts: int = 0  # drafts verified (one per request and step)
+    spec_num_draft_tokens: int = 0  # tokens in them
+    spec_num_accepted_tokens: int = 0  # of which accepted
 
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted."""
+        n = self.spec_num_draft_tokens
+        return self.spec_num_accepted_tokens / n if n else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verification yields on average: accepted draft tokens and the one sampled
+        after them (vLLM's mean acceptance length)."""
+        n = self.spec_num_drafts
+        return 1.0 + self.spec_num_accepted_tokens / n if n else 0.0
+
+    @property
+    def spec_step_share(self) -> float:
+        """Share of steps that verified a draft."""
+        return self.num_spec_steps / self.num_steps if self.num_steps else 0.0

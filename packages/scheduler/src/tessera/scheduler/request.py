@@ -111,6 +111,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # draft tokens proposed after the last sampled token, verified when next scheduled
+        self.spec_token_ids: list[int] = []
         self.seq = 0  # admission order, set by the scheduler
 
     @property

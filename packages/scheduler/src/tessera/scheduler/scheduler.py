@@ -30,6 +30,11 @@ class Scheduler:
         self._seq = itertools.count()
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
+        self.num_steps = 0
+        self.num_spec_steps = 0
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
         # one request of max_model_len tokens must be able to run alone, in every KV cache group
         per_group = kv_cache.blocks_for_context(config.max_model_len, config.max_num_batched_tokens)
         if sum(per_group) > kv_cache.num_blocks:
@@ -90,6 +95,7 @@ class Scheduler:
         req.transition(RequestStatus.PREEMPTED)
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []  # proposed from a state the runner forgets; resumed, it prefills
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(req)
@@ -105,6 +111,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         cached: list[CachedRequestData] = []
         new: list[NewRequestData] = []
+        spec_tokens: dict[str, list[int]] = {}
         preempted_now = False
 
         i = 0
@@ -114,7 +121,11 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            new_blocks = self._allocate(req, n)
+            draft = self._draft_to_verify(req, n, budget)
+            new_blocks = self._allocate(req, n, len(draft))
+            if new_blocks is None and draft:  # a draft never costs anyone a preemption
+                draft = []
+                new_blocks = self._allocate(req, n)
             while new_blocks is None:
                 victim = self._pick_victim(i)
                 self._preempt(victim)
@@ -124,6 +135,10 @@ class Scheduler:
                 new_blocks = self._allocate(req, n)
             if new_blocks is None:
                 continue  # req itself was preempted; running[i] is now the next one
+            req.spec_token_ids = []
+            if draft:
+                spec_tokens[req.request_id] = draft
+                n += len(draft)
             num_scheduled[req.request_id] = n
             budget -= n
             cached.append(
@@ -174,13 +189,36 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
+            scheduled_spec_tokens=spec_tokens,
         )
         self._finished_ids, self._preempted_ids = [], []
+        self.num_steps += out.total_num_scheduled_tokens > 0
+        self.num_spec_steps += bool(spec_tokens)
         return out
 
-    def _allocate(self, req: Request, n: int) -> list[list[int]] | None:
+    def _draft_to_verify(self, req: Request, n: int, budget: int) -> list[int]:
+        """The part of the request's draft to verify this step: none while it is still
+        prefilling; no more than the token budget, its remaining output (the token sampled
+        after the draft counts) or the context leave room for."""
+        if not req.spec_token_ids or req.num_computed_tokens + n != req.num_tokens:
+            return []
+        k = min(
+            len(req.spec_token_ids),
+            budget - n,
+            req.max_tokens - len(req.output_token_ids) - 1,
+            self.config.max_model_len - req.num_tokens,
+        )
+        return req.spec_token_ids[: max(k, 0)]
+
+    def _allocate(self, req: Request, n: int, num_lookahead: int = 0) -> list[list[int]] | None:
+        """Slots for ``n`` more tokens and ``num_lookahead`` draft tokens after them. Only blocks
+        of known tokens are hashed: a draft's slots hold K/V of tokens that may be rejected, and
+        are overwritten from the accepted length on."""
         new_blocks = self.kv.allocate_slots(
-            req.request_id, req.num_computed_tokens + n, num_computed_tokens=req.num_computed_tokens
+            req.request_id,
+            req.num_computed_tokens + n,
+            num_lookahead=num_lookahead,
+            num_computed_tokens=req.num_computed_tokens,
         )
         if new_blocks is not None:
             self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens + n)
@@ -195,10 +233,19 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted while the step ran
+            sampled = runner_output.sampled_token_ids.get(rid, ())
             req.num_computed_tokens += n
+            draft = scheduler_output.scheduled_spec_tokens.get(rid)
+            if draft:
+                # the slots of rejected draft tokens are recomputed (overwritten) from here on
+                accepted = max(len(sampled) - 1, 0)
+                req.num_computed_tokens -= len(draft) - accepted
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += len(draft)
+                self.spec_num_accepted_tokens += accepted
             appended: list[int] = []
             status = None
-            for token in runner_output.sampled_token_ids.get(rid, ()):
+            for token in sampled:
                 req.append_output_token(token)
                 appended.append(token)
                 status = self._check_stop(req, token)
@@ -206,6 +253,8 @@ class Scheduler:
                     break
             if status is not None:
                 self._finish(req, status)
+            else:
+                req.spec_token_ids = list(runner_output.spec_token_ids.get(rid, ()))
             if appended or status is not None:
                 lp = runner_output.logprobs.get(rid)
                 outputs.append(
@@ -243,4 +292,9 @@ class Scheduler:
             kv_cache_usage=self.kv.usage(),
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
+            num_steps=self.num_steps,
+            num_spec_steps=self.num_spec_steps,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
         )

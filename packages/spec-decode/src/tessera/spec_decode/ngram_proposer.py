@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import native
+from .proposer import Drafts
 
 _INT32 = np.iinfo(np.int32)
 
@@ -132,6 +133,12 @@ class NgramProposer:
         if rc != 0:
             raise MemoryError("the n-gram proposer could not allocate its scratch")
         return [self._out[i, : self._counts[i]].tolist() for i in range(n_req)]
+
+    def draft(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> Drafts:
+        """The engine's Proposer interface: ``propose_batch`` with one k per request."""
+        if not any(ks):
+            return Drafts([[] for _ in ks])
+        return Drafts(self.propose_batch(contexts, k=np.asarray(ks, dtype=np.int32)))
 
     def _ptr(self, ctype: str, array: np.ndarray):
         return self._ffi.cast(ctype, array.ctypes.data)

@@ -42,6 +42,36 @@ class _SchedulerCollector:
         yield CounterMetricFamily(
             "tessera_num_preemptions", "Requests preempted since start", value=s.num_preemptions
         )
+        yield from _spec_decode_metrics(s)
+
+
+def _spec_decode_metrics(s):
+    """Speculative decoding since start (zero without it)."""
+    yield CounterMetricFamily(
+        "tessera_spec_decode_num_drafts", "Speculative drafts verified (one per request and step)",
+        value=s.spec_num_drafts,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "tessera_spec_decode_num_draft_tokens", "Draft tokens verified", value=s.spec_num_draft_tokens
+    )
+    yield CounterMetricFamily(
+        "tessera_spec_decode_num_accepted_tokens", "Draft tokens accepted", value=s.spec_num_accepted_tokens
+    )
+    yield GaugeMetricFamily(
+        "tessera_spec_decode_acceptance_rate",
+        "Accepted / verified draft tokens",
+        value=s.spec_acceptance_rate,
+    )
+    yield GaugeMetricFamily(
+        "tessera_spec_decode_mean_accepted_length",
+        "Tokens per verification: accepted draft tokens and the one sampled after them",
+        value=s.spec_mean_accepted_length,
+    )
+    yield GaugeMetricFamily(
+        "tessera_spec_decode_step_share",
+        "Share of engine steps that verified a draft",
+        value=s.spec_step_share,
+    )
 
 
 class Metrics:

@@ -1,0 +1,196 @@
+"""Speculative decoding (n-gram drafts) through the whole engine on the default model in fp32:
+greedy tokens equal plain decoding's (the reference: the same engine without speculation, itself
+checked against transformers elsewhere) token for token, also for requests that are preempted
+while they hold a draft, prefilled in chunks, aborted mid-speculation or constrained by a JSON
+schema; a seeded request samples the same tokens either way; no KV block is left held."""
+
+import json
+
+import pytest
+
+from tessera.engine import LLM
+from tessera.sampling import SamplingParams, StructuredOutput
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+MAX_TOKENS = 40
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+_TEXTS = [
+    "The river rises in the hills above the old mill, runs past the church and the market square, "
+    "and reaches the sea after forty miles of farmland and small villages.",
+    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+    "    return total / len(values)\n",
+    "Mix two cups of flour with one egg, add a pinch of salt and a glass of milk, then stir until smooth.",
+]
+
+
+def prompts(llm: LLM) -> list[list[int]]:
+    """Prompts whose answers repeat much of the prompt, so that drafts are accepted."""
+    chat = [
+        llm.tokenizer.encode_chat([{"role": "user", "content": f"Repeat this text exactly: {t}"}])
+        for t in _TEXTS
+    ]
+    return [*chat, llm.tokenizer.encode(" ".join(_TEXTS[:2]) * 2)]
+
+
+def make(default_model_path, **kw) -> LLM:
+    kw.setdefault("kv_cache_memory", 64 * 2**20)
+    kw.setdefault("max_model_len", 1024)
+    return LLM(str(default_model_path), dtype="float32", **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(default_model_path):
+    return make(default_model_path)
+
+
+@pytest.fixture(scope="module")
+def spec(default_model_path):
+    return make(default_model_path, speculative_config=NGRAM)
+
+
+@pytest.fixture(scope="module")
+def reference(plain):
+    return [o.token_ids for o in plain.generate(prompts(plain), GREEDY)]
+
+
+def assert_no_block_held(llm: LLM) -> None:
+    kv = llm.engine.scheduler.kv
+    assert not llm.has_unfinished_requests()
+    assert kv.num_free_blocks == kv.num_blocks, f"{kv.num_blocks - kv.num_free_blocks} KV blocks leaked"
+
+
+def test_greedy_tokens_with_ngram_speculation_equal_plain_decoding(spec, reference):
+    before = spec.stats()
+    outs = spec.generate(prompts(spec), GREEDY)
+    s = spec.stats()
+    for i, (out, ref) in enumerate(zip(outs, reference, strict=True)):
+        assert out.token_ids == ref, f"prompt {i}"
+    drafted = s.spec_num_draft_tokens - before.spec_num_draft_tokens
+    accepted = s.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    assert drafted > 0 and accepted / drafted > 0.5, (accepted, drafted)
+    assert s.num_steps - before.num_steps < MAX_TOKENS  # several tokens per step
+    assert_no_block_held(spec)
+
+
+def test_one_request_at_a_time_gives_the_same_tokens(spec, reference):
+    for p, ref in zip(prompts(spec), reference, strict=True):
+        assert spec.generate([p], GREEDY)[0].token_ids == ref
+    assert_no_block_held(spec)
+
+
+def test_requests_preempted_while_holding_a_draft_still_match(default_model_path, reference, monkeypatch):
+    # room for 256 tokens (fp32 KV of this model: 46,080 bytes a token), the batch needs ~500
+    llm = make(default_model_path, speculative_config=NGRAM, kv_cache_memory=256 * 46080, max_model_len=256)
+    sched = llm.engine.scheduler
+    with_draft = []
+    preempt = sched._preempt
+
+    def recording(req):
+        with_draft.append(bool(req.spec_token_ids))
+        preempt(req)
+
+    monkeypatch.setattr(sched, "_preempt", recording)
+    outs = llm.generate(prompts(llm), GREEDY)
+    assert any(with_draft), f"no request was preempted while holding a draft ({with_draft})"
+    assert [o.token_ids for o in outs] == reference
+    assert llm.stats().spec_num_accepted_tokens > 0
+    assert_no_block_held(llm)
+
+
+def test_chunked_prefill_with_speculation_matches(default_model_path, reference):
+    llm = make(default_model_path, speculative_config=NGRAM, max_num_batched_tokens=24)
+    outs = llm.generate(prompts(llm), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert llm.stats().spec_num_accepted_tokens > 0
+    assert_no_block_held(llm)
+
+
+def test_a_request_aborted_mid_speculation_frees_its_blocks_and_others_continue(spec, reference):
+    ps = prompts(spec)
+    ids = [spec.add_request(p, GREEDY) for p in ps]
+    sched = spec.engine.scheduler
+    victim = ids[0]
+    results = {}
+    aborted = False
+    while spec.has_unfinished_requests():
+        for out in spec.step():
+            if out.finished:
+                results[out.request_id] = out.token_ids
+        req = sched.requests.get(victim)
+        if not aborted and req is not None and req.spec_token_ids and len(req.output_token_ids) > 8:
+            spec.abort(victim)  # its draft was scheduled for the next step
+            aborted = True
+    assert aborted
+    for rid, ref in zip(ids[1:], reference[1:], strict=True):
+        assert results[rid] == ref
+    assert_no_block_held(spec)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+
+
+def test_a_json_schema_request_with_speculation_matches_and_fits(plain, spec):
+    example = '{"name": "Ada Lovelace", "age": 36, "city": "London"}'
+    messages = [{"role": "user", "content": f"Repeat this JSON exactly: {example} {example}"}]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=60, structured=StructuredOutput(json_schema=json.dumps(SCHEMA))
+    )
+    before = spec.stats().spec_num_accepted_tokens
+    (ref,) = plain.generate([plain.tokenizer.encode_chat(messages)], params)
+    (out,) = spec.generate([spec.tokenizer.encode_chat(messages)], params)
+    assert out.token_ids == ref.token_ids
+    assert spec.stats().spec_num_accepted_tokens > before
+    assert set(json.loads(out.text)) == {"name", "age", "city"}
+    assert_no_block_held(spec)
+
+
+SEEDED = {
+    "plain": SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True),
+    "top_k_top_p": SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=8, max_tokens=MAX_TOKENS),
+    "penalised": SamplingParams(
+        temperature=0.7, presence_penalty=0.3, frequency_penalty=0.2, repetition_penalty=1.1, seed=9,
+        max_tokens=MAX_TOKENS,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", SEEDED)
+def test_a_seeded_request_samples_the_same_tokens_with_and_without_speculation(plain, spec, setting):
+    params = SEEDED[setting]
+    before = spec.stats().spec_num_drafts
+    ref = [o.token_ids for o in plain.generate(prompts(plain), params)]
+    outs = [o.token_ids for o in spec.generate(prompts(spec), params)]
+    assert outs == ref
+    assert spec.stats().spec_num_drafts > before
+    assert_no_block_held(spec)
+
+
+def test_stop_strings_cut_the_verified_tokens(plain, spec):
+    text = _TEXTS[0]
+    messages = [{"role": "user", "content": f"Repeat this text exactly: {text}"}]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=["market"])
+    (ref,) = plain.generate([plain.tokenizer.encode_chat(messages)], params)
+    (out,) = spec.generate([spec.tokenizer.encode_chat(messages)], params)
+    assert ref.finish_reason == "stop" and ref.stop_reason == "market"
+    assert (out.text, out.token_ids, out.finish_reason) == (ref.text, ref.token_ids, ref.finish_reason)
+    assert_no_block_held(spec)
+
+
+def test_logprobs_of_verified_tokens_equal_plain_decodings(plain, spec):
+    messages = [{"role": "user", "content": f"Repeat this text exactly: {_TEXTS[2]}"}]
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=2, ignore_eos=True)
+    before = spec.stats().spec_num_accepted_tokens
+    (ref,) = plain.generate([plain.tokenizer.encode_chat(messages)], params)
+    (out,) = spec.generate([spec.tokenizer.encode_chat(messages)], params)
+    assert spec.stats().spec_num_accepted_tokens > before
+    assert out.token_ids == ref.token_ids and len(out.logprobs) == len(ref.logprobs) == 24
+    for got, want in zip(out.logprobs, ref.logprobs, strict=True):
+        assert [t for t, _ in got] == [t for t, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+    assert_no_block_held(spec)

@@ -1,0 +1,98 @@
+"""How many tokens to draft for a request this step: from its own measured acceptance and from
+what verification costs at the current batch size, none when speculation would not pay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Acceptance:
+    """A request's acceptance so far: drafted and accepted tokens, older verifications weighing
+    less (each one multiplies the past by ``decay``), starting from one accepted of two drafted."""
+
+    drafted: float = 2.0
+    accepted: float = 1.0
+    steps_without_draft: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.drafted
+
+    def update(self, drafted: int, accepted: int, decay: float) -> None:
+        if drafted:
+            self.drafted = self.drafted * decay + drafted
+            self.accepted = self.accepted * decay + accepted
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens a verification of ``k`` drafts yields when each is accepted with probability
+    ``rate`` until the first rejection, counting the token sampled after them: 1 + a + ... + a^k."""
+    return float(k + 1) if rate >= 1.0 else (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+class AdaptivePolicy:
+    """k for each request and step.
+
+    Cost model: a step's time is ``W + T t`` for ``T`` tokens (``W`` reading the weights once, ``t``
+    a token's compute), so with ``B`` decoding requests drafting ``k`` tokens each the step costs
+    ``1 + k B r / (1 + B r)`` plain steps, ``r = t / W`` (``token_cost``). Each request takes the k
+    of most expected tokens per unit of cost; none unless that beats plain decoding by ``margin``.
+    A large batch (compute bound) thus turns speculation off by itself; ``disable_by_batch_size``
+    is a hard limit besides. Without ``adaptive`` every request drafts ``max_k``.
+
+    A request whose acceptance has fallen too low to draft probes with one token every
+    ``probe_interval`` of its steps, so its estimate can recover when its text turns repetitive.
+    The choice depends on the request's own history and the batch size only; the tokens do not
+    depend on it at all (the rejection sampler keeps the target's distribution, and a seeded
+    request's draws are fixed per output position).
+    """
+
+    def __init__(
+        self,
+        max_k: int,
+        *,
+        adaptive: bool = True,
+        disable_by_batch_size: int | None = None,
+        token_cost: float = 1 / 32,
+        margin: float = 0.1,
+        decay: float = 0.8,
+        probe_interval: int = 8,
+    ) -> None:
+        self.max_k = max_k
+        self.adaptive = adaptive
+        self.disable_by_batch_size = disable_by_batch_size
+        self.token_cost = token_cost
+        self.margin = margin
+        self.decay = decay
+        self.probe_interval = probe_interval
+
+    def step_cost(self, k: int, batch_size: int) -> float:
+        br = batch_size * self.token_cost
+        return 1.0 + k * br / (1.0 + br)
+
+    def choose_k(self, acc: Acceptance, batch_size: int, limit: int | None = None) -> int:
+        """Tokens to draft for a request with acceptance ``acc`` in a decode batch of
+        ``batch_size`` requests; at most ``limit`` (what the request can still use)."""
+        cap = self.max_k if limit is None else max(0, min(self.max_k, limit))
+        if cap == 0 or (self.disable_by_batch_size is not None and batch_size > self.disable_by_batch_size):
+            return 0
+        if not self.adaptive:
+            return cap
+        best_k, best_gain = 0, 1.0 + self.margin
+        for k in range(1, cap + 1):
+            gain = expected_tokens(acc.rate, k) / self.step_cost(k, batch_size)
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        if best_k == 0 and expected_tokens(1.0, 1) / self.step_cost(1, batch_size) > 1.0 + self.margin:
+            # the batch would allow it, the request's acceptance does not: probe now and then
+            acc.steps_without_draft += 1
+            if acc.steps_without_draft >= self.probe_interval:
+                acc.steps_without_draft = 0
+                return 1
+            return 0
+        acc.steps_without_draft = 0
+        return best_k
+
+    def record(self, acc: Acceptance, drafted: int, accepted: int) -> None:
+        acc.update(drafted, accepted, self.decay)

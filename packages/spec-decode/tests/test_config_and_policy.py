@@ -1,0 +1,79 @@
+"""--speculative-config is checked field by field with errors that name the field; the adaptive
+policy speculates where it pays (a small batch, good acceptance), not where it does not (a large
+batch, poor acceptance), probes now and then, and is deterministic."""
+
+import pytest
+
+from tessera.spec_decode import Acceptance, AdaptivePolicy, SpeculativeConfig, expected_tokens
+
+
+def test_a_valid_config_parses_from_json_and_from_a_dict():
+    text = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+    c = SpeculativeConfig.parse(text)
+    assert (c.method, c.num_speculative_tokens, c.prompt_lookup_min, c.adaptive) == ("ngram", 4, 2, True)
+    assert (
+        SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2}).num_speculative_tokens == 2
+    )
+    assert SpeculativeConfig.parse(None) is None
+
+
+@pytest.mark.parametrize(
+    "value,names",
+    [
+        ("{nope", "not valid JSON"),
+        ('{"method": "eagle", "num_speculative_tokens": 4}', "speculative_config.method"),
+        ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": 17}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": "4"}', "num_speculative_tokens"),
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 5}', "prompt_lookup_max"),
+        ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 0}', "prompt_lookup_min"),
+        ('{"method": "ngram", "num_speculative_tokens": 4, "lookup": 3}', "lookup"),
+        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 4}', "not built yet"),
+        ("[4]", "JSON object"),
+    ],
+)
+def test_a_bad_config_is_refused_naming_the_field(value, names):
+    with pytest.raises(ValueError, match=names):
+        SpeculativeConfig.parse(value)
+
+
+def test_expected_tokens_counts_the_accepted_run_and_the_token_after_it():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_good_acceptance_in_a_small_batch_speculates_fully():
+    policy = AdaptivePolicy(4)
+    acc = Acceptance()
+    policy.record(acc, 4, 4)
+    policy.record(acc, 4, 4)
+    assert policy.choose_k(acc, batch_size=1) == 4
+    assert policy.choose_k(acc, batch_size=1, limit=2) == 2  # what the request can still use
+
+
+def test_a_large_batch_turns_speculation_off_even_at_good_acceptance():
+    policy = AdaptivePolicy(4)
+    acc = Acceptance()
+    for _ in range(3):
+        policy.record(acc, 4, 3)
+    assert policy.choose_k(acc, batch_size=1) > 0
+    assert policy.choose_k(acc, batch_size=256) == 0
+    assert AdaptivePolicy(4, disable_by_batch_size=8).choose_k(acc, batch_size=9) == 0
+
+
+def test_poor_acceptance_stops_speculation_but_probes_every_few_steps():
+    policy = AdaptivePolicy(4, probe_interval=4)
+    acc = Acceptance()
+    for _ in range(5):
+        policy.record(acc, 4, 0)
+    ks = [policy.choose_k(acc, batch_size=1) for _ in range(8)]
+    assert ks == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_without_adaptive_every_request_drafts_the_configured_k():
+    policy = AdaptivePolicy(3, adaptive=False)
+    acc = Acceptance()
+    policy.record(acc, 3, 0)
+    assert policy.choose_k(acc, batch_size=200) == 3
