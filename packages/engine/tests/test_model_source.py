@@ -136,20 +136,16 @@ def test_parts_checked_against_a_digest_pinned_in_the_code(toy, monkeypatch, dam
     assert _cache_listing(toy) == []
 
 
-def test_qwen_coder_half_billion_is_the_checked_491_mb_file():
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("qwen2.5-coder-0.5b-instruct", 491_400_064), ("qwen2.5-coder-1.5b-instruct", 1_117_320_768)],
+)
+def test_the_qwen_coder_pair_are_the_checked_files(name, size):
     try:
-        path = resolve_model("qwen2.5-coder-0.5b-instruct")
+        path = resolve_model(name)
     except FormatError as e:
-        pytest.skip(f"the optional Qwen2.5-Coder-0.5B packages are absent: {e}")
-    assert path.stat().st_size == 491_400_064
-
-
-def test_qwen_coder_one_and_a_half_billion_is_the_checked_1117_mb_file():
-    try:
-        path = resolve_model("qwen2.5-coder-1.5b-instruct")
-    except FormatError as e:
-        pytest.skip(f"the optional Qwen2.5-Coder-1.5B packages are absent: {e}")
-    assert path.stat().st_size == 1_117_320_768
+        pytest.skip(f"the optional {name} packages are absent: {e}")
+    assert path.stat().st_size == size
 
 
 def test_missing_part_packages_are_named_with_the_install_command(toy, monkeypatch):
