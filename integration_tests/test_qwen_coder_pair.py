@@ -117,3 +117,32 @@ def test_fp32_logits_of_a_chunked_prompt_match_transformers_on_the_same_gguf(whi
     diff = (got - want).abs().max().item()
     assert diff < LOGIT_ATOL, diff
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+CODE_PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Write a C function that reverses a singly linked list in place.",
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_decoding_with_the_draft_equals_plain_decoding(qwen_draft_path, qwen_target_path, dtype):
+    """The 0.5B drafting for the 1.5B through the engine: the target's greedy tokens, token for
+    token, with most drafts accepted (the two share their training)."""
+    from tessera.engine import LLM
+    from tessera.sampling import SamplingParams
+
+    kw = dict(dtype=dtype, kv_cache_memory=128 * 2**20, max_model_len=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    plain = LLM(str(qwen_target_path), **kw)
+    prompts = [plain.tokenizer.encode_chat([{"role": "user", "content": c}]) for c in CODE_PROMPTS]
+    ref = [o.token_ids for o in plain.generate(prompts, params)]
+    del plain
+    spec_config = {"method": "draft_model", "model": str(qwen_draft_path), "num_speculative_tokens": 4}
+    spec = LLM(str(qwen_target_path), speculative_config=spec_config, **kw)
+    got = [o.token_ids for o in spec.generate(prompts, params)]
+    s = spec.stats()
+    assert got == ref
+    assert s.spec_num_draft_tokens > 0 and s.spec_num_accepted_tokens / s.spec_num_draft_tokens > 0.6
+    kv = spec.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks

@@ -1,9 +1,9 @@
 """Exactness of speculative decoding through the whole engine: on a tiny random-weight Llama, the
 first output tokens sampled (unseeded) with speculation have the distribution they have without
 it (chi-square tests on contingency tables), for plain, top-k/top-p and penalised sampling, with
-n-gram drafts and with drafts sampled from a random bigram model (a stand-in for a draft model,
-through the engine's Proposer interface: its distributions reach the rejection sampler); and
-seeded requests get the very same tokens either way."""
+n-gram drafts, greedy drafts of a second random model (method "draft_model") and drafts sampled
+from a random bigram model (through the engine's Proposer interface: its distributions reach the
+rejection sampler); and seeded requests get the very same tokens either way."""
 
 import collections
 
@@ -40,10 +40,8 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
+def build_model(folder, seed: int):
+    torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -75,6 +73,18 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), 0)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """Another random model built the same way: it also follows the prompt's cycle, so that its
+    greedy drafts are accepted often, not always."""
+    return build_model(tmp_path_factory.mktemp("tiny-llama-draft"), 1)
+
+
 class BigramDraft:
     """Drafts sampled token by token from a random bigram table (softmax of a row chosen by the
     last token), nudged toward the prompt's cycle so that acceptance is moderate."""
@@ -85,10 +95,15 @@ class BigramDraft:
         for a, b in zip(PROMPT[:5], PROMPT[1:6], strict=True):
             self.logits[a, b] += 3.0
 
-    def draft(self, contexts, ks) -> Drafts:
+    forward_seconds = 0.0
+
+    def release(self, request_ids) -> None:
+        pass
+
+    def draft(self, requests, ks) -> Drafts:
         tokens, rows = [], []
-        for ctx, k in zip(contexts, ks, strict=True):
-            last, d = ctx[-1], []
+        for r, k in zip(requests, ks, strict=True):
+            last, d = r.token_ids[-1], []
             for _ in range(k):
                 q = self.logits[last].softmax(-1)
                 last = int(torch.multinomial(q, 1))
@@ -99,13 +114,23 @@ class BigramDraft:
 
 
 @pytest.fixture(scope="module")
-def engines(model_dir):
+def engines(model_dir, draft_dir):
     kw = dict(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=64, max_num_seqs=256)
     plain = LLM(str(model_dir), **kw)
     ngram = LLM(str(model_dir), speculative_config=NGRAM, **kw)
     draft = LLM(str(model_dir), speculative_config=NGRAM, **kw)
     draft.engine.runner.proposer = BigramDraft()
-    return {"plain": plain, "ngram": ngram, "draft": draft}
+    draft_model = LLM(
+        str(model_dir),
+        speculative_config={
+            "method": "draft_model",
+            "model": str(draft_dir),
+            "num_speculative_tokens": 3,
+            "adaptive": False,
+        },
+        **kw,
+    )
+    return {"plain": plain, "ngram": ngram, "draft": draft, "draft_model": draft_model}
 
 
 def samples(llm: LLM, params: SamplingParams, n: int) -> list[tuple[int, ...]]:
@@ -125,7 +150,7 @@ def chi2_p(a: list, b: list) -> float:
     return stats.chi2_contingency(rows).pvalue
 
 
-@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+@pytest.mark.parametrize("proposer", ["ngram", "draft", "draft_model"])
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_speculation_keeps_the_distribution_of_the_first_tokens(engines, setting, proposer):
     plain, spec = engines["plain"], engines[proposer]
@@ -137,7 +162,7 @@ def test_speculation_keeps_the_distribution_of_the_first_tokens(engines, setting
     s = spec.stats()
     drafted = s.spec_num_draft_tokens - before.spec_num_draft_tokens
     accepted = s.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-    assert 0.02 < accepted / drafted < 0.95, (accepted, drafted)  # both outcomes happen
+    assert accepted >= 50 and drafted - accepted >= 50, (accepted, drafted)  # both outcomes happen
     # each position's marginal, and the joint law of the second and third tokens
     for pos in range(1, MAX_TOKENS):
         p = chi2_p([t[pos] for t in ref], [t[pos] for t in got])
@@ -146,12 +171,35 @@ def test_speculation_keeps_the_distribution_of_the_first_tokens(engines, setting
     assert p > 1e-3, f"{setting}: tokens 1-2 jointly: p = {p:.2g}"
 
 
+@pytest.mark.parametrize("proposer", ["ngram", "draft_model"])
 @pytest.mark.parametrize("setting", SETTINGS)
-def test_seeded_requests_sample_the_same_tokens_with_speculation(engines, setting):
-    plain, spec = engines["plain"], engines["ngram"]
+def test_seeded_requests_sample_the_same_tokens_with_speculation(engines, setting, proposer):
+    plain, spec = engines["plain"], engines[proposer]
     params = [SamplingParams(max_tokens=12, ignore_eos=True, seed=s, **SETTINGS[setting]) for s in range(16)]
     before = spec.stats().spec_num_drafts
     ref = [o.token_ids for o in plain.generate([PROMPT] * 16, params)]
     got = [o.token_ids for o in spec.generate([PROMPT] * 16, params)]
     assert got == ref
     assert spec.stats().spec_num_drafts > before
+
+
+@pytest.mark.parametrize("which", ["other_vocabulary", "missing"])
+def test_a_bad_draft_model_is_refused_before_any_weight_loads(
+    default_model_path, draft_dir, monkeypatch, which
+):
+    import tessera.engine.llm as llm_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the draft was checked")
+
+    monkeypatch.setattr(llm_module, "load_model", no_loading)
+    model, message = {
+        "other_vocabulary": (
+            str(draft_dir),
+            "another vocabulary than the target .* a draft model must share",
+        ),
+        "missing": (str(draft_dir / "nowhere.gguf"), "no such file"),
+    }[which]
+    config = {"method": "draft_model", "model": model, "num_speculative_tokens": 4}
+    with pytest.raises(Exception, match=message):
+        LLM(str(default_model_path), speculative_config=config)

@@ -100,7 +100,7 @@ def test_speculative_config_from_the_command_line_reaches_engine_args():
     [
         ('{"method": "medusa", "num_speculative_tokens": 4}', "speculative_config.method"),
         ('{"method": "ngram", "num_speculative_tokens": 99}', "num_speculative_tokens"),
-        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 4}', "not built yet"),
+        ('{"method": "draft_model", "num_speculative_tokens": 4}', "speculative_config.model is required"),
         ('{"method": "ngram", "num_speculative_tokens": 4,', "not valid JSON"),
     ],
 )

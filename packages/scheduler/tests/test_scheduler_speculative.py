@@ -108,3 +108,29 @@ def test_only_blocks_of_accepted_tokens_are_hashed():
     assert s.requests["a"].all_token_ids == [1, 2, 3, 9, 9, 5, 6, 7, 9]
     step(s, accept=0)
     assert s.kv._num_cached["a"] == 2  # 9 5 6 7: accepted, hashed now
+
+
+def test_lookahead_slots_cover_a_draft_model_s_positions_up_to_the_context():
+    # a draft model writes K/V at the k positions after the sampled token: k slots past the step's
+    s = make(num_lookahead_tokens=3, max_model_len=14)
+    s.add_request(Request("a", [1, 2, 3, 4, 5], max_tokens=20))
+    step(s)  # the prompt, all in one step: 5 tokens and 3 lookahead = 2 blocks
+    assert len(s.kv.block_ids("a")[0]) == 2
+    step(s, accept=3)  # 6 tokens + 3 drafts + 3 lookahead = 12 slots
+    assert len(s.kv.block_ids("a")[0]) == 3
+    step(s, accept=0)  # 10 tokens: 10 + 3 + 3 capped at the context of 14 = 4 blocks
+    assert len(s.kv.block_ids("a")[0]) == 4
+    assert s.requests["a"].num_tokens == 11
+
+
+def test_lookahead_never_costs_a_preemption():
+    # 4 blocks of 4: two 3-token prompts with their lookahead take 2 blocks each; the next step's
+    # drafts and lookahead would need a third each, so both run their last token alone instead
+    s = make(num_blocks=4, num_lookahead_tokens=4, max_model_len=16)
+    s.add_request(Request("a", [1, 2, 3], max_tokens=10))
+    s.add_request(Request("b", [11, 12, 13], max_tokens=10))
+    so, _ = step(s)
+    assert so.num_scheduled_tokens == {"a": 3, "b": 3}
+    so, _ = step(s)
+    assert so.num_scheduled_tokens == {"a": 1, "b": 1} and so.scheduled_spec_tokens == {}
+    assert s.stats().num_preemptions == 0

@@ -4,7 +4,7 @@ batch, poor acceptance), probes now and then, and is deterministic."""
 
 import pytest
 
-from tessera.spec_decode import Acceptance, AdaptivePolicy, SpeculativeConfig, expected_tokens
+from tessera.spec_decode import Acceptance, AdaptivePolicy, SpeculativeConfig, StepTimes, expected_tokens
 
 
 def test_a_valid_config_parses_from_json_and_from_a_dict():
@@ -29,7 +29,8 @@ def test_a_valid_config_parses_from_json_and_from_a_dict():
         ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 5}', "prompt_lookup_max"),
         ('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 0}', "prompt_lookup_min"),
         ('{"method": "ngram", "num_speculative_tokens": 4, "lookup": 3}', "lookup"),
-        ('{"method": "draft_model", "model": "x", "num_speculative_tokens": 4}', "not built yet"),
+        ('{"method": "draft_model", "num_speculative_tokens": 4}', "speculative_config.model is required"),
+        ('{"method": "ngram", "model": "x", "num_speculative_tokens": 4}', "speculative_config.model"),
         ("[4]", "JSON object"),
     ],
 )
@@ -77,3 +78,23 @@ def test_without_adaptive_every_request_drafts_the_configured_k():
     acc = Acceptance()
     policy.record(acc, 3, 0)
     assert policy.choose_k(acc, batch_size=200) == 3
+
+
+def test_step_times_fit_the_line_of_seconds_against_tokens():
+    st = StepTimes(min_steps=4)
+    for tokens in [1, 5, 1, 5]:
+        assert st.line() is None
+        st.observe(tokens, 0.080 + 0.008 * tokens)
+    w, t = st.line()
+    assert w == pytest.approx(0.080) and t == pytest.approx(0.008)
+    same = StepTimes(min_steps=2)
+    for _ in range(5):
+        same.observe(3, 0.1)
+    assert same.line() is None and same.mean_seconds() == pytest.approx(0.1)
+
+
+def test_a_costly_draft_drafts_less_or_not_at_all():
+    acc = Acceptance(drafted=10.0, accepted=7.0)
+    cheap, costly = AdaptivePolicy(8, draft_cost=0.05), AdaptivePolicy(8, draft_cost=0.6)
+    assert cheap.choose_k(acc, 1) > 2
+    assert costly.choose_k(acc, 1) == 0

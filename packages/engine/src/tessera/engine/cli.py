@@ -22,8 +22,9 @@ def _progress_bar(desc: str):
         if bar is None:
             bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None, file=sys.stderr)
         bar.update(done - bar.n)
-        if done >= total:
+        if done >= total:  # the next load (a draft model's) draws a bar of its own
             bar.close()
+            bar = None
 
     return update
 

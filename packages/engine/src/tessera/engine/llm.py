@@ -29,6 +29,7 @@ from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
+from .draft_runner import DraftRunner, check_draft_vocabulary, checkpoint_bytes
 from .engine_core import EngineCore
 from .gpu_memory import gpu_kv_cache_budget
 from .model_runner import ModelRunner
@@ -57,11 +58,17 @@ class LLM:
         self.args = args
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        # before any weight loads: the n-gram proposer builds its C here, or says why it can't
-        proposer = make_proposer(args.speculative_config) if args.speculative_config else None
+        spec = args.speculative_config
+        # before any weight loads: the n-gram proposer builds its C here, or says why it can't;
+        # a draft model's checkpoint opens (metadata only) and its vocabulary is checked
+        proposer = make_proposer(spec) if spec is not None and spec.method != "draft_model" else None
         checkpoint = open_checkpoint(resolve_model(args.model))
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer()
+        draft_checkpoint = None
+        if spec is not None and spec.method == "draft_model":
+            draft_checkpoint = open_checkpoint(resolve_model(spec.model))
+            check_draft_vocabulary(self.tokenizer, self.config, draft_checkpoint, spec.model)
         device = _device(args.device) if args.device else current_platform().device
         if args.dtype == "auto":
             dtype = preferred_dtype(device)
@@ -74,6 +81,15 @@ class LLM:
         self.model = load_model(
             checkpoint, dtype, device, progress=progress, packed_weights=args.quantized_weights == "packed"
         )
+        self.draft_model = None
+        if draft_checkpoint is not None:
+            self.draft_model = load_model(
+                draft_checkpoint,
+                dtype,
+                device,
+                progress=progress,
+                packed_weights=args.quantized_weights == "packed",
+            )
 
         c = self.config
         kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
@@ -85,6 +101,18 @@ class LLM:
         )
         self.kv_groups = groups
         per_token = kv_bytes_per_token(groups.group_size, c.num_key_value_heads, c.head_dim, kv_name)
+        if self.draft_model is not None:
+            if not any(g.spec.sliding_window is None for g in groups.groups):
+                raise ValueError(
+                    "a draft model needs a target with full-attention layers: its K/V goes at the "
+                    "slots of the target's full-attention block tables, and this target has only "
+                    "sliding-window layers"
+                )
+            # its own K/V tensors, one per layer, with as many pages as the target's pool
+            per_token += sum(
+                kv_bytes_per_token(1, s.num_kv_heads, s.head_dim, kv_name)
+                for s in self.draft_model.kv_cache_spec()
+            )
         on_gpu = torch.device(device).type == "cuda"
         budget = args.kv_cache_memory
         if budget is None and on_gpu:
@@ -128,6 +156,8 @@ class LLM:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
+            # a draft model writes K/V for the k positions after the step's sampled token
+            num_lookahead_tokens=spec.num_speculative_tokens if self.draft_model is not None else 0,
         )
         kv = KVCacheManager(
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching, groups=groups
@@ -139,6 +169,14 @@ class LLM:
             *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
+        if self.draft_model is not None:
+            draft = DraftRunner(self.draft_model, num_blocks, args.block_size, kv_dtype, args.batch_invariant)
+            proposer = make_proposer(
+                spec,
+                draft,
+                eos_token_ids=self.eos_token_ids,
+                max_catch_up=args.max_num_batched_tokens,
+            )
         runner = ModelRunner(
             self.model,
             num_blocks,
@@ -154,6 +192,11 @@ class LLM:
             speculative_config=args.speculative_config,
             proposer=proposer,
         )
+        if self.draft_model is not None:
+            # until measured: a drafted position costs what streaming the draft's weights does
+            runner.spec_policy.draft_cost = checkpoint_bytes(draft_checkpoint) / max(
+                checkpoint_bytes(checkpoint), 1
+            )
         self.engine = EngineCore(scheduler, runner)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()

@@ -7,6 +7,7 @@ only what changed.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -19,8 +20,10 @@ from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 from tessera.spec_decode import (
     Acceptance,
     AdaptivePolicy,
+    ProposalRequest,
     Proposer,
     SpeculativeConfig,
+    StepTimes,
     make_proposer,
     rejection_sample,
 )
@@ -115,10 +118,15 @@ class ModelRunner:
         ]
         slots = [groups.layer_slot(layer) for layer in range(len(specs))]
         self.layer_group = [g for g, _ in slots]
+        # a draft model's K/V lives at the slots of the target's full-attention group
+        self.full_group = next(
+            (g for g, gr in enumerate(groups.groups) if gr.spec.sliding_window is None), None
+        )
         self.layer_caches = [self.kv_caches[j] for _, j in slots]
         self.sampler = Sampler(eos_token_ids)
         self.proposer: Proposer | None = None
         self.spec_policy: AdaptivePolicy | None = None
+        self.step_times = StepTimes()  # decode steps' seconds against their tokens
         if speculative_config is not None:
             self.proposer = proposer or make_proposer(speculative_config)
             self.spec_policy = AdaptivePolicy(
@@ -152,6 +160,8 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for rid in so.preempted_request_ids:
             self.requests.pop(rid, None)
+        if self.proposer is not None and (so.finished_request_ids or so.preempted_request_ids):
+            self.proposer.release([*so.finished_request_ids, *so.preempted_request_ids])
         for nr in so.new_requests:
             params = _decode_params(nr.sampling_params) or SamplingParams()
             state = CachedRequestState(
@@ -190,6 +200,7 @@ class ModelRunner:
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput({})
+        t0 = time.perf_counter()
         ids: list[int] = []
         qsl = [0]
         seq_lens: list[int] = []
@@ -245,6 +256,10 @@ class ModelRunner:
             }
         for rid, toks in new_tokens.items():
             self.requests[rid].token_ids.extend(toks)
+        if self.proposer is not None and so.total_num_scheduled_tokens == len(sample_reqs) + sum(
+            map(len, drafts.values())
+        ):  # a decode step (the sampled tokens are on the host: it has finished)
+            self.step_times.observe(so.total_num_scheduled_tokens, time.perf_counter() - t0)
         return ModelRunnerOutput(
             new_tokens, logprobs, prompt_lps, self._propose(sample_reqs) if self.proposer else {}
         )
@@ -305,6 +320,7 @@ class ModelRunner:
         """Drafts to follow the tokens just sampled, k per request from the policy. A sampling
         proposer's distributions stay here, with the request, until its draft is verified."""
         states = [self.requests[r] for r in sample_reqs]
+        self._calibrate(len(states))
         ks = []
         for st in states:
             limit = self.max_model_len - len(st.token_ids)
@@ -313,13 +329,34 @@ class ModelRunner:
             ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit))
         if not any(ks):
             return {}
-        drafts = self.proposer.draft([st.token_ids for st in states], ks)
+        requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
+        drafts = self.proposer.draft(requests, ks)
         if drafts.probs is not None:
             start = 0
             for st, d in zip(states, drafts.token_ids, strict=True):
                 st.draft_probs = drafts.probs[start : start + len(d)] if d else None
                 start += len(d)
         return {rid: d for rid, d in zip(sample_reqs, drafts.token_ids, strict=True) if d}
+
+    def _calibrate(self, batch_size: int) -> None:
+        """The policy's costs from this machine's measured step times, once there are some: a
+        verified token's against reading the weights (``token_cost``), a drafted position's
+        against a plain step of this batch (``draft_cost``)."""
+        line = self.step_times.line()
+        if line is not None:
+            w, t = line
+            self.spec_policy.token_cost = t / w
+            plain_step = w + batch_size * t
+        else:
+            plain_step = self.step_times.mean_seconds()
+        if self.proposer.forward_seconds and plain_step:
+            self.spec_policy.draft_cost = self.proposer.forward_seconds / plain_step
+
+    def _proposal(self, rid: str, st: CachedRequestState) -> ProposalRequest:
+        if self.full_group is None:  # no table a draft model could write to
+            return ProposalRequest(rid, st.token_ids, row=st.sampling_row())
+        table = st.block_ids[self.full_group]
+        return ProposalRequest(rid, st.token_ids, table, len(table) * self.block_size, st.sampling_row())
 
     def _draft_probs(self, spec: list[str], drafts: list[list[int]], vocab: int) -> torch.Tensor | None:
         """``[sum(k), vocab]`` draft distributions of the drafts being verified (the scheduler may

@@ -173,6 +173,13 @@ class Sampler:
             probs[idx] = self._random_probs(logits, rows, random_rows)
         return probs
 
+    def processed_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Float logits ``[B, V]`` after each row's processors (allowed, banned and biased
+        tokens, min-tokens, penalties) and grammar mask, before temperature and truncation: their
+        argmax is the token a greedy row samples. No matcher is advanced; the caller's tensor is
+        never written."""
+        return self._processed(logits.float(), rows)
+
     def _processed(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Float logits after every row's processors and grammar mask; a copy when anything
         applies (the caller's tensor is never written)."""

@@ -122,8 +122,11 @@ class Scheduler:
                 i += 1
                 continue
             draft = self._draft_to_verify(req, n, budget)
-            new_blocks = self._allocate(req, n, len(draft))
-            if new_blocks is None and draft:  # a draft never costs anyone a preemption
+            # no slot past the context: a draft is cut to fit it, a proposer drafts within it
+            room = self.config.max_model_len - req.num_computed_tokens - n
+            lookahead = min(len(draft) + self.config.num_lookahead_tokens, max(room, len(draft)))
+            new_blocks = self._allocate(req, n, lookahead)
+            if new_blocks is None and lookahead:  # a draft never costs anyone a preemption
                 draft = []
                 new_blocks = self._allocate(req, n)
             while new_blocks is None:
@@ -160,7 +163,18 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
-            if self.kv.allocate_slots(req.request_id, num_hit + n, new_computed_blocks=hits) is None:
+            # lookahead once the prompt is all in: the step samples, and a proposer may write
+            lookahead = 0
+            if num_hit + n == req.num_tokens:
+                lookahead = min(self.config.num_lookahead_tokens, self.config.max_model_len - req.num_tokens)
+            added = None
+            if lookahead:
+                added = self.kv.allocate_slots(
+                    req.request_id, num_hit + n, num_lookahead=lookahead, new_computed_blocks=hits
+                )
+            if added is None:
+                added = self.kv.allocate_slots(req.request_id, num_hit + n, new_computed_blocks=hits)
+            if added is None:
                 break
             self.waiting.pop()
             req.transition(RequestStatus.RUNNING)

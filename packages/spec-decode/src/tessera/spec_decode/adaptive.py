@@ -36,7 +36,9 @@ class AdaptivePolicy:
 
     Cost model: a step's time is ``W + T t`` for ``T`` tokens (``W`` reading the weights once, ``t``
     a token's compute), so with ``B`` decoding requests drafting ``k`` tokens each the step costs
-    ``1 + k B r / (1 + B r)`` plain steps, ``r = t / W`` (``token_cost``). Each request takes the k
+    ``1 + k B r / (1 + B r)`` plain steps, ``r = t / W`` (``token_cost``), plus ``k d`` for a
+    proposer that runs a forward per drafted token costing ``d`` plain steps (``draft_cost``: 0 for
+    prompt lookup; a draft model's is measured by the runner as it goes). Each request takes the k
     of most expected tokens per unit of cost; none unless that beats plain decoding by ``margin``.
     A large batch (compute bound) thus turns speculation off by itself; ``disable_by_batch_size``
     is a hard limit besides. Without ``adaptive`` every request drafts ``max_k``.
@@ -58,6 +60,7 @@ class AdaptivePolicy:
         margin: float = 0.1,
         decay: float = 0.8,
         probe_interval: int = 8,
+        draft_cost: float = 0.0,
     ) -> None:
         self.max_k = max_k
         self.adaptive = adaptive
@@ -66,10 +69,11 @@ class AdaptivePolicy:
         self.margin = margin
         self.decay = decay
         self.probe_interval = probe_interval
+        self.draft_cost = draft_cost
 
     def step_cost(self, k: int, batch_size: int) -> float:
         br = batch_size * self.token_cost
-        return 1.0 + k * br / (1.0 + br)
+        return 1.0 + k * br / (1.0 + br) + k * self.draft_cost
 
     def choose_k(self, acc: Acceptance, batch_size: int, limit: int | None = None) -> int:
         """Tokens to draft for a request with acceptance ``acc`` in a decode batch of
@@ -96,3 +100,43 @@ class AdaptivePolicy:
 
     def record(self, acc: Acceptance, drafted: int, accepted: int) -> None:
         acc.update(drafted, accepted, self.decay)
+
+
+class StepTimes:
+    """The runner's measured cost model: a least-squares line ``seconds = W + T t`` through the
+    (tokens, seconds) of recent decode steps, older steps weighing less (``decay`` each), so that
+    the policy's ``token_cost = t / W`` is this machine's, not a guess: compute-bound CPUs pay
+    much more per verified token than a GPU does."""
+
+    def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
+        self.decay = decay
+        self.min_steps = min_steps
+        self.n = 0
+        self._w = self._t = self._tt = self._y = self._ty = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.n += 1
+        self._w = self._w * d + 1.0
+        self._t = self._t * d + tokens
+        self._tt = self._tt * d + tokens * tokens
+        self._y = self._y * d + seconds
+        self._ty = self._ty * d + tokens * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """``(W, t)``, or None until enough steps of different sizes give a line with both
+        positive."""
+        if self.n < self.min_steps:
+            return None
+        mean_t = self._t / self._w
+        var = self._tt / self._w - mean_t * mean_t
+        if var < 0.25:  # (nearly) one step size so far: no slope to fit
+            return None
+        slope = (self._ty / self._w - mean_t * self._y / self._w) / var
+        intercept = self._y / self._w - slope * mean_t
+        if slope <= 0 or intercept <= 0:
+            return None
+        return intercept, slope
+
+    def mean_seconds(self) -> float:
+        return self._y / self._w if self._w else 0.0

@@ -31,10 +31,10 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
                 f"speculative_config.method must be one of {', '.join(map(repr, METHODS))}, "
                 f"got {self.method!r}"
             )
-        if self.method == "draft_model":
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
             raise ValueError(
-                'speculative_config.method "draft_model" is not built yet in tessera: only "ngram" '
-                "(prompt lookup) speculation runs today"
+                'speculative_config.model is required for method "draft_model": the draft\'s checkpoint '
+                "(a path, or a short name such as qwen2.5-coder-0.5b-instruct)"
             )
         k = self.num_speculative_tokens
         if not (isinstance(k, int) and 1 <= k <= MAX_SPECULATIVE_TOKENS):

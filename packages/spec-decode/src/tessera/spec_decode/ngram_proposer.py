@@ -3,12 +3,12 @@ context, with no model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from . import native
-from .proposer import Drafts
+from .proposer import Drafts, ProposalRequest
 
 _INT32 = np.iinfo(np.int32)
 
@@ -34,6 +34,8 @@ class NgramProposer:
     context, O(context) time and O(prompt_lookup_max) memory per request. The library is built when
     the proposer is made, so a machine without a C compiler fails at start, with the reason.
     """
+
+    forward_seconds = 0.0  # it runs no model: a drafted token costs only its verification
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int, num_speculative_tokens: int) -> None:
         if not (isinstance(prompt_lookup_min, int) and prompt_lookup_min >= 1):
@@ -134,11 +136,16 @@ class NgramProposer:
             raise MemoryError("the n-gram proposer could not allocate its scratch")
         return [self._out[i, : self._counts[i]].tolist() for i in range(n_req)]
 
-    def draft(self, contexts: Sequence[Sequence[int]], ks: Sequence[int]) -> Drafts:
-        """The engine's Proposer interface: ``propose_batch`` with one k per request."""
+    def draft(self, requests: Sequence[ProposalRequest], ks: Sequence[int]) -> Drafts:
+        """The engine's Proposer interface: ``propose_batch`` over the requests' contexts with
+        one k per request."""
         if not any(ks):
             return Drafts([[] for _ in ks])
+        contexts = [r.token_ids for r in requests]
         return Drafts(self.propose_batch(contexts, k=np.asarray(ks, dtype=np.int32)))
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Nothing is kept per request."""
 
     def _ptr(self, ctype: str, array: np.ndarray):
         return self._ffi.cast(ctype, array.ctypes.data)
