@@ -5,6 +5,8 @@ writing. Issue 14's speed table.
     uv run --with llama-cpp-python==0.3.36 python tools/bench/spec_decode.py \
         --model qwen2.5-coder-0.5b-instruct --prompts edit \
         --configs plain ngram llama.cpp llama.cpp-lookup [--runs 3] [--max-tokens 256] [--json OUT]
+    uv run --with llama-cpp-python==0.3.36 python tools/bench/spec_decode.py \
+        --model qwen2.5-coder-1.5b-instruct --prompts code --configs plain draft llama.cpp
 
 Each configuration runs in its own process (so one's memory and threads never touch another's),
 greedy, the chat template applied, every prompt of the set one after the other at batch 1; a run
@@ -16,9 +18,15 @@ steps come from the engine's own counters. Configurations:
 - ``plain``: tessera, no speculation;
 - ``ngram``: tessera, ``{"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4,
   "prompt_lookup_min": 2}`` (``--k``, adaptive as by default; ``--no-adaptive`` to fix k);
+- ``draft``: tessera, ``{"method": "draft_model", "model": DRAFT, "num_speculative_tokens": K}``
+  (``--draft``, by default qwen2.5-coder-0.5b-instruct: the 1.5B's draft);
 - ``llama.cpp``: llama-cpp-python on the same GGUF file, 2 threads, greedy;
 - ``llama.cpp-lookup``: the same with ``LlamaPromptLookupDecoding(num_pred_tokens=K)``, its
   prompt-lookup speculation (greedy verification).
+
+``--concurrency N`` (tessera configurations): N requests submitted at once, the prompts repeated,
+the aggregate output tokens/s: whether speculation holds up under load (the adaptive policy should
+turn itself off there).
 
 llama-cpp-python is not a workspace dependency: ``uv run --with llama-cpp-python`` adds it for one
 run (the first builds it from source, several minutes).
@@ -99,12 +107,15 @@ def _messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-def run_tessera(model: str, spec: dict | None, prompts: list[str], runs: int, max_tokens: int) -> dict:
+def run_tessera(
+    model: str, spec: dict | None, prompts: list[str], runs: int, max_tokens: int, concurrency: int = 1
+) -> dict:
     from tessera.engine import LLM
     from tessera.sampling import SamplingParams
 
     kwargs = {"speculative_config": json.dumps(spec)} if spec else {}
-    llm = LLM(model, max_model_len=2048, kv_cache_memory=256 << 20, **kwargs)
+    memory = (256 << 20) * max(1, concurrency // 4)
+    llm = LLM(model, max_model_len=2048, kv_cache_memory=memory, max_num_seqs=max(concurrency, 8), **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     tok = llm.tokenizer
     ids = [tok.encode(tok.apply_chat_template(_messages(p)), add_special_tokens=False) for p in prompts]
@@ -114,7 +125,13 @@ def run_tessera(model: str, spec: dict | None, prompts: list[str], runs: int, ma
     for _ in range(runs):
         tokens, t0 = 0, time.perf_counter()
         texts = []
-        for p in ids:
+        if concurrency > 1:  # the prompts over and over, all submitted at once
+            llm.reset_prefix_cache()
+            batch = [ids[i % len(ids)] for i in range(concurrency)]
+            outs = llm.generate(batch, params)
+            tokens = sum(len(o.token_ids) for o in outs)
+            texts = [o.text for o in outs]
+        for p in ids if concurrency == 1 else ():
             llm.reset_prefix_cache()
             out = llm.generate([p], params)[0]
             tokens += len(out.token_ids)
@@ -173,8 +190,15 @@ def child(args) -> None:
             "prompt_lookup_min": 2,
             "adaptive": not args.no_adaptive,
         }
-    if args.config in ("plain", "ngram"):
-        row = run_tessera(args.model, spec, prompts, args.runs, args.max_tokens)
+    if args.config == "draft":
+        spec = {
+            "method": "draft_model",
+            "model": args.draft,
+            "num_speculative_tokens": args.k,
+            "adaptive": not args.no_adaptive,
+        }
+    if args.config in ("plain", "ngram", "draft"):
+        row = run_tessera(args.model, spec, prompts, args.runs, args.max_tokens, args.concurrency)
     else:
         lookup = args.k if args.config == "llama.cpp-lookup" else None
         row = run_llama_cpp(args.model, lookup, prompts, args.runs, args.max_tokens)
@@ -187,8 +211,15 @@ def main() -> None:
     p.add_argument("--prompts", choices=PROMPTS, default="edit")
     p.add_argument("--configs", nargs="+", default=["plain", "ngram", "llama.cpp", "llama.cpp-lookup"])
     p.add_argument("--k", type=int, default=4, help="speculative tokens (num_pred_tokens for llama.cpp)")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="the draft of config draft")
     p.add_argument("--no-adaptive", action="store_true")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="tessera only: this many requests at once (the prompts repeated), aggregate tokens/s",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--json", help="also write the rows there")
     p.add_argument("--config", help=argparse.SUPPRESS)  # a child process: run this one configuration
@@ -206,7 +237,10 @@ def main() -> None:
             raise SystemExit(f"{config} failed:\n{r.stderr[-3000:]}")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     base = next((r["tok_s"] for r in rows if r["config"] == "plain"), None)
-    print(f"# {machine()}; model {args.model}, prompts {args.prompts}, k {args.k}, median of {args.runs}")
+    print(
+        f"# {machine()}; model {args.model}, prompts {args.prompts}, k {args.k}, "
+        f"concurrency {args.concurrency}, median of {args.runs}"
+    )
     print(f"{'config':18s} {'tok/s':>8s} {'x plain':>8s} {'accept':>7s} {'mean len':>9s} {'spec steps':>10s}")
     for r in rows:
         ratio = f"{r['tok_s'] / base:8.2f}" if base else "       -"

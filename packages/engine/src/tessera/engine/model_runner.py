@@ -175,7 +175,7 @@ class ModelRunner:
             if params.prompt_logprobs is not None:
                 state.prompt_logprobs = []
             if self.spec_policy is not None:
-                state.acceptance = Acceptance()
+                state.acceptance = self.spec_policy.new_acceptance()
             if params.structured is not None:
                 state.matcher = self.grammars.matcher(params.structured)
                 state.matcher_vocab = self.grammars.vocab_size

@@ -43,7 +43,9 @@ class AdaptivePolicy:
     A large batch (compute bound) thus turns speculation off by itself; ``disable_by_batch_size``
     is a hard limit besides. Without ``adaptive`` every request drafts ``max_k``.
 
-    A request whose acceptance has fallen too low to draft probes with one token every
+    A request's estimate starts from the acceptance of all requests so far (``overall``, weighing
+    as two drafted tokens), so a good proposer drafts from a request's first step and a poor one
+    does not. A request whose acceptance has fallen too low to draft probes with one token every
     ``probe_interval`` of its steps, so its estimate can recover when its text turns repetitive.
     The choice depends on the request's own history and the batch size only; the tokens do not
     depend on it at all (the rejection sampler keeps the target's distribution, and a seeded
@@ -70,6 +72,13 @@ class AdaptivePolicy:
         self.decay = decay
         self.probe_interval = probe_interval
         self.draft_cost = draft_cost
+        # every request's drafts, fading slowly; it starts hopeful (4 of 5): a user who turned
+        # speculation on expects it, and a few drafts that do not pay are soon seen and stopped
+        self.overall = Acceptance(drafted=5.0, accepted=4.0)
+
+    def new_acceptance(self) -> Acceptance:
+        """A new request's starting estimate: the overall rate, as if from two drafted tokens."""
+        return Acceptance(drafted=2.0, accepted=2.0 * self.overall.rate)
 
     def step_cost(self, k: int, batch_size: int) -> float:
         br = batch_size * self.token_cost
@@ -100,6 +109,7 @@ class AdaptivePolicy:
 
     def record(self, acc: Acceptance, drafted: int, accepted: int) -> None:
         acc.update(drafted, accepted, self.decay)
+        self.overall.update(drafted, accepted, 0.99)
 
 
 class StepTimes:
