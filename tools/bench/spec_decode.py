@@ -24,6 +24,10 @@ steps come from the engine's own counters. Configurations:
 - ``llama.cpp-lookup``: the same with ``LlamaPromptLookupDecoding(num_pred_tokens=K)``, its
   prompt-lookup speculation (greedy verification).
 
+``--paired``: tessera's configurations load in one process and run in rotating order, round after
+round; "x plain" is then the median of the per-round ratios (plain decoding alone moved 20% between
+processes here). llama.cpp's configurations still run in processes of their own.
+
 ``--concurrency N`` (tessera configurations): N requests submitted at once, the prompts repeated,
 the aggregate output tokens/s: whether speculation holds up under load (the adaptive policy should
 turn itself off there).
@@ -107,50 +111,92 @@ def _messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
+class TesseraArm:
+    """One tessera configuration, loaded once; ``run()`` decodes the whole prompt set once."""
+
+    def __init__(self, model: str, spec: dict | None, prompts: list[str], max_tokens: int, concurrency: int):
+        from tessera.engine import LLM
+        from tessera.sampling import SamplingParams
+
+        kwargs = {"speculative_config": json.dumps(spec)} if spec else {}
+        memory = (256 << 20) * max(1, concurrency // 4)
+        self.llm = LLM(
+            model, max_model_len=2048, kv_cache_memory=memory, max_num_seqs=max(concurrency, 8), **kwargs
+        )
+        self.spec, self.concurrency = spec, concurrency
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        tok = self.llm.tokenizer
+        self.ids = [
+            tok.encode(tok.apply_chat_template(_messages(p)), add_special_tokens=False) for p in prompts
+        ]
+        self.llm.generate([self.ids[0]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+        self.before = self.llm.stats()
+        self.speeds: list[float] = []
+        self.outputs: list[str] = []
+
+    def run(self) -> float:
+        llm, tokens, texts = self.llm, 0, []
+        t0 = time.perf_counter()
+        if self.concurrency > 1:  # the prompts over and over, all submitted at once
+            llm.reset_prefix_cache()
+            outs = llm.generate([self.ids[i % len(self.ids)] for i in range(self.concurrency)], self.params)
+            tokens = sum(len(o.token_ids) for o in outs)
+            texts = [o.text for o in outs]
+        else:
+            for p in self.ids:
+                llm.reset_prefix_cache()
+                out = llm.generate([p], self.params)[0]
+                tokens += len(out.token_ids)
+                texts.append(out.text)
+        self.speeds.append(tokens / (time.perf_counter() - t0))
+        self.outputs = texts
+        return self.speeds[-1]
+
+    def row(self) -> dict:
+        row = {
+            "tok_s": statistics.median(self.speeds),
+            "runs": self.speeds,
+            "first_output": self.outputs[0][:200],
+        }
+        if self.spec:
+            s, b = self.llm.stats(), self.before
+            drafts = s.spec_num_drafts - b.spec_num_drafts
+            drafted = s.spec_num_draft_tokens - b.spec_num_draft_tokens
+            accepted = s.spec_num_accepted_tokens - b.spec_num_accepted_tokens
+            steps, spec_steps = s.num_steps - b.num_steps, s.num_spec_steps - b.num_spec_steps
+            row |= {
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
+                "spec_step_share": spec_steps / steps if steps else 0.0,
+            }
+        return row
+
+
 def run_tessera(
     model: str, spec: dict | None, prompts: list[str], runs: int, max_tokens: int, concurrency: int = 1
 ) -> dict:
-    from tessera.engine import LLM
-    from tessera.sampling import SamplingParams
-
-    kwargs = {"speculative_config": json.dumps(spec)} if spec else {}
-    memory = (256 << 20) * max(1, concurrency // 4)
-    llm = LLM(model, max_model_len=2048, kv_cache_memory=memory, max_num_seqs=max(concurrency, 8), **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    tok = llm.tokenizer
-    ids = [tok.encode(tok.apply_chat_template(_messages(p)), add_special_tokens=False) for p in prompts]
-    llm.generate([ids[0]], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
-    speeds, outputs = [], []
-    before = llm.stats()
+    arm = TesseraArm(model, spec, prompts, max_tokens, concurrency)
     for _ in range(runs):
-        tokens, t0 = 0, time.perf_counter()
-        texts = []
-        if concurrency > 1:  # the prompts over and over, all submitted at once
-            llm.reset_prefix_cache()
-            batch = [ids[i % len(ids)] for i in range(concurrency)]
-            outs = llm.generate(batch, params)
-            tokens = sum(len(o.token_ids) for o in outs)
-            texts = [o.text for o in outs]
-        for p in ids if concurrency == 1 else ():
-            llm.reset_prefix_cache()
-            out = llm.generate([p], params)[0]
-            tokens += len(out.token_ids)
-            texts.append(out.text)
-        speeds.append(tokens / (time.perf_counter() - t0))
-        outputs = texts
-    row = {"tok_s": statistics.median(speeds), "runs": speeds, "first_output": outputs[0][:200]}
-    if spec:
-        s = llm.stats()
-        drafts = s.spec_num_drafts - before.spec_num_drafts
-        drafted = s.spec_num_draft_tokens - before.spec_num_draft_tokens
-        accepted = s.spec_num_accepted_tokens - before.spec_num_accepted_tokens
-        steps, spec_steps = s.num_steps - before.num_steps, s.num_spec_steps - before.num_spec_steps
-        row |= {
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
-            "spec_step_share": spec_steps / steps if steps else 0.0,
-        }
-    return row
+        arm.run()
+    return arm.row()
+
+
+def run_paired(args, specs: dict[str, dict | None], prompts: list[str]) -> list[dict]:
+    """Every tessera configuration in this one process, run after run in rotating order, so that
+    the machine's drift between processes (plain decoding moved 20% here) falls on all alike;
+    each configuration's ``x_plain`` is the median of its per-round ratios to plain."""
+    arms = {
+        name: TesseraArm(args.model, spec, prompts, args.max_tokens, args.concurrency)
+        for name, spec in specs.items()
+    }
+    names = list(arms)
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.runs):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        speeds = {n: arms[n].run() for n in order}
+        for n in names:
+            ratios[n].append(speeds[n] / speeds["plain"])
+    return [{"config": n, **arms[n].row(), "x_plain": statistics.median(ratios[n])} for n in names]
 
 
 def run_llama_cpp(model: str, lookup_k: int | None, prompts: list[str], runs: int, max_tokens: int) -> dict:
@@ -179,26 +225,38 @@ def run_llama_cpp(model: str, lookup_k: int | None, prompts: list[str], runs: in
     return {"tok_s": statistics.median(speeds), "runs": speeds, "first_output": outputs[0][:200]}
 
 
-def child(args) -> None:
-    prompts = PROMPTS[args.prompts]
-    spec = None
-    if args.config == "ngram":
-        spec = {
+TESSERA = ("plain", "ngram", "draft")
+
+
+def spec_of(config: str, args) -> dict | None:
+    if config == "ngram":
+        return {
             "method": "ngram",
             "num_speculative_tokens": args.k,
             "prompt_lookup_max": 4,
             "prompt_lookup_min": 2,
             "adaptive": not args.no_adaptive,
         }
-    if args.config == "draft":
-        spec = {
+    if config == "draft":
+        return {
             "method": "draft_model",
             "model": args.draft,
             "num_speculative_tokens": args.k,
             "adaptive": not args.no_adaptive,
         }
-    if args.config in ("plain", "ngram", "draft"):
-        row = run_tessera(args.model, spec, prompts, args.runs, args.max_tokens, args.concurrency)
+    return None
+
+
+def child(args) -> None:
+    prompts = PROMPTS[args.prompts]
+    if args.config == "paired":
+        for row in run_paired(args, {c: spec_of(c, args) for c in args.configs if c in TESSERA}, prompts):
+            print(json.dumps(row))
+        return
+    if args.config in TESSERA:
+        row = run_tessera(
+            args.model, spec_of(args.config, args), prompts, args.runs, args.max_tokens, args.concurrency
+        )
     else:
         lookup = args.k if args.config == "llama.cpp-lookup" else None
         row = run_llama_cpp(args.model, lookup, prompts, args.runs, args.max_tokens)
@@ -221,6 +279,12 @@ def main() -> None:
         help="tessera only: this many requests at once (the prompts repeated), aggregate tokens/s",
     )
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="tessera's configurations in one process, run after run in rotating order; x plain is "
+        "the median of per-round ratios",
+    )
     p.add_argument("--json", help="also write the rows there")
     p.add_argument("--config", help=argparse.SUPPRESS)  # a child process: run this one configuration
     args = p.parse_args()
@@ -230,12 +294,18 @@ def main() -> None:
     from tqdm import tqdm
 
     rows = []
-    for config in tqdm(args.configs, desc="configurations", disable=None):
+    children = list(args.configs)
+    if args.paired:
+        if "plain" not in args.configs:
+            raise SystemExit("--paired compares with plain: list it in --configs")
+        children = ["paired", *(c for c in args.configs if c not in TESSERA)]
+    for config in tqdm(children, desc="configurations", disable=None):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--config", config]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"{config} failed:\n{r.stderr[-3000:]}")
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        lines = r.stdout.strip().splitlines()
+        rows.extend(json.loads(line) for line in (lines if config == "paired" else lines[-1:]))
     base = next((r["tok_s"] for r in rows if r["config"] == "plain"), None)
     print(
         f"# {machine()}; model {args.model}, prompts {args.prompts}, k {args.k}, "
@@ -243,7 +313,7 @@ def main() -> None:
     )
     print(f"{'config':18s} {'tok/s':>8s} {'x plain':>8s} {'accept':>7s} {'mean len':>9s} {'spec steps':>10s}")
     for r in rows:
-        ratio = f"{r['tok_s'] / base:8.2f}" if base else "       -"
+        ratio = f"{r.get('x_plain', r['tok_s'] / base if base else float('nan')):8.2f}"
         extra = (
             f"{r['acceptance_rate']:7.1%} {r['mean_accepted_length']:9.2f} {r['spec_step_share']:10.1%}"
             if "acceptance_rate" in r

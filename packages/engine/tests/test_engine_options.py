@@ -93,6 +93,10 @@ def test_speculative_config_from_the_command_line_reaches_engine_args():
         )
         c = EngineArgs.from_cli(ns).speculative_config
         assert (c.method, c.num_speculative_tokens, c.adaptive) == ("ngram", 3, True)
+    draft = '{"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", "num_speculative_tokens": 5}'
+    ns = build_parser().parse_args(["serve", "--speculative-config", draft])
+    c = EngineArgs.from_cli(ns).speculative_config
+    assert (c.method, c.model, c.num_speculative_tokens) == ("draft_model", "qwen2.5-coder-0.5b-instruct", 5)
 
 
 @pytest.mark.parametrize(

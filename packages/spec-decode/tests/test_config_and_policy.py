@@ -2,6 +2,8 @@
 policy speculates where it pays (a small batch, good acceptance), not where it does not (a large
 batch, poor acceptance), probes now and then, and is deterministic."""
 
+import random
+
 import pytest
 
 from tessera.spec_decode import Acceptance, AdaptivePolicy, SpeculativeConfig, StepTimes, expected_tokens
@@ -98,3 +100,16 @@ def test_a_costly_draft_drafts_less_or_not_at_all():
     cheap, costly = AdaptivePolicy(8, draft_cost=0.05), AdaptivePolicy(8, draft_cost=0.6)
     assert cheap.choose_k(acc, 1) > 2
     assert costly.choose_k(acc, 1) == 0
+
+
+def test_the_acceptance_estimate_is_the_chance_of_a_reached_draft_token():
+    # drafts of 4 each accepted with chance 0.9 until the first rejection: 0.77 of drafted tokens
+    # are accepted, but the policy's estimate must be the per-position 0.9
+    rng = random.Random(0)
+    policy, acc = AdaptivePolicy(4, decay=0.999), Acceptance()
+    for _ in range(4000):
+        n = 0
+        while n < 4 and rng.random() < 0.9:
+            n += 1
+        policy.record(acc, 4, n)
+    assert acc.rate == pytest.approx(0.9, abs=0.015)

@@ -345,7 +345,7 @@ class ModelRunner:
         line = self.step_times.line()
         if line is not None:
             w, t = line
-            self.spec_policy.token_cost = t / w
+            self.spec_policy.token_cost = min(max(t / w, 1 / 256), 1.0)
             plain_step = w + batch_size * t
         else:
             plain_step = self.step_times.mean_seconds()

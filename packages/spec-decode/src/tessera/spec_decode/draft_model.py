@@ -51,9 +51,9 @@ class _State:
 class DraftModelProposer:
     """Drafts greedily with a draft model: each drafted token the most likely one under the
     draft, after the request's logits processors (bias, banned and allowed tokens, penalties,
-    min-tokens), so q is one-hot and a seeded request's output is what plain decoding gives it
-    whatever the draft proposes (see ``rejection_sample``). A structured-output request's draft
-    ignores its grammar; the target's masked distribution rejects what the grammar forbids.
+    min-tokens) and its grammar (whose matcher consumes the draft, then rolls it back), so q is
+    one-hot and a seeded request's output is what plain decoding gives it whatever the draft
+    proposes (see ``rejection_sample``).
 
     Per call: a request's draft K/V first catches up with its context (the tokens the target
     accepted since the last proposal, or its whole prompt at the first one), all requests in one
@@ -127,10 +127,25 @@ class DraftModelProposer:
         logits = self._forward(ids, qlens, slens, tables)
         if not drafting:
             return Drafts(out)
+        logits = logits[torch.tensor([row for row, _, _ in drafting])]
+        consumed = dict.fromkeys((i for _, i, _ in drafting), 0)  # tokens a grammar matcher took
+        try:
+            self._draft_loop(requests, [(i, k) for _, i, k in drafting], logits, out, consumed)
+        finally:  # each grammar matcher back where the request left it
+            for i, n in consumed.items():
+                matcher = requests[i].row.matcher if n else None
+                if matcher is not None and not matcher.is_error() and not matcher.rollback(n):
+                    raise RuntimeError(f"the grammar matcher could not roll back {n} draft tokens")
+        for _, i, _ in drafting:
+            # the last draft token never went in; the ones before it did
+            self._states[requests[i].request_id].pending = out[i][:-1]
+        return Drafts(out)
+
+    def _draft_loop(self, requests, live, logits, out, consumed) -> None:
+        """Draft position after position for the ``live`` (request index, k) pairs, from the
+        first forward's ``logits``, into ``out``; a constrained request's matcher consumes each
+        drafted token (``consumed`` counts them, for the caller to roll back)."""
         eos = set(self.sampler.eos_token_ids)
-        rows = [row for row, _, _ in drafting]
-        live = [(i, k) for _, i, k in drafting]
-        logits = logits[torch.tensor(rows)]
         t0 = None
         while True:
             toks = self._choose(logits, [requests[i] for i, _ in live], [out[i] for i, _ in live])
@@ -141,10 +156,16 @@ class DraftModelProposer:
             still = []
             for (i, k), tok in zip(live, toks, strict=True):
                 out[i].append(tok)
-                if len(out[i]) < k and tok not in eos:
+                more = len(out[i]) < k and tok not in eos
+                matcher = requests[i].row.matcher if requests[i].row is not None else None
+                if more and matcher is not None:
+                    # past a token the grammar refuses, or its end, nothing more can be accepted
+                    more = not matcher.is_stopped() and matcher.consume_token(tok)
+                    consumed[i] += more
+                if more:
                     still.append((i, k))
             if not still:
-                break
+                return
             live = still
             t0 = time.perf_counter()
             # draft token j (1-based) goes in at position len(context) + j - 1
@@ -154,10 +175,6 @@ class DraftModelProposer:
                 [len(requests[i].token_ids) + len(out[i]) for i, _ in live],
                 [requests[i].block_table for i, _ in live],
             )
-        for _, i, _ in drafting:
-            # the last draft token never went in; the ones before it did
-            self._states[requests[i].request_id].pending = out[i][:-1]
-        return Drafts(out)
 
     def _forward(self, ids, qlens, slens, tables) -> torch.Tensor:
         self.num_forwards += 1
@@ -167,9 +184,17 @@ class DraftModelProposer:
         self, logits: torch.Tensor, requests: Sequence[ProposalRequest], drafted: Sequence[list[int]]
     ) -> list[int]:
         """The most likely next token of each row under the draft, after the request's
-        processors (which see the tokens drafted before it as output)."""
+        processors (which see the tokens drafted before it as output) and its grammar's mask
+        (its matcher has consumed those tokens)."""
         rows = [
-            SamplingRow(r.row.params, None, r.row.prompt_token_ids, r.row.output_token_ids + d)
+            SamplingRow(
+                r.row.params,
+                None,
+                r.row.prompt_token_ids,
+                r.row.output_token_ids + d,
+                r.row.matcher,
+                r.row.matcher_vocab,
+            )
             if r.row is not None
             else None
             for r, d in zip(requests, drafted, strict=True)
