@@ -154,6 +154,31 @@ class ModelRunner:
             )
             if sizes:
                 self._capture_graphs(sizes)
+        if self.proposer is not None and num_blocks >= 1:
+            self._measure_step_times()
+
+    @torch.inference_mode()
+    def _measure_step_times(self, repeats: int = 4) -> None:
+        """Seed the policy's costs before the first request: decode-like forwards (every row's
+        logits) of 1 and of ``block_size`` tokens, timed after one untimed, and the proposer's
+        own forward. They write K/V into block 0, which no request holds yet."""
+        dev = self.device
+        for i, n in enumerate((1, *(1, self.block_size) * repeats)):
+            positions, metas = build_attention_metadata(
+                [n], [n], [[[0]]] * self.num_groups, self.block_size, dev, self.batch_invariant
+            )
+            t0 = time.perf_counter()
+            hidden = self.model.forward(
+                torch.zeros(n, dtype=torch.int64, device=dev),
+                positions,
+                self.layer_caches,
+                [metas[g] for g in self.layer_group],
+            )
+            self.model.compute_logits(hidden).argmax(dim=-1).tolist()
+            if i:  # the first pays for first-use set-up
+                self.step_times.observe(n, time.perf_counter() - t0)
+        self.proposer.measure([0] if self.full_group is not None else [], self.block_size, repeats)
+        self._calibrate(1)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:

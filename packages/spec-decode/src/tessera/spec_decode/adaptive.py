@@ -123,7 +123,7 @@ class StepTimes:
     the policy's ``token_cost = t / W`` is this machine's, not a guess: compute-bound CPUs pay
     much more per verified token than a GPU does."""
 
-    def __init__(self, decay: float = 0.98, min_steps: int = 16) -> None:
+    def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
         self.decay = decay
         self.min_steps = min_steps
         self.n = 0

@@ -78,6 +78,20 @@ class DraftModelProposer:
         # a moving average: what the adaptive policy weighs a drafted token's cost with
         self.forward_seconds = 0.0
 
+    def measure(self, block_table: Sequence[int], num_slots: int, repeats: int) -> None:
+        """``forward_seconds`` from one-token forwards at position 0 of ``block_table`` (the
+        first one, which pays for first-use set-up, not counted), the fastest of ``repeats``:
+        a single slow step measured first would otherwise keep the policy from ever drafting,
+        and so from measuring again."""
+        if not block_table or num_slots < 1:
+            return
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            self.model.logits([0], [1], [1], [block_table]).argmax(dim=-1).tolist()
+            times.append(time.perf_counter() - t0)
+        self.forward_seconds = min(times[1:])
+
     def release(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._states.pop(rid, None)

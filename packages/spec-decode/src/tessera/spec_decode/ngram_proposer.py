@@ -147,6 +147,9 @@ class NgramProposer:
     def release(self, request_ids: Iterable[str]) -> None:
         """Nothing is kept per request."""
 
+    def measure(self, block_table: Sequence[int], num_slots: int, repeats: int) -> None:
+        """It runs no model: nothing to time."""
+
     def _ptr(self, ctype: str, array: np.ndarray):
         return self._ffi.cast(ctype, array.ctypes.data)
 

@@ -52,6 +52,11 @@ class Proposer(Protocol):
         request comes back as a new one, its blocks perhaps different)."""
         ...
 
+    def measure(self, block_table: Sequence[int], num_slots: int, repeats: int) -> None:
+        """Set ``forward_seconds`` from timed forwards before any request runs (a proposer with
+        no model has nothing to time); K/V may be written at the slots of ``block_table``."""
+        ...
+
 
 def make_proposer(
     config: SpeculativeConfig,
