@@ -13,7 +13,7 @@ from tessera.engine.recommend import HeldBytes, exl2_layout, kv_bytes
 def test_held_bytes_follow_the_cpu_layouts():
     """The CPU backend holds a 32-block as 16 quant bytes plus fp16 d and m (Q4_1: 5 bits a
     weight), 16 + d (Q4_0: 4.5), or 32 + d (Q8_0: 8.5); rows of a K-quant that are not whole
-    256-blocks take llama.cpp's fallback type (Q4_K -> Q5_0: 32 + d in the 8-bit form)."""
+    256-blocks take llama.cpp's fallback type (Q4_K -> Q5_0: 16 + 4 bytes of bit 4 + d, 5.5)."""
     from tessera.kernels_cpu import native
 
     if native.library() is None:
@@ -23,7 +23,7 @@ def test_held_bytes_follow_the_cpu_layouts():
     assert held("Q4_1", n, k) == n * k * 5 // 8
     assert held("Q4_0", n, k) == n * k * 9 // 16
     assert held("Q8_0", n, k) == n * k * 17 // 16
-    assert held("Q4_K", n, 576) == held("Q5_0", n, 576) == n * 576 * 17 // 16
+    assert held("Q4_K", n, 576) == held("Q5_0", n, 576) == n * 576 * 11 // 16
     assert held("dense", n, k) == n * k * 2
 
 

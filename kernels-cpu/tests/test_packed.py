@@ -63,7 +63,8 @@ def q8_inputs(x: torch.Tensor) -> torch.Tensor:
 
 
 ALL_SCHEMES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-FILE_SIZED = {"Q4_0", "Q4_1", "Q8_0"}  # repacked in exactly the file's bytes
+FILE_SIZED = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}  # repacked in exactly the file's bytes
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
 
 
 @pytest.mark.parametrize("scheme", ALL_SCHEMES)
@@ -72,10 +73,12 @@ def test_packed_products_match_the_gguf_dequantizer(scheme, n, k):
     qt, exact = make(scheme, n, k, seed=n + k)
     pw = packed.prepare_linear_weight(qt, torch.float32)
     assert isinstance(pw, packed.PackedWeight)
+    assert pw.qs.numel() * 8 == n * k * BITS[scheme]  # the file's bits a quant, no more
     if scheme in FILE_SIZED:
         assert pw.nbytes == qt.data.numel()  # as small as the file's blocks
-    else:  # 8-bit quants, fp16 scales per sub-block: at most 1.6x the file's 5- and 6-bit blocks
-        assert pw.nbytes <= 1.64 * qt.data.numel()
+    else:  # two fp16 scales per 32 (d and m; Q6_K: a d per 16): 5, 6 and 7 bits a weight for the
+        # files' 4.5, 5.5 and 6.56
+        assert pw.nbytes * 8 == n * k * (BITS[scheme] + 1)
     # K-quant sub-block scales are rounded to fp16 (relative 2^-12); the others are exact
     w_tol = 1e-5 if scheme not in K_QUANTS else 1e-3
     bias = torch.randn(n)
@@ -100,6 +103,65 @@ def test_packed_products_match_the_gguf_dequantizer(scheme, n, k):
     # a 3-D input keeps its leading dims
     x3 = torch.randn(2, 5, k)
     assert packed.linear(x3, pw).shape == (2, 5, n)
+
+
+LEGACY_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}  # per 32-block
+
+
+def exact_blocks(scheme: str, n: int, k: int, rng) -> np.ndarray:
+    """Random blocks whose scales are small multiples of 2^-12 (d, m, the K-quants' super-block
+    scales, sub-block scales and mins at most 7): every weight is an integer times 2^-12."""
+    u = np.float16(2.0**-12)
+    if scheme in K_QUANTS:
+        raw = rng.integers(0, 256, (n * k // 256, K_QUANTS[scheme]), dtype=np.uint8)
+        if scheme == "Q6_K":
+            raw[:, 192:208] = rng.integers(-7, 8, (raw.shape[0], 16)).astype(np.int8).view(np.uint8)
+            raw[:, 208:210] = np.full((raw.shape[0], 1), u).view(np.uint8)
+        else:
+            raw[:, 0:4] = np.full((raw.shape[0], 2), u).view(np.uint8)  # d, dmin
+            raw[:, 4:12] &= 0x07  # sub-blocks 0-3: scale and min; no high bits for 4-7
+            raw[:, 12:16] &= 0x77  # sub-blocks 4-7: scale, min
+        return raw.reshape(n, -1)
+    raw = rng.integers(0, 256, (n * k // 32, LEGACY_BYTES[scheme]), dtype=np.uint8)
+    d = (u * rng.integers(1, 3, (raw.shape[0], 1))).astype(np.float16)
+    raw[:, 0:2] = d.view(np.uint8)
+    if scheme in ("Q4_1", "Q5_1"):
+        raw[:, 2:4] = (-u * rng.integers(0, 17, (raw.shape[0], 1))).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_products_are_bitwise_the_gguf_dequantizers_times_x(scheme, dtype):
+    """Weights that are integers times 2^-12 and inputs that are integers times 2^-6 with a
+    32-block's largest at 127 (so the int8 quantization of bf16 inputs is exact): every product
+    and partial sum is an fp32 integer multiple of 2^-18 below 2^24 of them, so any summation
+    order gives the exact product, which each quant bit changes. The kernels' outputs must be
+    bitwise gguf's dequantized weight times x in float64, for the int8 (bf16 x) and FMA (fp32 x)
+    paths, 1 to 13 tokens, K-quants over two 256-blocks."""
+    n, k = 48, 512
+    rng = np.random.default_rng(BITS[scheme] * 100 + int(dtype == torch.float32))
+    raw = exact_blocks(scheme, n, k, rng)
+    exact = torch.from_numpy(dequantize(raw, gguf.GGMLQuantizationType[scheme]).astype(np.float64)).reshape(
+        n, k
+    )
+    pw = packed.prepare_linear_weight(QuantizedTensor(scheme, torch.from_numpy(raw).clone(), (n, k)), dtype)
+    assert isinstance(pw, packed.PackedWeight)
+    bias = torch.from_numpy(rng.integers(-255, 256, n) * 2.0**-10).to(dtype)
+    for m in (1, 5, 8, 13):
+        q = rng.integers(-31, 32, (m, k // 32, 32))
+        q[np.arange(m)[:, None], np.arange(k // 32), rng.integers(0, 32, (m, k // 32))] = 127
+        q *= rng.choice([-1, 1], q.shape)
+        x = torch.from_numpy(q.reshape(m, k) * 2.0**-6)
+        # the premise: sum |w x| leaves room below 2^24 units of 2^-18 for a block's partial sum
+        assert (x.abs() @ exact.abs().T).max() < 2.0**23 * 2.0**-18
+        ref = x @ exact.T + bias.double()
+        assert torch.equal(ref.float().double(), ref)
+        xd = x.to(dtype)
+        got = packed.linear(xd, pw, bias, torch.float32)
+        assert torch.equal(got, ref.float()), (m, (got.double() - ref).abs().max().item())
+        if dtype == torch.bfloat16:  # bf16 out: the exact sums rounded once
+            assert torch.equal(packed.linear(xd, pw, bias), ref.float().bfloat16())
 
 
 @pytest.mark.parametrize("scheme", ALL_SCHEMES)

@@ -1,7 +1,7 @@
 """GGUF weights kept packed on the CPU (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) and
 multiplied without dequantizing.
 
-``prepare_linear_weight`` repacks a weight once at load into a 4-bit or an 8-bit form (16
+``prepare_linear_weight`` repacks a weight once at load into a 4-, 5-, 6- or 8-bit form (16
 output rows side by side, see csrc/qmatmul.c); ``linear`` multiplies with the packed bytes
 directly: bf16 inputs quantized to int8 per 32 inputs (as llama.cpp's q8 activations) and
 multiplied with VNNI dot products, fp32 inputs with FMAs over the exact weights.
@@ -19,7 +19,8 @@ from . import native, segments
 
 # GGUF type numbers of the schemes the C kernels take
 QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}  # repacked two quants a byte; the others one a byte
+# bits a weight's quant keeps in the repacked form: 4-bit nibbles, plus 1 or 2 bit planes above them
+BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}
 STORED_MIN = {"Q4_1", "Q5_1", "Q4_K", "Q5_K"}  # m stored per sub-block, else a multiple of d
 SUB_BLOCKS = {"Q6_K": 2}  # scales per 32 inputs (Q6_K's sub-blocks are 16 long)
 BLOCK = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # inputs per GGUF block (else 32)
@@ -94,7 +95,7 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     n, k = weight.shape
     scheme = weight.scheme
     groups, blocks = n // 16, k // 32
-    qs = torch.empty(groups * blocks * (16 if scheme in FOUR_BIT else 32) * 16, dtype=torch.uint8)
+    qs = torch.empty(groups * blocks * BITS[scheme] * 64, dtype=torch.uint8)  # 16 rows x 32 inputs
     d = torch.empty(groups * blocks * SUB_BLOCKS.get(scheme, 1) * 16, dtype=torch.int16)
     m = torch.empty_like(d) if scheme in STORED_MIN else None
     src = weight.data.contiguous()

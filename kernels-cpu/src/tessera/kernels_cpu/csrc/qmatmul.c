@@ -1,19 +1,27 @@
 // Matrix products with GGUF weights kept packed: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
 //
-// At load every scheme is repacked into one of two forms where each weight is d * q + m, with
-// q unsigned and (d, m) per sub-block of 32 inputs (16 for Q6_K):
-//   4-bit form (Q4_0, Q4_1, Q4_K): q in 0..15, two per byte;
-//   8-bit form (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K): q in 0..255, one per byte (Q8_0's signed
-//   quants plus 128, Q6_K's 6-bit quants as they are).
+// At load every scheme is repacked into a form where each weight is d * q + m, with q unsigned
+// and (d, m) per sub-block of 32 inputs (16 for Q6_K), and q kept in as many bits as the file's:
+//   4 bits (Q4_0, Q4_1, Q4_K): q in 0..15;
+//   5 bits (Q5_0, Q5_1, Q5_K): q in 0..31;
+//   6 bits (Q6_K): q in 0..63, the file's quants as they are;
+//   8 bits (Q8_0): q in 0..255, the file's signed quants plus 128.
 // m is stored (Q4_1, Q5_1, Q4_K, Q5_K) or is a fixed multiple of d (Q4_0: -8 d, Q5_0: -16 d,
 // Q8_0: -128 d, Q6_K: -32 d). d and m are fp16: the files' own values for the 32-blocks, and
 // d * scale, -dmin * min rounded to fp16 for the K-quants' sub-blocks (a relative 2^-12, far
 // below the 4-6-bit steps).
 //
-// Layout: 16 output rows side by side. For row group g and 32-block b, "step" s holds, for each
-// of the 16 rows, 4 bytes (one 32-bit lane per row): in the 8-bit form quants 4s..4s+3 of the
-// block (8 steps), in the 4-bit form quants 4s..4s+3 in the low nibbles and 16+4s..16+4s+3 in
-// the high ones (4 steps). One 64-byte load is one step for all 16 rows.
+// Layout: 16 output rows side by side; row group g's 32-block b is bits * 64 bytes. Think of the
+// 8-bit form first: 8 "steps" of 64 bytes, step s holding for each of the 16 rows 4 bytes (one
+// 32-bit lane per row), quants 4s..4s+3 of the block; one 64-byte load is one step for all 16
+// rows. The other forms store that in pieces:
+//   bytes [0, 256): the low 4 bits, step s's in the low nibbles of 64-byte vector s and step
+//   4 + s's in its high nibbles (s < 4), so vector s holds quants 4s.. and 16 + 4s..;
+//   bytes [256, 256 + 64 (bits - 4)): for 5 and 6 bits, per step s of the 8-bit form and bit
+//   4 + p above the nibbles (p < bits - 4), one 64-bit mask (at 256 + 8 (s (bits - 4) + p)):
+//   its bit i is that bit of step s's byte lane i. The kernels OR it in after unpacking the
+//   nibbles (a masked byte add), so they feed vpdpbusd the very quants of the 8-bit form, and
+//   read a group block's bytes in order: 4, 5, 6 or 8 bits a weight streamed, not 8.
 //
 // bf16 inputs are quantized per token and 32-block to int8 (scale max|x| / 127, round to
 // nearest even, as llama.cpp does for its q8 activations) and multiplied with vpdpbusd
@@ -32,7 +40,7 @@
 #define QTB 64  // tokens per block of the loop over row groups (many-token products)
 
 typedef struct {
-    int bits;        // 4 or 8
+    int bits;        // 4, 5, 6 or 8
     int spb;         // sub-blocks per 32-block (1, or 2 for Q6_K)
     int has_m;       // m stored, else m = mfac * d
     float mfac;
@@ -44,18 +52,18 @@ static int form_of(int qtype, qform *f) {
     switch (qtype) {
         case 2: *f = (qform){4, 1, 0, -8.0f, 32, 18}; return 0;      // Q4_0
         case 3: *f = (qform){4, 1, 1, 0.0f, 32, 20}; return 0;       // Q4_1
-        case 6: *f = (qform){8, 1, 0, -16.0f, 32, 22}; return 0;     // Q5_0
-        case 7: *f = (qform){8, 1, 1, 0.0f, 32, 24}; return 0;       // Q5_1
+        case 6: *f = (qform){5, 1, 0, -16.0f, 32, 22}; return 0;     // Q5_0
+        case 7: *f = (qform){5, 1, 1, 0.0f, 32, 24}; return 0;       // Q5_1
         case 8: *f = (qform){8, 1, 0, -128.0f, 32, 34}; return 0;    // Q8_0
         case 12: *f = (qform){4, 1, 1, 0.0f, 256, 144}; return 0;    // Q4_K
-        case 13: *f = (qform){8, 1, 1, 0.0f, 256, 176}; return 0;    // Q5_K
-        case 14: *f = (qform){8, 2, 0, -32.0f, 256, 210}; return 0;  // Q6_K
+        case 13: *f = (qform){5, 1, 1, 0.0f, 256, 176}; return 0;    // Q5_K
+        case 14: *f = (qform){6, 2, 0, -32.0f, 256, 210}; return 0;  // Q6_K
         default: return -1;
     }
 }
 
 // bytes of quants per row group and 32-block
-static inline int group_block_bytes(const qform *f) { return f->bits == 4 ? 256 : 512; }
+static inline int group_block_bytes(const qform *f) { return f->bits * 64; }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <stdlib.h>
@@ -163,14 +171,15 @@ static int decode_block(int qtype, const uint8_t *blk, int b, uint8_t *q, uint16
     }
 }
 
-// Repack W [N, K] from GGUF blocks into qs [N/16][K/32][steps][16 rows][4 bytes] and
+// Repack W [N, K] from GGUF blocks into qs [N/16][K/32][bits * 64 bytes] (the layout above) and
 // d, m [N/16][K/32][sub-blocks][16] fp16 (m only where stored). Returns 0; -1 for a type or
 // shape it does not take; -2 where a K-quant scale overflows fp16.
 int tessera_q_repack(int qtype, const uint8_t *src, int N, int K, uint8_t *qs, uint16_t *d, uint16_t *m) {
     qform f;
     if (form_of(qtype, &f) || N % 16 || K % f.block) return -1;
-    const int nb = K / 32, gbb = group_block_bytes(&f), steps = f.bits == 4 ? 4 : 8;
+    const int nb = K / 32, gbb = group_block_bytes(&f), planes = f.bits == 8 ? 0 : f.bits - 4;
     const int64_t row_bytes = (int64_t)(K / f.block) * f.block_bytes;
+    if (planes) memset(qs, 0, (size_t)(N / 16) * nb * gbb);  // the rows' mask bits are ORed in
     for (int n = 0; n < N; n++) {
         const int g = n / 16, r = n % 16;
         for (int b = 0; b < nb; b++) {
@@ -180,10 +189,21 @@ int tessera_q_repack(int qtype, const uint8_t *src, int N, int K, uint8_t *qs, u
             if (decode_block(qtype, blk, b % (f.block / 32), q, dh, mh)) return -2;
             const int64_t gb = (int64_t)g * nb + b;
             uint8_t *dst = qs + gb * gbb;
-            for (int s = 0; s < steps; s++)
-                for (int j = 0; j < 4; j++)
-                    dst[(s * 16 + r) * 4 + j] =
-                        f.bits == 4 ? (uint8_t)(q[4 * s + j] | (q[16 + 4 * s + j] << 4)) : q[4 * s + j];
+            if (f.bits == 8) {
+                for (int s = 0; s < 8; s++)
+                    for (int j = 0; j < 4; j++) dst[(s * 16 + r) * 4 + j] = q[4 * s + j];
+            } else {
+                for (int s = 0; s < 4; s++)
+                    for (int j = 0; j < 4; j++)
+                        dst[(s * 16 + r) * 4 + j] = (uint8_t)((q[4 * s + j] & 0x0F) | (q[16 + 4 * s + j] << 4));
+                // step s's byte lane r * 4 + j holds quant 4s + j: bit r * 4 + j of its masks,
+                // little-endian, is bit (r % 2) * 4 + j of mask byte r / 2
+                for (int s = 0; s < 8; s++)
+                    for (int p = 0; p < planes; p++)
+                        for (int j = 0; j < 4; j++)
+                            if ((q[4 * s + j] >> (4 + p)) & 1)
+                                dst[256 + (s * planes + p) * 8 + r / 2] |= (uint8_t)(1 << ((r % 2) * 4 + j));
+            }
             for (int h = 0; h < f.spb; h++) {
                 d[(gb * f.spb + h) * 16 + r] = dh[h];
                 if (f.has_m) m[(gb * f.spb + h) * 16 + r] = mh[h];
@@ -191,6 +211,29 @@ int tessera_q_repack(int qtype, const uint8_t *src, int N, int K, uint8_t *qs, u
         }
     }
     return 0;
+}
+
+// 5 and 6 bits: the quants of the 8-bit form's step s8 (0..7) from their low 4 bits `nib` and
+// the group block q's mask planes (bits 4, 5: each absent from nib, so an add is an OR)
+static inline __m512i high_bits(__m512i nib, const uint8_t *q, int s8, const int BITS) {
+    if (BITS != 5 && BITS != 6) return nib;
+    const uint8_t *mk = q + 256 + s8 * (BITS - 4) * 8;
+    uint64_t k;
+    memcpy(&k, mk, 8);
+    nib = _mm512_mask_add_epi8(nib, _cvtu64_mask64(k), nib, _mm512_set1_epi8(0x10));
+    if (BITS == 6) {
+        memcpy(&k, mk + 8, 8);
+        nib = _mm512_mask_add_epi8(nib, _cvtu64_mask64(k), nib, _mm512_set1_epi8(0x20));
+    }
+    return nib;
+}
+
+// step s8 (0..7) of the 8-bit form of group block q, whatever its form
+static inline __m512i step8(const uint8_t *q, int s8, const int BITS) {
+    if (BITS == 8) return _mm512_loadu_si512(q + s8 * 64);
+    const __m512i v = _mm512_loadu_si512(q + (s8 % 4) * 64);
+    const __m512i nib = _mm512_and_si512(s8 < 4 ? v : _mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+    return high_bits(nib, q, s8, BITS);
 }
 
 // one segment of a product: a packed weight over 32-blocks [b0, b0 + nb) of the inputs
@@ -238,7 +281,7 @@ static inline __m512 scale_m(const qseg *s, int64_t i, __m512 dv) {
 static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, const qseg *sg, int g, int t0,
                                                                const int MT, const int BITS, const int SPB,
                                                                __m512 *io) {
-    const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
+    const int nb = a->K / 32, gbb = BITS * 64;
     // few tokens: two accumulator chains per token (integer sums: exact in any order, so a
     // token's result does not depend on the tile width)
     const int split = MT <= 4;
@@ -251,12 +294,22 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, c
         for (int h = 0; h < SPB; h++) {
             __m512i acc[QMT], acc2[QMT];
             for (int t = 0; t < MT; t++) acc[t] = acc2[t] = _mm512_setzero_si512();
-            if (BITS == 4) {
+            if (BITS != 8) {
+                // vector s: quants 4s.. (low nibbles) and 16 + 4s.. (high); with two sub-blocks
+                // (Q6_K) sub-block h is the low nibbles (inputs 0..15) or the high ones
                 for (int s = 0; s < 4; s++) {
                     const __m512i v = _mm512_loadu_si512(q + s * 64);
-                    const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    __m512i lo = _mm512_setzero_si512(), hi = lo;
+                    if (SPB == 1 || h == 0) lo = high_bits(_mm512_and_si512(v, nib), q, s, BITS);
+                    if (SPB == 1 || h == 1)
+                        hi = high_bits(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib), q, 4 + s, BITS);
                     for (int t = 0; t < MT; t++) {
                         const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + xb) * 8;
+                        if (SPB == 2) {
+                            __m512i *c = split && (s & 1) ? &acc2[t] : &acc[t];
+                            *c = _mm512_dpbusd_epi32(*c, h ? hi : lo, _mm512_set1_epi32(x[4 * h + s]));
+                            continue;
+                        }
                         acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(x[s]));
                         if (split)
                             acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, _mm512_set1_epi32(x[4 + s]));
@@ -293,12 +346,13 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, c
 }
 
 // fp32 inputs: sum q x accumulated with FMAs (q converted exactly), then d * that + m * sum x,
-// so the result matches the dequantized weight times x up to summation order
+// so the result matches the dequantized weight times x up to summation order. The 5- and 6-bit
+// forms run as the 8-bit one, over its steps rebuilt (the same sums in the same order).
 static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, const qseg *sg, int g, int t0,
                                                                 const int MT, const int BITS, const int SPB,
                                                                 __m512 *io) {
-    const int nb = a->K / 32, gbb = BITS == 4 ? 256 : 512;
-    const __m512i mask = _mm512_set1_epi32(BITS == 4 ? 0x0F : 0xFF);
+    const int nb = a->K / 32, gbb = BITS * 64, two = BITS == 4;  // two: quants per byte
+    const __m512i mask = _mm512_set1_epi32(two ? 0x0F : 0xFF);
     __m512 total[QMT_F32];
     for (int t = 0; t < MT; t++) total[t] = io[t];
     for (int b = 0; b < sg->nb; b++) {
@@ -311,18 +365,18 @@ static inline __attribute__((always_inline)) void qmm_group_f32(const qmm_t *a, 
             __m512 acc[4][QMT_F32];
             for (int c = 0; c < chains; c++)
                 for (int t = 0; t < MT; t++) acc[c][t] = _mm512_setzero_ps();
-            const int s0 = BITS == 4 ? 0 : h * (8 / SPB), s1 = BITS == 4 ? 4 : (h + 1) * (8 / SPB);
+            const int s0 = two ? 0 : h * (8 / SPB), s1 = two ? 4 : (h + 1) * (8 / SPB);
             for (int s = s0; s < s1; s++) {
-                const __m512i v = _mm512_loadu_si512(q + s * 64);
+                const __m512i v = two ? _mm512_loadu_si512(q + s * 64) : step8(q, s, BITS);
                 for (int j = 0; j < 4; j++) {
                     const __m512 w0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j), mask));
                     __m512 w1 = w0;
-                    if (BITS == 4) w1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), mask));
+                    if (two) w1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), mask));
                     for (int t = 0; t < MT; t++) {
                         const float *x = a->xf + (int64_t)(t0 + t) * a->K + xb * 32;
                         __m512 *c = &acc[j % chains][t];
                         *c = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[4 * s + j]), *c);
-                        if (BITS == 4) *c = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[16 + 4 * s + j]), *c);
+                        if (two) *c = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[16 + 4 * s + j]), *c);
                     }
                 }
             }
@@ -361,14 +415,17 @@ static inline void qmm_tile(const qmm_t *a, int g, int t0, int mt) {
     for (int t = 0; t < mt; t++) total[t] = _mm512_setzero_ps();
     for (int i = 0; i < a->n_seg; i++) {
         const qseg *sg = &a->seg[i];
-        const int form = (sg->f.bits == 4 ? 0 : sg->f.spb == 1 ? 1 : 2) + (a->xf ? 3 : 0);
+        // the forms form_of makes: 4, 5 and 8 bits with one sub-block a 32-block, 6 with two
+        const int form = (sg->f.bits == 4 ? 0 : sg->f.bits == 5 ? 1 : sg->f.bits == 6 ? 2 : 3) + (a->xf ? 4 : 0);
         switch (form) {
             case 0: QMM_TILE(qmm_group_i8, 4, 1) break;
-            case 1: QMM_TILE(qmm_group_i8, 8, 1) break;
-            case 2: QMM_TILE(qmm_group_i8, 8, 2) break;
-            case 3: QMM_TILE4(qmm_group_f32, 4, 1) break;
-            case 4: QMM_TILE4(qmm_group_f32, 8, 1) break;
-            default: QMM_TILE4(qmm_group_f32, 8, 2) break;
+            case 1: QMM_TILE(qmm_group_i8, 5, 1) break;
+            case 2: QMM_TILE(qmm_group_i8, 6, 2) break;
+            case 3: QMM_TILE(qmm_group_i8, 8, 1) break;
+            case 4: QMM_TILE4(qmm_group_f32, 4, 1) break;
+            case 5: QMM_TILE4(qmm_group_f32, 5, 1) break;
+            case 6: QMM_TILE4(qmm_group_f32, 6, 2) break;
+            default: QMM_TILE4(qmm_group_f32, 8, 1) break;
         }
     }
     store_rows(a, g, t0, mt, total);
@@ -577,16 +634,8 @@ int tessera_q_matmul(int qtype, const void *x, int x_bf16, int M, int K, int N, 
 // 16 rows' values of input i of 32-block b in row group g, as fp32
 static inline __m512 dequant16(const qform *f, const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t gb, int i) {
     const uint8_t *q = qs + gb * group_block_bytes(f);
-    int s, shift;
-    if (f->bits == 4) {
-        s = (i % 16) / 4;
-        shift = 8 * (i % 4) + (i >= 16 ? 4 : 0);
-    } else {
-        s = i / 4;
-        shift = 8 * (i % 4);
-    }
-    const __m512i v = _mm512_loadu_si512(q + s * 64);
-    const __m512 qv = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, shift), _mm512_set1_epi32(f->bits == 4 ? 0x0F : 0xFF)));
+    const __m512i v = step8(q, i / 4, f->bits);
+    const __m512 qv = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * (i % 4)), _mm512_set1_epi32(0xFF)));
     const int64_t si = gb * f->spb + (f->spb == 2 ? i / 16 : 0);
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + si * 16)));
     const __m512 mv = f->has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m + si * 16)))
