@@ -169,6 +169,8 @@ class TesseraArm:
                 "mean_accepted_length": 1 + accepted / drafts if drafts else 0.0,
                 "spec_step_share": spec_steps / steps if steps else 0.0,
             }
+            policy = self.llm.engine.runner.spec_policy  # its costs as measured on this machine
+            row |= {"token_cost": policy.token_cost, "draft_cost": policy.draft_cost}
         return row
 
 

@@ -154,7 +154,7 @@ class ModelRunner:
             )
             if sizes:
                 self._capture_graphs(sizes)
-        if self.proposer is not None and num_blocks >= 1:
+        if self.proposer is not None and speculative_config.adaptive and num_blocks >= 1:
             self._measure_step_times()
 
     @torch.inference_mode()
