@@ -63,14 +63,18 @@ KINDS = ["ngram", "draft_model"]
 KV_FACTOR = {"ngram": 1, "draft_model": 2}  # the draft's K/V takes as much again
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def spec(request, default_model_path):
-    kind = request.param
+def make_spec(default_model_path, kind: str, **kw) -> LLM:
     return make(
         default_model_path,
         speculative_config=config(kind, default_model_path),
         kv_cache_memory=64 * 2**20 * KV_FACTOR[kind],
+        **kw,
     )
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def spec(request, default_model_path):
+    return make_spec(default_model_path, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +134,7 @@ def test_requests_preempted_while_holding_a_draft_still_match(default_model_path
 def test_a_request_preempted_mid_speculation_resumes_and_matches(default_model_path, reference, kind):
     # preempted by hand (the draft model's lookahead slots change when memory runs out): it
     # resumes from the prefix cache, and a draft model recomputes its own K/V from the start
-    llm = make(
-        default_model_path,
-        speculative_config=config(kind, default_model_path),
-        kv_cache_memory=64 * 2**20 * KV_FACTOR[kind],
-    )
+    llm = make_spec(default_model_path, kind)
     ids = [llm.add_request(p, GREEDY) for p in prompts(llm)]
     sched = llm.engine.scheduler
     results, preempted = {}, 0
@@ -154,12 +154,7 @@ def test_a_request_preempted_mid_speculation_resumes_and_matches(default_model_p
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_prefill_with_speculation_matches(default_model_path, reference, kind):
-    llm = make(
-        default_model_path,
-        speculative_config=config(kind, default_model_path),
-        max_num_batched_tokens=24,
-        kv_cache_memory=64 * 2**20 * KV_FACTOR[kind],
-    )
+    llm = make_spec(default_model_path, kind, max_num_batched_tokens=24)
     outs = llm.generate(prompts(llm), GREEDY)
     assert [o.token_ids for o in outs] == reference
     assert llm.stats().spec_num_accepted_tokens > 0
