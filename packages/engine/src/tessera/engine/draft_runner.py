@@ -4,7 +4,6 @@ address them."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
 class DraftRunner:
     """Implements ``tessera.spec_decode.DraftModel``. One K/V tensor per draft layer, of
     ``num_blocks`` pages of ``block_size`` slots (the target's pool): block id b of the target's
-    full-attention group is page b here too. Times its forwards (``seconds``, ``forwards``) for
-    the adaptive policy's cost of a drafted token."""
+    full-attention group is page b here too."""
 
     def __init__(
         self,
@@ -36,8 +34,6 @@ class DraftRunner:
             LayerKVCache.allocate(num_blocks, block_size, s.num_kv_heads, s.head_dim, kv_dtype, self.device)
             for s in model.kv_cache_spec()
         ]
-        self.seconds = 0.0
-        self.forwards = 0
 
     @torch.inference_mode()
     def logits(
@@ -47,7 +43,6 @@ class DraftRunner:
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
     ) -> torch.Tensor:
-        t0 = time.perf_counter()
         positions, metas = build_attention_metadata(
             list(query_lens),
             list(seq_lens),
@@ -64,10 +59,6 @@ class DraftRunner:
         )
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last] if len(last) < hidden.shape[0] else hidden)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds += time.perf_counter() - t0
-        self.forwards += 1
         return logits
 
 

@@ -73,7 +73,6 @@ class DraftModelProposer:
         self.sampler = sampler or Sampler()
         self.max_catch_up = max_catch_up
         self._states: dict[str, _State] = {}
-        self.num_forwards = 0  # batched draft forwards run (catch-up ones included)
         # seconds of one forward for one more drafted position (and choosing its tokens),
         # a moving average: what the adaptive policy weighs a drafted token's cost with
         self.forward_seconds = 0.0
@@ -138,7 +137,7 @@ class DraftModelProposer:
                 st.computed = n_ctx
         if not qlens:
             return Drafts(out)
-        logits = self._forward(ids, qlens, slens, tables)
+        logits = self.model.logits(ids, qlens, slens, tables)
         if not drafting:
             return Drafts(out)
         logits = logits[torch.tensor([row for row, _, _ in drafting])]
@@ -183,16 +182,12 @@ class DraftModelProposer:
             live = still
             t0 = time.perf_counter()
             # draft token j (1-based) goes in at position len(context) + j - 1
-            logits = self._forward(
+            logits = self.model.logits(
                 [out[i][-1] for i, _ in live],
                 [1] * len(live),
                 [len(requests[i].token_ids) + len(out[i]) for i, _ in live],
                 [requests[i].block_table for i, _ in live],
             )
-
-    def _forward(self, ids, qlens, slens, tables) -> torch.Tensor:
-        self.num_forwards += 1
-        return self.model.logits(ids, qlens, slens, tables)
 
     def _choose(
         self, logits: torch.Tensor, requests: Sequence[ProposalRequest], drafted: Sequence[list[int]]
