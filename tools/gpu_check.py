@@ -4,7 +4,8 @@ On the device machine (its python3 has torch, triton, transformers; carry the ot
 tools/device_wheels.sh), from the repository root:
 
     python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference] \
-        [--stages suite,correctness,bench,bench-exl2,exllamav2]
+        [--stages suite,probe,correctness,bench,bench-exl2,exllamav2] [--suite-paths kernels-cuda,...] \
+        [--shapes llama3-8b,smollm2-135m] [--side-timeout S]
 
 Here, on the CPU, the same flow on tiny shapes checks the script itself:
 
@@ -15,7 +16,13 @@ budget is spent:
 1. the machine: GPU, torch/triton versions, and the ceilings measured on it (device-to-device copy
    bandwidth, bf16 matrix rate on random data), beside the datasheet's 4.8 TB/s and 989 TFLOP/s;
 2. the test suite with TESSERA_DEVICE=cuda (kernels-cuda's tests then run every kernel compiled,
-   against its reference), as JUnit XML plus a summary;
+   against its reference), over 8 xdist workers and then, alone, the tests marked gpu_exclusive,
+   as JUnit XML plus a summary;
+   probe (before the suite when both run): where a decode step's time goes
+   (tools/bench/gpu_probe.py): each few-token quantized-linear kernel and tile at Llama-3-8B's
+   shapes against cuBLAS in bf16, then whole-model decode with the best of each kernel and a
+   torch.profiler table of a decode step (probe.txt); the stages after it run the kernel that
+   decoded faster (TESSERA_CUDA_GEMV);
 3. correctness: a random-weight small Llama's logits (a ragged, chunked batch) with the CUDA
    kernels in bf16 and with the torch reference in bf16, both against the reference in fp32: the
    kernels pass when their error is at most twice the reference's own bf16 error (bf16 rounding
@@ -42,9 +49,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,6 +106,19 @@ def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+CHILD_LOG: Path | None = None  # where the children's output goes (--out/children.log)
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def child_log(title: str, text: str) -> None:
+    if CHILD_LOG is not None:
+        with CHILD_LOG.open("a") as f:
+            f.write(f"==== {time.strftime('%H:%M:%S')} {title}\n{text[-20000:]}\n")
+
+
 # -- 1. the machine ---------------------------------------------------------------------------
 
 
@@ -142,22 +164,52 @@ def _cuda_time(fn, warmup: int = 3, reps: int = 10) -> float:
 # -- 2. the suite -----------------------------------------------------------------------------
 
 
-def suite(out: Path, env: dict, timeout: float, device: str) -> dict:
+SUITE_PATHS = ("kernels-cuda", "packages", "kernels-cpu", "integration_tests")
+
+
+def suite(out: Path, env: dict, timeout: float, device: str, paths: list[str], workers: int) -> dict:
+    """The tests under ``paths`` with TESSERA_DEVICE=device: over ``workers`` xdist workers where
+    xdist is installed (the kernels' compiles and the CPU-side work spread over the cores), then,
+    alone on the GPU, the tests marked gpu_exclusive (they read its free memory)."""
     env = dict(env, TESSERA_DEVICE=device)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'suite.xml'}"]
-    cmd += ["kernels-cuda", "packages", "kernels-cpu", "integration_tests"]
-    log(f"suite: {' '.join(cmd[3:])} (TESSERA_DEVICE={device}, {timeout:.0f} s at most)")
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=short"]
+    if workers > 1 and importlib.util.find_spec("xdist") is not None:
+        passes = [
+            [*base, f"--junitxml={out / 'suite.xml'}", "-n", str(workers), "-m", "not gpu_exclusive", *paths],
+            [*base, "-m", "gpu_exclusive", *paths],
+        ]
+    else:
+        passes = [[*base, f"--junitxml={out / 'suite.xml'}", *paths]]
+    start = time.monotonic()
+    texts, codes = [], []
+    for cmd in passes:
+        log(f"suite: {' '.join(cmd[3:])} (TESSERA_DEVICE={device}, {timeout:.0f} s at most in all)")
+        text, code = _pytest(cmd, env, max(10.0, timeout - (time.monotonic() - start)))
+        texts.append(text)
+        codes.append(code)
+    (out / "suite.log").write_text("\n".join(texts))
+    tails = [([ln for ln in t.strip().splitlines() if ln.strip()][-1:] or [""])[0] for t in texts]
+    code = next((c for c in codes if c not in (0, 5)), 0)  # 5: a pass that selected nothing
+    return {"exit": code, "summary": " | ".join(tails)}
+
+
+def _pytest(cmd: list[str], env: dict, timeout: float) -> tuple[str, object]:
+    # its own process group: at the time limit the xdist workers go too, not only pytest
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        text, code = r.stdout + r.stderr, r.returncode
-    except subprocess.TimeoutExpired as e:
-        text, code = (
-            (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""),
-            "timeout",
-        )
-    (out / "suite.log").write_text(text)
-    tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or [""]
-    return {"exit": code, "summary": tail[0]}
+        text, _ = proc.communicate(timeout=timeout)
+        return text, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0], "timeout"
 
 
 # -- 3. correctness ---------------------------------------------------------------------------
@@ -204,6 +256,7 @@ def correctness(work: Path, env: dict, device: str, small: dict) -> dict:
         e = dict(env, TESSERA_KERNELS=backend)
         cmd = [sys.executable, __file__, "--child-logits", str(path), dtype, device, str(dump)]
         r = subprocess.run(cmd, env=e, capture_output=True, text=True)
+        child_log(f"correctness {name}", r.stdout + r.stderr)
         if r.returncode:
             return {"error": f"{name}: {r.stderr[-1500:]}"}
         runs[name] = torch.load(dump)
@@ -357,9 +410,11 @@ def bench(
             r = subprocess.run(
                 cmd, env=dict(env, TESSERA_KERNELS=backend), capture_output=True, text=True, timeout=timeout
             )
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
+            child_log(f"bench {path.name} {side} (timed out)", _text(e.stdout) + _text(e.stderr))
             out[side] = {"error": f"ran past its {timeout:.0f} s"}
             continue
+        child_log(f"bench {path.name} {side}", r.stdout + r.stderr)
         if r.returncode:
             out[side] = {"error": r.stderr[-1500:]}
             continue
@@ -423,7 +478,37 @@ def exllamav2_stage(work: Path, env: dict, device: str, smoke: bool, budget: Bud
     return cross_check(folder, env, device, max(30.0, budget.left() - 15), out)
 
 
-STAGES = ("suite", "correctness", "bench", "bench-exl2", "exllamav2")
+def probe_stage(work: Path, env: dict, out: Path, timeout: float) -> dict:
+    """Where a decode step's time goes (tools/bench/gpu_probe.py) on a random Llama-3-8B GGUF."""
+    from make_random_gguf import SHAPES, write
+
+    path = work / "probe-llama3-8b.gguf"
+    if not path.exists():
+        write(str(path), scheme="Q4_K", **SHAPES["llama3-8b"])
+    dump = work / "probe.json"
+    code = "import sys, gpu_probe; gpu_probe.main(sys.argv[1], sys.argv[2])"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(dump), str(path)], env=env, capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        child_log("probe", r.stdout + r.stderr)
+        status = "ok" if r.returncode == 0 else f"exit {r.returncode}: {r.stderr[-1500:]}"
+    except subprocess.TimeoutExpired as e:
+        child_log("probe (timed out)", _text(e.stdout) + _text(e.stderr))
+        status = f"ran past its {timeout:.0f} s"
+    res = json.loads(dump.read_text()) if dump.exists() else {}
+    res["status"] = status
+    tables = [d.pop("profile_table") for d in res.get("decode", []) if "profile_table" in d]
+    with (out / "probe.txt").open("w") as f:
+        for r in res.get("kernels", []):
+            f.write(json.dumps(r) + "\n")
+        for t in tables:
+            f.write(t + "\n")
+    return res
+
+
+STAGES = ("suite", "probe", "correctness", "bench", "bench-exl2", "exllamav2")
 
 
 def main() -> None:
@@ -439,6 +524,12 @@ def main() -> None:
     p.add_argument("--skip-suite", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the torch-reference baseline")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, on the CPU: checks this script")
+    p.add_argument("--suite-paths", default=",".join(SUITE_PATHS), help="what the suite stage runs")
+    p.add_argument("--suite-workers", type=int, default=8, help="pytest-xdist workers, where it is installed")
+    p.add_argument("--suite-share", type=float, default=0.45, help="of the budget left, the suite's at most")
+    p.add_argument("--probe-share", type=float, default=0.4, help="of the budget left, the probe's at most")
+    p.add_argument("--shapes", default="smollm2-135m,llama3-8b", help="the bench stage's shapes")
+    p.add_argument("--side-timeout", type=float, default=0.0, help="one bench side's seconds (0: budget)")
     a = p.parse_args()
     stages = {x.strip() for x in a.stages.split(",") if x.strip()}
     if stages - set(STAGES):
@@ -447,6 +538,8 @@ def main() -> None:
         stages.discard("suite")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    global CHILD_LOG
+    CHILD_LOG = out / "children.log"
     budget = Budget(a.budget_s)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     env = workspace_env(work / "site")
@@ -461,40 +554,65 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
 
     save()
-    if "suite" in stages:
-        result["suite"] = suite(out, env, max(60.0, budget.left() * 0.45), device)
-        log(f"suite: {result['suite']}")
+    seconds = result["seconds"] = {}
+    t0 = time.monotonic()
+
+    def lap(stage: str) -> None:
+        nonlocal t0
+        seconds[stage] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
         save()
+
+    if "probe" in stages and device == "cuda":
+        result["probe"] = probe_stage(work, env, out, max(60.0, budget.left() * a.probe_share))
+        log(f"probe: {json.dumps({k: v for k, v in result['probe'].items() if k != 'kernels'})}")
+        decodes = [d for d in result["probe"].get("decode", []) if "decode_tok_s" in d]
+        if len(decodes) > 1:  # the benches below run the few-token kernel that decoded faster
+            env["TESSERA_CUDA_GEMV"] = max(decodes, key=lambda d: d["decode_tok_s"])["gemv"]
+            result["bench_gemv"] = env["TESSERA_CUDA_GEMV"]
+        lap("probe")
+    if "suite" in stages:
+        paths = [x for x in a.suite_paths.split(",") if x]
+        timeout = max(60.0, budget.left() * a.suite_share)
+        result["suite"] = suite(out, env, timeout, device, paths, a.suite_workers)
+        log(f"suite: {result['suite']}")
+        lap("suite")
     tiny = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1000)
     if "correctness" in stages:
         small = tiny if a.smoke else dict(layers=4, hidden=512, ffn=1536, heads=8, kv_heads=2, vocab=4096)
         result["correctness"] = correctness(work, env, device, small)
         log(f"correctness: {result['correctness']}")
-        save()
+        lap("correctness")
     if "bench" in stages:
         from make_random_gguf import SHAPES, write
 
-        shapes = {"smollm2-135m": tiny} if a.smoke else {k: SHAPES[k] for k in ("smollm2-135m", "llama3-8b")}
+        names = [x for x in a.shapes.split(",") if x]
+        shapes = {"smollm2-135m": tiny} if a.smoke else {k: SHAPES[k] for k in names}
         result["bench"] = {}
         for name, shape in shapes.items():
             if budget.left() < 60:
                 result["bench"][name] = f"skipped: {budget.left():.0f} s of the budget left"
                 continue
-            log(f"bench {name}: writing the random GGUF")
-            path = write(str(work / f"{name}.gguf"), scheme="Q4_K", **shape)
+            # Q4_K where every matrix is whole super-blocks (SmolLM2's 576 is not: Q4_0 there)
+            scheme = "Q4_K" if shape["hidden"] % 256 == 0 and shape["ffn"] % 256 == 0 else "Q4_0"
+            log(f"bench {name}: writing the random GGUF ({scheme})")
+            path = write(str(work / f"{name}.gguf"), scheme=scheme, **shape)
             conc = [4] if a.smoke else [64, 256]
             timeout = max(60.0, budget.left() - 10)
+            if a.side_timeout:
+                timeout = min(timeout, a.side_timeout)
             result["bench"][name] = bench(path, env, device, a.smoke, conc, not a.no_reference, timeout)
+            result["bench"][name]["scheme"] = scheme
             path.unlink()
             log(f"bench {name}: {json.dumps(result['bench'][name])}")
-            save()
+            lap(f"bench {name}")
     if "bench-exl2" in stages:
         result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget)
-        save()
+        lap("bench-exl2")
     if "exllamav2" in stages:
         result["exllamav2"] = exllamav2_stage(work, env, device, a.smoke, budget, out)
         log(f"exllamav2: {json.dumps(result['exllamav2'])}")
-        save()
+        lap("exllamav2")
     print(json.dumps(result))
 
 

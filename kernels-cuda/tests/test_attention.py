@@ -15,6 +15,26 @@ from tessera.kernels import reference
 from tessera.kernels_cuda import attention
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on(x):
+    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
+
+def paged_attention(*args, **kw):
+    """The kernel on the test's device (the GPU where there is one, else the interpreter) on
+    inputs built on the CPU; the output back on the CPU, beside the reference's."""
+    return attention.paged_attention(*map(_on, args), **{k: _on(v) for k, v in kw.items()}).cpu()
+
+
+def reshape_and_cache(key, value, cache, slots, scales=None):
+    """The cache write on the test's device; the CPU cache (and scales) updated in place from it."""
+    c, s = _on(cache), _on(scales)
+    attention.reshape_and_cache(_on(key), _on(value), c, _on(slots), s)
+    cache.copy_(c.cpu())
+    if scales is not None:
+        scales.copy_(s.cpu())
 
 
 @pytest.fixture
@@ -107,7 +127,7 @@ def test_paged_attention_matches_the_torch_reference_on_a_mixed_batch(
 ):
     force_split(monkeypatch, split)
     batch = Batch(*MIXED, hq, hk, d, bs, cache_dtype, q_dtype, window)
-    out = batch.run(attention.paged_attention)
+    out = batch.run(paged_attention)
     ref = batch.run(reference.paged_attention)
     assert out.dtype == q_dtype and out.isfinite().all()  # no NaN block was read
     torch.testing.assert_close(out, ref, atol=TOL[q_dtype], rtol=TOL[q_dtype])
@@ -117,10 +137,8 @@ def test_the_builders_host_bounds_change_no_bit(small_partitions, monkeypatch):
     """max_seq_len / max_query_len from the metadata builder only narrow the launch."""
     force_split(monkeypatch, True)
     batch = Batch(*MIXED, 9, 3, 80, 16, torch.float32, torch.float32, None)
-    plain = batch.run(attention.paged_attention)
-    bounded = batch.run(
-        attention.paged_attention, max_query_len=max(MIXED[1]), max_seq_len=int(batch.lens.max())
-    )
+    plain = batch.run(paged_attention)
+    bounded = batch.run(paged_attention, max_query_len=max(MIXED[1]), max_seq_len=int(batch.lens.max()))
     assert torch.equal(plain, bounded)
 
 
@@ -131,20 +149,20 @@ def test_a_long_decode_takes_the_split_path_and_matches_the_reference(small_part
         2 * 2 * 2, 2, 2, batch.table.shape[1] * 16, 16, 64, torch.device("cpu"), True
     )
     assert (partition, split) == (64, True) and n_parts >= 5
-    out = batch.run(attention.paged_attention)
+    out = batch.run(paged_attention)
     torch.testing.assert_close(out, batch.run(reference.paged_attention), atol=1e-5, rtol=1e-5)
 
 
 def test_batch_invariant_false_picks_partitions_by_load_and_matches_the_reference():
     batch = Batch([200, 0], [1, 7], 4, 1, 64, 16, torch.float16, torch.float16, None)
-    out = batch.run(attention.paged_attention, batch_invariant=False)
+    out = batch.run(paged_attention, batch_invariant=False)
     torch.testing.assert_close(out, batch.run(reference.paged_attention), atol=2e-3, rtol=2e-3)
 
 
 def test_batch_invariant_false_prefill_tiles_of_64_rows_match_the_reference(monkeypatch):
     monkeypatch.setattr(attention, "PREFILL_TOKENS", 16)
     batch = Batch([0, 30, 70], [45, 20, 1], 6, 2, 64, 16, torch.int8, torch.float16, window=40)
-    out = batch.run(attention.paged_attention, batch_invariant=False)
+    out = batch.run(paged_attention, batch_invariant=False)
     assert out.isfinite().all()
     torch.testing.assert_close(out, batch.run(reference.paged_attention), atol=2e-3, rtol=2e-3)
 
@@ -160,7 +178,7 @@ def test_a_rows_output_is_bit_identical_alone_in_a_batch_chunked_or_as_a_decode(
 
     def run(qs, qsl, lens, tables, split):
         force_split(monkeypatch, split)
-        return attention.paged_attention(
+        return paged_attention(
             qs, cache, torch.as_tensor(qsl, dtype=torch.int32), torch.as_tensor(lens, dtype=torch.int32),
             tables, d**-0.5,
         )  # fmt: skip
@@ -187,17 +205,17 @@ def test_a_windowed_rows_output_is_bit_identical_alone_or_chunked(small_partitio
     n, w = 140, 45
     whole = Batch([0], [n], 4, 2, 64, 16, torch.float32, torch.float32, seed=5)
     whole.window = w
-    alone = whole.run(attention.paged_attention)
+    alone = whole.run(paged_attention)
     torch.testing.assert_close(alone, whole.run(reference.paged_attention), atol=1e-5, rtol=1e-5)
     q, t = whole.query, whole.table
     for split in (False, True):
         force_split(monkeypatch, split)
         lens = torch.tensor([77, n], dtype=torch.int32)
-        chunks = attention.paged_attention(
+        chunks = paged_attention(
             q, whole.cache, torch.tensor([0, 77, n], dtype=torch.int32), lens, torch.cat([t, t]), 0.125, w
         )
         assert torch.equal(alone, chunks)
-        decode = attention.paged_attention(
+        decode = paged_attention(
             q[n - 1 :], whole.cache, torch.tensor([0, 1], dtype=torch.int32), lens[1:], t, 0.125, w
         )
         assert torch.equal(alone[n - 1 :], decode)
@@ -230,7 +248,7 @@ def test_reshape_and_cache_matches_the_torch_reference_and_skips_negative_slots(
     keep = slots >= 0
     # the reference indexes with the slots, so it is given only the tokens that are written
     reference.reshape_and_cache(key[keep], value[keep], expect, slots[keep], expect_scales)
-    attention.reshape_and_cache(key, value, cache, slots, scales)
+    reshape_and_cache(key, value, cache, slots, scales)
     assert torch.equal(cache.view(torch.uint8), expect.view(torch.uint8))
     if scales is not None:
         assert torch.equal(scales, expect_scales)
@@ -242,7 +260,7 @@ def test_fp8_cache_write_rounds_ties_to_even_like_torch():
     x = torch.tensor(row + [0.0] * (32 - len(row))).view(1, 1, 32)
     cache = torch.zeros(2, 1, 1, 1, 32).to(torch.float8_e4m3fn)
     scales = torch.zeros(2, 1, 1, 1)
-    attention.reshape_and_cache(x, -x, cache, torch.tensor([0]), scales)
+    reshape_and_cache(x, -x, cache, torch.tensor([0]), scales)
     q, s = reference.quantize_kv(x, torch.float8_e4m3fn)
     assert torch.equal(cache[0, 0, 0].view(torch.uint8), q[0].view(torch.uint8))
     assert torch.equal(

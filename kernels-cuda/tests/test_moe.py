@@ -209,7 +209,9 @@ def test_other_inputs_go_to_the_reference(device):
     x, logits = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 4)
     got = fused_moe(x.to(device), logits.to(device), pgu, pdn, 2, True)
     want = reference.fused_moe(x, logits, gu_ref, dn_ref, 2, True)
-    assert_moe(got, want, 1e-12)
+    # the packed weights dequantize in fp32 on the device (an FMA on a GPU, 1 ulp from the
+    # CPU's multiply-add); the float64 products on top are exact to 1e-12
+    assert_moe(got, want, 1e-12 if device.type == "cpu" else 1e-6)
     with pytest.raises(ValueError, match="top_k 5"):
         fused_moe(x.float().to(device), logits.to(device), pgu, pdn, 5, True)
 

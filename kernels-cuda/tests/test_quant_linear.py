@@ -112,10 +112,21 @@ def test_k_quant_row_of_one_super_block(scheme, device):
         assert_product(y, x, ref, None, tolerance(scheme, torch.float32, torch.float32))
 
 
+@pytest.fixture(params=["dot", "words", "words-fast-cvt"])
+def gemv(request, monkeypatch):
+    """Each few-token kernel: tokens padded to a tensor-core tile, or a program per token by words
+    (with q - ZERO by an int-to-float conversion, or through the float 2^23 + q)."""
+    monkeypatch.setattr(quant_linear, "GEMV_KERNEL", request.param.split("-")[0])
+    monkeypatch.setattr(quant_linear, "WORDS_FAST_CVT", request.param.endswith("fast-cvt"))
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("scheme", LEGACY + K_QUANTS)
-def test_linear_equals_x_times_gguf_weights_transposed(scheme, dtype, device):
-    """M = 1, 3, 8 take the GEMV kernel, 17 the dequantize + matmul path; N = 80 is 5 row blocks."""
+def test_linear_equals_x_times_gguf_weights_transposed(scheme, dtype, device, gemv, monkeypatch):
+    """M = 1, 3, 8 take the GEMV kernel (its threshold raised to 8), 17 the dequantize + matmul
+    path; N = 80 is 5 row blocks of 16."""
+    monkeypatch.setattr(quant_linear, "GEMV_MAX_TOKENS", 8)
     qt, ref = gguf_weight(scheme, *shape_of(scheme, 80), seed=2)
     w = prepare_linear_weight(qt.to(device), dtype)
     for m in (1, 3, 8, 17):
@@ -140,7 +151,8 @@ def test_row_stack_of_two_schemes_with_bias_and_fp32_out_from_fp16(m, device):
     y = linear(x.to(device), stack, bias.to(device), out_dtype=torch.float32)
     assert y.dtype == torch.float32 and y.shape == (2, m, 108)
     # the GEMV path writes fp32 from its fp32 sums; the cuBLAS path rounds to fp16 first
-    tol = tolerance("Q6_K", torch.float16, torch.float32 if m <= 8 else torch.float16)
+    gemv = m <= quant_linear.GEMV_MAX_TOKENS
+    tol = tolerance("Q6_K", torch.float16, torch.float32 if gemv else torch.float16)
     assert_product(y.cpu().reshape(-1, 108), x.reshape(-1, 256), ref, bias, tol)
     half = linear(x.to(device), stack, bias.to(device))
     assert half.dtype == torch.float16
@@ -178,8 +190,10 @@ def test_the_kernel_over_several_token_tiles_is_batch_invariant(device, monkeypa
         assert torch.equal(linear(x[t : t + 1].to(device), w)[0], y[t])
 
 
-def test_gemv_rows_do_not_depend_on_the_other_tokens(device):
-    """Batch invariance up to GEMV_MAX_TOKENS: token 0's outputs are bit-identical for M = 1..8."""
+def test_gemv_rows_do_not_depend_on_the_other_tokens(device, gemv, monkeypatch):
+    """Batch invariance of each kernel: token 0's outputs are bit-identical for M = 1..8 (the
+    threshold raised to 8, as a measurement may raise it)."""
+    monkeypatch.setattr(quant_linear, "GEMV_MAX_TOKENS", 8)
     qt, _ = gguf_weight("Q5_K", 48, 512, seed=3)
     w = prepare_linear_weight(qt.to(device), torch.float16)
     x = torch.randn(quant_linear.GEMV_MAX_TOKENS, 512).half().to(device)
@@ -215,7 +229,8 @@ def test_other_weights_go_to_the_reference(device):
     ref = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K)
     assert torch.equal(w.cpu(), torch.from_numpy(ref.copy()))
     x = torch.randn(2, 256)
-    torch.testing.assert_close(linear(x.to(device), w).cpu(), x @ w.cpu().T)
+    # fp32 on both sides; cuBLAS sums 256 products in another order than the CPU (rtol 1e-5)
+    torch.testing.assert_close(linear(x.to(device), w).cpu(), x @ w.cpu().T, rtol=1e-5, atol=0)
 
 
 COMPILE_SCRIPT = r"""
@@ -236,6 +251,14 @@ for arch, scheme, xt, ot in json.loads(sys.argv[1]):
                "K": "i32", **STRIDES}
         ce |= {"HAS_IDS": True, "BLOCK_N": ql.DEQ_BLOCK_N, "BLOCK_K": ql.DEQ_BLOCK_K}
         res = usage(ql._dequant_kernel, sig, ce, arch, ALIGNED)
+    elif xt.startswith("words-"):
+        xt = xt[len("words-"):]
+        sig = {"x_ptr": "*" + xt, **PLANES, "bias_ptr": "*" + ot, "out_ptr": "*" + ot, "M": "i32", "N": "i32",
+               "K": "i32", **STRIDES, "stride_xm": "i32", "stride_om": "i32"}
+        ce |= {"HAS_BIAS": True, "BLOCK_N": ql.WORDS_BLOCK_N, "BLOCK_W": ql.WORDS_BLOCK_W,
+               "FAST_CVT": arch == 90}  # both forms compile without spills
+        res = usage(ql._qgemv_words_kernel, sig, ce, arch, ALIGNED, num_warps=ql.WORDS_WARPS,
+                    num_stages=ql.WORDS_STAGES)
     else:
         sig = {"x_ptr": "*" + xt, **PLANES, "bias_ptr": "*" + ot, "out_ptr": "*" + ot, "M": "i32", "N": "i32",
                "K": "i32", **STRIDES, "stride_xm": "i32", "stride_om": "i32"}
@@ -252,6 +275,8 @@ def test_kernels_compile_for_sm80_and_sm90_without_register_spills(compile_cases
     variants compile for the H200 and for sm_80 cards, with no local-memory spills."""
     cases = [[90, s, "bf16", "bf16"] for s in LEGACY + K_QUANTS]
     cases += [[90, "Q5_K", "fp32", "fp32"], [80, "Q5_1", "bf16", "fp32"], [90, "Q6_K", "dequant", "bf16"]]
+    cases += [[arch, s, "words-bf16", "bf16"] for arch in (80, 90) for s in LEGACY + K_QUANTS]
+    cases += [[90, "Q4_K", "words-fp32", "fp32"]]
     results = compile_cases(COMPILE_SCRIPT, cases)
     for arch, scheme, xt, ot, res in results:
         assert res["LOCAL"] == 0, f"sm_{arch} {scheme} {xt}->{ot} spills: {res}"

@@ -327,14 +327,24 @@ def test_buffered_steps_and_padded_graph_replays_give_the_tokens_of_the_plain_ru
         max_model_len=64,
         buffered=True,
     )
-    assert runner.inputs is not None and runner.graphs is None  # no CUDA: no graphs captured
+    assert runner.inputs is not None
     log = []
-    machinery, _ = fake_machinery(log)
-    runner.graphs = DecodeGraphs(
-        capture_sizes(8), runner._pad_batch, recording(runner._static_forward, log), **machinery
-    )
-    with torch.inference_mode():
-        assert runner.graphs.capture_all() and runner.graphs.verify(1)
+    if runner.graphs is None:  # no CUDA, no graphs captured: the same control flow on fake graphs
+        machinery, _ = fake_machinery(log)
+        runner.graphs = DecodeGraphs(
+            capture_sizes(8), runner._pad_batch, recording(runner._static_forward, log), **machinery
+        )
+        with torch.inference_mode():
+            assert runner.graphs.capture_all() and runner.graphs.verify(1)
+    else:  # on CUDA the runner captured real graphs of every size up to max_num_seqs
+        assert runner.graphs.captured_sizes == capture_sizes(8)
+        real_replay = runner.graphs.replay
+
+        def replay(size):
+            log.append(("replay", size))
+            return real_replay(size)
+
+        runner.graphs.replay = replay
     llm.engine.runner = runner
     got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == want
@@ -364,6 +374,7 @@ def test_graphs_give_the_greedy_tokens_of_enforce_eager_on_the_gpu(tmp_path):
 
 
 @cuda
+@pytest.mark.gpu_exclusive  # reads the GPU's free memory: alone on it (tools/gpu_check.py)
 def test_the_kv_cache_takes_what_gpu_memory_utilization_leaves(tmp_path):
     path = random_llama(tmp_path)
     kw = {"dtype": "float32", "block_size": 16, "max_model_len": 64, "device": "cuda", "enforce_eager": True}

@@ -6,25 +6,37 @@ an fp16 scale d per 32 inputs (16 for Q6_K) and, where the scheme has one, an fp
 
 ``linear`` then takes one of two paths, by the number of tokens M:
 
-- M <= ``GEMV_MAX_TOKENS``: one Triton kernel, one program per ``GEMV_BLOCK_N`` output rows
-  (and per ``GEMV_BLOCK_M`` = 16 tokens, so one program for every M up to 16), looping over K in
-  tiles of ``GEMV_BLOCK_K`` inputs (``GEMV_BLOCK_K_FP32`` for fp32 inputs). Each tile's packed
-  words are read once, unpacked and scaled in registers, rounded to x's dtype (as the reference
-  rounds its dequantized weight) and multiplied with all the tokens at once by ``tl.dot``
-  (tokens padded to 16 by masked loads; fp32 sums; fp32 inputs in IEEE fp32, not TF32). The tile
-  sizes never depend on M, so a token's result is the same whatever else is in the batch, for
-  every M up to the threshold. The result is written in ``out_dtype`` straight from the fp32
-  sums (fp32 logits from bf16 inputs are not rounded to bf16 first).
+- M <= ``GEMV_MAX_TOKENS``: one Triton kernel reads each packed word once and dequantizes in
+  registers. Two kernels, ``GEMV_KERNEL`` picks:
+
+  - ``words`` (the default): one program per ``WORDS_BLOCK_N`` output rows and per token, over
+    K a block of ``WORDS_BLOCK_W`` packed words (8 inputs each) at a time, with no reshape: for
+    nibble position j, ``(lo >> 4j) & 15`` (plus the high plane's bits) minus ZERO is an exact
+    integer multiplied with x[8w + j] into the word's fp32 sum; d and m apply once per word
+    (``d * sum (q - ZERO) x + m * sum x``), not per weight.
+  - ``dot``: one program per ``GEMV_BLOCK_N`` rows and 16 tokens; each tile of ``GEMV_BLOCK_K``
+    inputs is unpacked to a ``[rows, K]`` tile, rounded to x's dtype and multiplied with all
+    the tokens by ``tl.dot`` (tokens padded to 16).
+
+  Neither's tile depends on M, so a token's result is the same whatever else is in the batch
+  for every M up to the threshold. Results are written in ``out_dtype`` from the fp32 sums.
+  Measured on an H200 (tools/gpu_check.py, probe stage; BENCHMARKS.md, 2026-12-04 GPU): at one
+  token ``words`` (8 rows x 128 words) reads Llama-3-8B's gate/up (Q4_K) at 0.96 TB/s, ``dot`` at 0.43;
+  the 8B model decodes at 162 tokens/s against 80. ``words`` repeats its work per token (0.14
+  TB/s at 8 tokens) where ``dot`` costs the same for 1 to 16, and the dequantize + cuBLAS path
+  matches ``dot`` from 2 tokens up: hence ``words`` up to 2 tokens, then cuBLAS.
 - larger M: a Triton kernel dequantizes the weight into a buffer of x's dtype kept per size and
   dtype and reused by every weight of that size, and cuBLAS does the product (``F.linear``). A
   row stack dequantizes all its parts into one buffer: one GEMM. A matrix of more than
   ``DEQ_BUFFER_MAX`` values (an LM head) goes in runs of rows through one buffer of that size.
 
 The two paths round differently (the GEMM's own reduction order), so a token's logits may differ
-in the last bits between a batch of 8 and one of 9.
+in the last bits between a batch of ``GEMV_MAX_TOKENS`` and one more.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +47,9 @@ from tessera.kernels import InputSegments, RowStack, reference, segments_linear
 
 from .gguf_layout import FORMS, Planes, repack
 
-GEMV_MAX_TOKENS = 8  # at most this many tokens take the GEMV kernel; more dequantize + cuBLAS
+# at most this many tokens take the GEMV kernel; more dequantize + cuBLAS (see the docstring:
+# "words" costs per token, and cuBLAS on a dequantized buffer is level with "dot" from 2 tokens)
+GEMV_MAX_TOKENS = 2
 GEMV_BLOCK_M = 16  # tokens per tl.dot (the minimum it takes; fewer are masked)
 GEMV_BLOCK_N = 16  # output rows per program: 256 programs for a 4096-row matrix
 # inputs per step: 64 bytes of each row's low plane. ptxas for sm_80 (Triton 3.9, 4 warps, 3
@@ -186,6 +200,87 @@ def _qgemv_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & n_ok[None, :],
     )
+
+
+@triton.jit
+def _qgemv_words_kernel(
+    x_ptr,
+    lo_ptr,
+    hi_ptr,
+    d_ptr,
+    m_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    s_lo,
+    s_hi,
+    s_d,
+    s_m,
+    stride_xm,
+    stride_om,
+    HI_BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ZERO: tl.constexpr,
+    HAS_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    FAST_CVT: tl.constexpr = False,
+):
+    """out[token (1), rows of program (0)] = x @ W[rows].T (+ bias), one token per program, the
+    weights taken a packed word (8 inputs) at a time with no reshape: for each nibble position
+    j, ``(lo >> 4j) & 15`` (plus the high bits) minus ZERO is the integer q - ZERO of input
+    8w + j, multiplied with x[8w + j] into the word's sum. The word's 8 inputs share one d (and
+    m), so the scales apply per word, not per weight: ``acc += d * sum_j (q_j - ZERO) x_j +
+    m * sum_j x_j``, all in fp32 (exact integers times x; more exact than a weight rounded to
+    x's dtype). Per weight: a shift, a mask, a subtract, a conversion and an FMA. The same code
+    for every M (a token's result does not depend on the batch); the other tokens' programs
+    re-read the words from L2."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rows = rn.to(tl.int64)
+    tok = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + tok * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, K // 8, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)  # word index: inputs 8w .. 8w + 7
+        w_ok = w < K // 8
+        ok = n_ok[:, None] & w_ok[None, :]
+        lo = tl.load(lo_ptr + rows[:, None] * s_lo + w[None, :], mask=ok, other=0)
+        if FAST_CVT:
+            lo = lo.to(tl.uint32, bitcast=True)  # logical shifts: no sign extension
+        if HI_BITS > 0:
+            PER: tl.constexpr = 32 // HI_BITS  # inputs per high-bit word
+            hi = tl.load(hi_ptr + rows[:, None] * s_hi + (w * 8 // PER)[None, :], mask=ok, other=0)
+            if FAST_CVT:
+                hi = hi.to(tl.uint32, bitcast=True)
+        s = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + w * 8 + j, mask=w_ok, other=0.0).to(tl.float32)
+            q = (lo >> (4 * j)) & 15
+            if HI_BITS > 0:
+                shift = ((w * 8 + j) % PER) * HI_BITS
+                q = q | (((hi >> shift[None, :]) & ((1 << HI_BITS) - 1)) << 4)
+            if FAST_CVT:
+                # q (< 2^8) in the mantissa of 2^23: the float 2^23 + q, exact; minus 2^23 + ZERO
+                # is q - ZERO with a logical op and an add in place of an int-to-float conversion
+                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+            else:
+                qf = (q - ZERO).to(tl.float32)
+            s += qf * xj[None, :]
+            xs += xj
+        d = tl.load(d_ptr + rows[:, None] * s_d + (w * 8 // GROUP)[None, :], mask=ok, other=0.0)
+        acc += d.to(tl.float32) * s
+        if HAS_M:
+            m = tl.load(m_ptr + rows[:, None] * s_m + (w // 4)[None, :], mask=ok, other=0.0)
+            acc += m.to(tl.float32) * xs[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -352,11 +447,65 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     return PackedGPUWeight(weight.scheme, planes, weight.shape)
 
 
+# The few-token kernel: "words" (a program per token, a packed word at a time) or "dot" (tokens
+# padded to a tensor-core tile), and the former's tile; tools/gpu_check.py's probe stage times
+# them on the GPU and picks for its benches.
+GEMV_KERNEL = "words"
+WORDS_BLOCK_N = 8  # the probe's best on an H200 of 9 tiles (BENCHMARKS.md, 2026-12-04 GPU)
+WORDS_BLOCK_W = 128
+WORDS_WARPS = 4
+WORDS_STAGES = 3
+# q - ZERO through the float 2^23 + q (a logical op and an add) instead of an int-to-float
+# conversion (I2FP, an eighth of the FFMA rate on sm_90): 64 conversions fewer per iteration in
+# the sm_90 SASS of Q4_K. Off until a GPU run has timed it (tools/gpu_check.py's probe tries it).
+WORDS_FAST_CVT = False
+
+
+def set_gemv(spec: str) -> None:
+    """``dot`` or ``words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]`` (the probe's way to try a
+    kernel in a whole model; ``TESSERA_CUDA_GEMV`` at import does the same)."""
+    global GEMV_KERNEL, WORDS_BLOCK_N, WORDS_BLOCK_W, WORDS_WARPS, WORDS_STAGES, WORDS_FAST_CVT
+    kind, *tile = spec.split(",")
+    if kind not in ("dot", "words") or len(tile) not in ((0,) if kind == "dot" else (0, 4, 5)):
+        raise ValueError(
+            f"TESSERA_CUDA_GEMV: 'dot' or 'words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]', not {spec!r}"
+        )
+    GEMV_KERNEL = kind
+    if tile:
+        WORDS_BLOCK_N, WORDS_BLOCK_W, WORDS_WARPS, WORDS_STAGES = map(int, tile[:4])
+        WORDS_FAST_CVT = len(tile) == 5 and tile[4] == "1"
+
+
+if os.environ.get("TESSERA_CUDA_GEMV"):
+    set_gemv(os.environ["TESSERA_CUDA_GEMV"])
+
+
 def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """out ``[M, n]`` (rows may be strided, columns contiguous) = x2 @ W.T + bias."""
     m, k = x2.shape
     n = w.shape[0]
     planes, strides = w._args()
+    if GEMV_KERNEL == "words":
+        _qgemv_words_kernel[(triton.cdiv(n, WORDS_BLOCK_N), m)](
+            x2,
+            *planes,
+            bias if bias is not None else out,
+            out,
+            m,
+            n,
+            k,
+            *strides,
+            x2.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_N=WORDS_BLOCK_N,
+            BLOCK_W=WORDS_BLOCK_W,
+            FAST_CVT=WORDS_FAST_CVT,
+            num_warps=WORDS_WARPS,
+            num_stages=WORDS_STAGES,
+            **w._constexprs(),
+        )
+        return
     _qgemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), triton.cdiv(m, GEMV_BLOCK_M))](
         x2,
         *planes,
