@@ -198,7 +198,10 @@ def run_paired(args, specs: dict[str, dict | None], prompts: list[str]) -> list[
         speeds = {n: arms[n].run() for n in order}
         for n in names:
             ratios[n].append(speeds[n] / speeds["plain"])
-    return [{"config": n, **arms[n].row(), "x_plain": statistics.median(ratios[n])} for n in names]
+    return [
+        {"config": n, **arms[n].row(), "x_plain": statistics.median(ratios[n]), "rounds": ratios[n]}
+        for n in names
+    ]
 
 
 def run_llama_cpp(model: str, lookup_k: int | None, prompts: list[str], runs: int, max_tokens: int) -> dict:
@@ -321,7 +324,8 @@ def main() -> None:
             if "acceptance_rate" in r
             else f"{'-':>7s} {'-':>9s} {'-':>10s}"
         )
-        print(f"{r['config']:18s} {r['tok_s']:8.1f} {ratio} {extra}")
+        rounds = " ".join(f"{x:.2f}" for x in r.get("rounds", [])) if r["config"] != "plain" else ""
+        print(f"{r['config']:18s} {r['tok_s']:8.1f} {ratio} {extra}  {rounds}".rstrip())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)

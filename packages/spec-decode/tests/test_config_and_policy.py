@@ -95,6 +95,39 @@ def test_step_times_fit_the_line_of_seconds_against_tokens():
     assert same.line() is None and same.mean_seconds() == pytest.approx(0.1)
 
 
+def test_step_times_curve_interpolates_buckets_and_never_falls():
+    st = StepTimes()
+    assert st.seconds(4) == 0.0  # nothing timed yet
+    # a CPU-like curve: flat to 4 tokens, then 2 ms a token; one noisy step below its neighbour
+    truth = {1: 0.015, 2: 0.0152, 4: 0.0155, 8: 0.023, 16: 0.039, 32: 0.071, 64: 0.135}
+    for t, y in truth.items():
+        st.observe(t, y)
+    st.observe(24, 0.030)  # noise: less than at 16 tokens
+    for t in (1, 2, 4, 8, 16, 32, 64):
+        assert st.seconds(t) >= truth[t] - 1e-12
+    assert st.seconds(12) == pytest.approx((0.023 + 0.039) / 2)
+    assert st.seconds(24) >= st.seconds(16)  # made non-decreasing
+    assert st.seconds(128) == pytest.approx(0.135 + 64 * (0.135 - 0.071) / 32)  # the last slope
+    assert st.seconds(0) == pytest.approx(0.015)
+
+
+def test_the_measured_curve_drafts_where_tokens_are_nearly_free_and_not_where_they_cost():
+    """With the curve above and 85% acceptance, 2 requests draft several tokens (8 tokens cost
+    what 2 nearly do) and 8 requests none (8 x 3 tokens take 2.4 times 8's, for 2.6 times the
+    tokens at best); the least-squares line through the same points (W = 9.5 ms, t = 1.9 ms:
+    too little for one token, too much slope for few) has 8 requests draft 2 each."""
+    truth = {1: 0.015, 2: 0.0152, 4: 0.0155, 8: 0.023, 16: 0.039, 32: 0.071, 64: 0.135}
+    st = StepTimes(min_steps=2)
+    for t, y in truth.items():
+        st.observe(t, y)
+    curve = AdaptivePolicy(4, step_seconds=st.seconds)
+    assert curve.choose_k(Acceptance(drafted=100.0, accepted=85.0), 2) >= 2
+    assert curve.choose_k(Acceptance(drafted=100.0, accepted=85.0), 8) == 0
+    w, t = st.line()
+    line = AdaptivePolicy(4, token_cost=t / w)
+    assert line.choose_k(Acceptance(drafted=100.0, accepted=85.0), 8) == 2
+
+
 def test_a_costly_draft_drafts_less_or_not_at_all():
     acc = Acceptance(drafted=10.0, accepted=7.0)
     cheap, costly = AdaptivePolicy(8, draft_cost=0.05), AdaptivePolicy(8, draft_cost=0.6)

@@ -127,6 +127,7 @@ class ModelRunner:
         self.proposer: Proposer | None = None
         self.spec_policy: AdaptivePolicy | None = None
         self.step_times = StepTimes()  # decode steps' seconds against their tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         if speculative_config is not None:
             self.proposer = proposer or make_proposer(speculative_config)
             self.spec_policy = AdaptivePolicy(
@@ -158,14 +159,18 @@ class ModelRunner:
             self._measure_step_times()
 
     @torch.inference_mode()
-    def _measure_step_times(self, repeats: int = 4) -> None:
-        """Seed the policy's costs before the first request: decode-like forwards (every row's
-        logits) of 1 and of ``block_size`` tokens, timed after one untimed, and the proposer's
-        own forward. They write K/V into block 0, which no request holds yet."""
+    def _measure_step_times(self, repeats: int = 3) -> None:
+        """Seed the policy's cost curve before the first request: decode-like forwards (every
+        row's logits) of 1, 2, 4 ... 64 tokens (at most max_num_batched_tokens), timed after one
+        untimed, and the proposer's own forward. A step of n tokens is n // block_size sequences
+        of a block each (and the rest), all writing K/V into block 0, which no request holds yet."""
         dev = self.device
-        for i, n in enumerate((1, *(1, self.block_size) * repeats)):
+        sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= max(1, self.max_num_batched_tokens)]
+        for i, n in enumerate((1, *(sizes * repeats))):
+            full, rest = divmod(n, self.block_size)
+            lens = [self.block_size] * full + ([rest] if rest else [])
             positions, metas = build_attention_metadata(
-                [n], [n], [[[0]]] * self.num_groups, self.block_size, dev, self.batch_invariant
+                lens, lens, [[[0]] * len(lens)] * self.num_groups, self.block_size, dev, self.batch_invariant
             )
             t0 = time.perf_counter()
             hidden = self.model.forward(
@@ -364,13 +369,18 @@ class ModelRunner:
         return {rid: d for rid, d in zip(sample_reqs, drafts.token_ids, strict=True) if d}
 
     def _calibrate(self, batch_size: int) -> None:
-        """The policy's costs from this machine's measured step times, once there are some: a
-        verified token's against reading the weights (``token_cost``), a drafted position's
-        against a plain step of this batch (``draft_cost``)."""
+        """The policy's costs from this machine's measured step times, once there are some: the
+        curve of a step's seconds against its tokens (``step_seconds``; ``token_cost``, from a
+        line through them, where there is no curve yet), a drafted position's against a plain
+        step of this batch (``draft_cost``)."""
         line = self.step_times.line()
         if line is not None:
             w, t = line
             self.spec_policy.token_cost = min(max(t / w, 1 / 256), 1.0)
+        plain_step = self.step_times.seconds(batch_size)
+        if plain_step > 0:  # the measured curve, once two token counts are timed
+            self.spec_policy.step_seconds = self.step_times.seconds
+        elif line is not None:
             plain_step = w + batch_size * t
         else:
             plain_step = self.step_times.mean_seconds()

@@ -3,6 +3,9 @@ what verification costs at the current batch size, none when speculation would n
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -39,12 +42,17 @@ def expected_tokens(rate: float, k: int) -> float:
 class AdaptivePolicy:
     """k for each request and step.
 
-    Cost model: a step's time is ``W + T t`` for ``T`` tokens (``W`` reading the weights once, ``t``
-    a token's compute), so with ``B`` decoding requests drafting ``k`` tokens each the step costs
-    ``1 + k B r / (1 + B r)`` plain steps, ``r = t / W`` (``token_cost``), plus ``k d`` for a
-    proposer that runs a forward per drafted token costing ``d`` plain steps (``draft_cost``: 0 for
-    prompt lookup; a draft model's is measured by the runner as it goes). Each request takes the k
-    of most expected tokens per unit of cost; none unless that beats plain decoding by ``margin``.
+    Cost model: with ``B`` decoding requests drafting ``k`` tokens each, the step runs ``B (1 + k)``
+    tokens instead of ``B``, so it costs ``S(B (1 + k)) / S(B)`` plain steps, ``S(T)`` the seconds of
+    a step of ``T`` tokens (``step_seconds``: the runner's measured curve, :class:`StepTimes`),
+    plus ``k d`` for a proposer that runs a forward per drafted token costing ``d`` plain steps
+    (``draft_cost``: 0 for prompt lookup; a draft model's is measured by the runner as it goes).
+    Without a curve, ``S(T) = W + T t`` (``W`` reading the weights once, ``t`` a token's compute):
+    ``1 + k B r / (1 + B r)`` plain steps, ``r = t / W`` (``token_cost``). Measured curves are not
+    lines: on a CPU a step of 4 tokens costs about what one of 1 does and beyond that each token
+    adds about the same, so a line through both regions is wrong in each. Each request takes the
+    k of most expected tokens per unit of cost; none unless that beats plain decoding by
+    ``margin``.
     A large batch (compute bound) thus turns speculation off by itself; ``disable_by_batch_size``
     is a hard limit besides. Without ``adaptive`` every request drafts ``max_k``.
 
@@ -68,6 +76,7 @@ class AdaptivePolicy:
         decay: float = 0.9,
         probe_interval: int = 8,
         draft_cost: float = 0.0,
+        step_seconds: Callable[[int], float] | None = None,
     ) -> None:
         self.max_k = max_k
         self.adaptive = adaptive
@@ -77,6 +86,7 @@ class AdaptivePolicy:
         self.decay = decay
         self.probe_interval = probe_interval
         self.draft_cost = draft_cost
+        self.step_seconds = step_seconds
         # every request's drafts, fading slowly; it starts hopeful (4 of 5): a user who turned
         # speculation on expects it, and a few drafts that do not pay are soon seen and stopped
         self.overall = Acceptance(drafted=5.0, accepted=4.0)
@@ -86,6 +96,11 @@ class AdaptivePolicy:
         return Acceptance(drafted=2.0, accepted=2.0 * self.overall.rate)
 
     def step_cost(self, k: int, batch_size: int) -> float:
+        """A step in which each of ``batch_size`` requests drafts ``k`` tokens, in plain steps."""
+        if self.step_seconds is not None:
+            plain = self.step_seconds(batch_size)
+            if plain > 0:
+                return self.step_seconds(batch_size * (1 + k)) / plain + k * self.draft_cost
         br = batch_size * self.token_cost
         return 1.0 + k * br / (1.0 + br) + k * self.draft_cost
 
@@ -118,16 +133,26 @@ class AdaptivePolicy:
 
 
 class StepTimes:
-    """The runner's measured cost model: a least-squares line ``seconds = W + T t`` through the
-    (tokens, seconds) of recent decode steps, older steps weighing less (``decay`` each), so that
-    the policy's ``token_cost = t / W`` is this machine's, not a guess: compute-bound CPUs pay
-    much more per verified token than a GPU does."""
+    """The runner's measured cost model, from the (tokens, seconds) of recent decode steps, so
+    that the policy's costs are this machine's, not a guess (compute-bound CPUs pay much more per
+    verified token than a GPU does):
 
-    def __init__(self, decay: float = 0.98, min_steps: int = 8) -> None:
+    - ``seconds(T)``: the curve, each step's time kept in a bucket of its token count (buckets
+      about 19% apart, recent steps weighing more: ``bucket_decay``), read between buckets by
+      linear interpolation, made non-decreasing in T, and beyond the largest bucket extended by
+      the slope of the last two;
+    - ``line()``: a least-squares line ``seconds = W + T t`` through all of them (``decay`` each),
+      for the policy's ``token_cost = t / W`` where there is no curve yet.
+    """
+
+    def __init__(self, decay: float = 0.98, min_steps: int = 8, bucket_decay: float = 0.9) -> None:
         self.decay = decay
         self.min_steps = min_steps
+        self.bucket_decay = bucket_decay
         self.n = 0
         self._w = self._t = self._tt = self._y = self._ty = 0.0
+        self._buckets: dict[int, list[float]] = {}  # key -> [weight, weight * tokens, weight * seconds]
+        self._curve: tuple[list[float], list[float]] | None = None  # (tokens, seconds), built lazily
 
     def observe(self, tokens: int, seconds: float) -> None:
         d = self.decay
@@ -137,6 +162,32 @@ class StepTimes:
         self._tt = self._tt * d + tokens * tokens
         self._y = self._y * d + seconds
         self._ty = self._ty * d + tokens * seconds
+        b = self._buckets.setdefault(round(4 * math.log2(max(tokens, 1))), [0.0, 0.0, 0.0])
+        bd = self.bucket_decay
+        b[0], b[1], b[2] = b[0] * bd + 1.0, b[1] * bd + tokens, b[2] * bd + seconds
+        self._curve = None
+
+    def seconds(self, tokens: int) -> float:
+        """A step of ``tokens`` tokens, in seconds, from the curve; 0.0 until two token counts
+        have been timed."""
+        if self._curve is None:
+            pts = sorted((t / w, y / w) for w, t, y in self._buckets.values())
+            ts, ys, top = [], [], 0.0
+            for t, y in pts:
+                top = max(top, y)  # more tokens never take less time: noise would say otherwise
+                ts.append(t)
+                ys.append(top)
+            self._curve = (ts, ys)
+        ts, ys = self._curve
+        if len(ts) < 2:
+            return 0.0
+        if tokens <= ts[0]:
+            return ys[0]
+        i = bisect.bisect_left(ts, tokens)
+        if i == len(ts):  # past the largest: the last two buckets' slope
+            i -= 1
+        t0, t1, y0, y1 = ts[i - 1], ts[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (tokens - t0) / (t1 - t0)
 
     def line(self) -> tuple[float, float] | None:
         """``(W, t)``, or None until enough steps of different sizes give a line with both
