@@ -97,6 +97,9 @@ class BigramDraft:
 
     forward_seconds = 0.0
 
+    def catch_up_tokens(self, request) -> int:
+        return 0
+
     def release(self, request_ids) -> None:
         pass
 

@@ -137,3 +137,19 @@ def test_make_proposer_needs_the_loaded_draft_for_draft_model():
     with pytest.raises(ValueError, match="needs the loaded draft model"):
         make_proposer(config)
     assert isinstance(make_proposer(config, FakeDraft()), DraftModelProposer)
+
+
+def test_catch_up_tokens_counts_what_the_draft_has_not_read():
+    """A new request: its whole context but the last token. After a draft of 4 of which the
+    target kept 2 (and sampled its own third): nothing, the kept drafts' K/V is good. After
+    steps without drafting: the tokens accepted meanwhile."""
+    prop = DraftModelProposer(FakeDraft())
+    r = request("r1", [7, 8, 9, 20, 21])
+    assert prop.catch_up_tokens(r) == 4
+    prop.draft([r], [4])  # drafts 22 23 24 25
+    kept = request("r1", [7, 8, 9, 20, 21, 22, 23, 40])
+    assert prop.catch_up_tokens(kept) == 0
+    later = request("r1", [7, 8, 9, 20, 21, 22, 23, 40, 41, 42, 43])
+    assert prop.catch_up_tokens(later) == 3
+    prop.release(["r1"])
+    assert prop.catch_up_tokens(later) == 10

@@ -351,15 +351,16 @@ class ModelRunner:
         proposer's distributions stay here, with the request, until its draft is verified."""
         states = [self.requests[r] for r in sample_reqs]
         self._calibrate(len(states))
+        requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
         ks = []
-        for st in states:
+        for st, req in zip(states, requests, strict=True):
             limit = self.max_model_len - len(st.token_ids)
             if st.params.max_tokens is not None:
                 limit = min(limit, st.params.max_tokens - (len(st.token_ids) - st.num_prompt_tokens) - 1)
-            ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit))
+            catch_up = self._catch_up_cost(self.proposer.catch_up_tokens(req), len(states))
+            ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit, catch_up))
         if not any(ks):
             return {}
-        requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
         drafts = self.proposer.draft(requests, ks)
         if drafts.probs is not None:
             start = 0
@@ -367,6 +368,17 @@ class ModelRunner:
                 st.draft_probs = drafts.probs[start : start + len(d)] if d else None
                 start += len(d)
         return {rid: d for rid, d in zip(sample_reqs, drafts.token_ids, strict=True) if d}
+
+    def _catch_up_cost(self, tokens: int, batch_size: int) -> float:
+        """A proposer's catch-up over ``tokens`` context tokens, in plain steps of this batch:
+        its one-token forward's measured seconds, scaled along the target's step curve."""
+        if tokens <= 0 or not self.proposer.forward_seconds:
+            return 0.0
+        s = self.step_times.seconds
+        one, plain = s(1), s(batch_size)
+        if one <= 0 or plain <= 0:
+            return 0.0
+        return self.proposer.forward_seconds * s(tokens) / one / plain
 
     def _calibrate(self, batch_size: int) -> None:
         """The policy's costs from this machine's measured step times, once there are some: the

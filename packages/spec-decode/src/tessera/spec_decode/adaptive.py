@@ -104,20 +104,31 @@ class AdaptivePolicy:
         br = batch_size * self.token_cost
         return 1.0 + k * br / (1.0 + br) + k * self.draft_cost
 
-    def choose_k(self, acc: Acceptance, batch_size: int, limit: int | None = None) -> int:
+    def choose_k(
+        self, acc: Acceptance, batch_size: int, limit: int | None = None, catch_up: float = 0.0
+    ) -> int:
         """Tokens to draft for a request with acceptance ``acc`` in a decode batch of
-        ``batch_size`` requests; at most ``limit`` (what the request can still use)."""
+        ``batch_size`` requests; at most ``limit`` (what the request can still use). ``catch_up``:
+        a one-time cost in plain steps before the proposer can draft for it (a draft model
+        reading what the target accepted while it did not draft), spread over the steps the
+        request has left (``limit`` tokens at the expected tokens per step)."""
         cap = self.max_k if limit is None else max(0, min(self.max_k, limit))
         if cap == 0 or (self.disable_by_batch_size is not None and batch_size > self.disable_by_batch_size):
             return 0
         if not self.adaptive:
             return cap
+
+        def gain(rate: float, k: int) -> float:
+            tokens = expected_tokens(rate, k)
+            spread = catch_up * tokens / max(limit if limit is not None else self.max_k * 64, 1)
+            return tokens / (self.step_cost(k, batch_size) + spread)
+
         best_k, best_gain = 0, 1.0 + self.margin
         for k in range(1, cap + 1):
-            gain = expected_tokens(acc.rate, k) / self.step_cost(k, batch_size)
-            if gain > best_gain:
-                best_k, best_gain = k, gain
-        if best_k == 0 and expected_tokens(1.0, 1) / self.step_cost(1, batch_size) > 1.0 + self.margin:
+            g = gain(acc.rate, k)
+            if g > best_gain:
+                best_k, best_gain = k, g
+        if best_k == 0 and gain(1.0, 1) > 1.0 + self.margin:
             # the batch would allow it, the request's acceptance does not: probe now and then
             acc.steps_without_draft += 1
             if acc.steps_without_draft >= self.probe_interval:

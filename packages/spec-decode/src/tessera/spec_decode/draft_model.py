@@ -95,6 +95,22 @@ class DraftModelProposer:
         for rid in request_ids:
             self._states.pop(rid, None)
 
+    def _known_good(self, st: _State, ctx: Sequence[int]) -> int:
+        """Of ``ctx``, how many first tokens have good K/V in the draft's tensors: ``computed``,
+        and the pending draft tokens after it as far as the target kept them."""
+        c = min(st.computed, len(ctx))
+        for tok in st.pending:  # written at c, c + 1, ...: good where the target kept them
+            if c < len(ctx) and ctx[c] == tok:
+                c += 1
+            else:
+                break
+        return c
+
+    def catch_up_tokens(self, request: ProposalRequest) -> int:
+        st = self._states.get(request.request_id)
+        good = self._known_good(st, request.token_ids) if st is not None else 0
+        return max(0, len(request.token_ids) - 1 - good)
+
     def draft(self, requests: Sequence[ProposalRequest], ks: Sequence[int]) -> Drafts:
         if len(requests) != len(ks):
             raise ValueError(f"{len(requests)} requests and {len(ks)} values of k")
@@ -111,13 +127,8 @@ class DraftModelProposer:
                 continue
             st = self._states.setdefault(r.request_id, _State())
             ctx, n_ctx = r.token_ids, len(r.token_ids)
-            c = min(st.computed, n_ctx)
-            for tok in st.pending:  # written at c, c + 1, ...: good where the target kept them
-                if c < n_ctx and ctx[c] == tok:
-                    c += 1
-                else:
-                    break
-            c = min(c, n_ctx - 1)  # the last token goes in: its logits give the first draft token
+            # the last token goes in: its logits give the first draft token
+            c = min(self._known_good(st, ctx), n_ctx - 1)
             st.computed, st.pending = c, []
             k = min(k, r.num_slots - n_ctx + 1)  # draft token j's K/V goes at n_ctx + j - 1
             if k <= 0 or budget <= 0:

@@ -144,6 +144,9 @@ class NgramProposer:
         contexts = [r.token_ids for r in requests]
         return Drafts(self.propose_batch(contexts, k=np.asarray(ks, dtype=np.int32)))
 
+    def catch_up_tokens(self, request: ProposalRequest) -> int:
+        return 0  # no state: every lookup reads the whole context anyway
+
     def release(self, request_ids: Iterable[str]) -> None:
         """Nothing is kept per request."""
 

@@ -47,6 +47,13 @@ class Proposer(Protocol):
         nothing of request ``i``."""
         ...
 
+    def catch_up_tokens(self, request: ProposalRequest) -> int:
+        """Context tokens this proposer would have to run for ``request`` before drafting,
+        beyond the one a drafting step always takes (0 for a proposer that keeps no state): a
+        draft model that has not drafted for a request for a while must first read what the
+        target accepted meanwhile. The policy counts this cost."""
+        ...
+
     def release(self, request_ids: Iterable[str]) -> None:
         """Forget what is kept for these requests (finished, aborted or preempted: a preempted
         request comes back as a new one, its blocks perhaps different)."""
