@@ -130,8 +130,8 @@ def test_the_measured_curve_drafts_where_tokens_are_nearly_free_and_not_where_th
 
 def test_a_catch_up_drafts_only_where_the_rest_of_the_request_repays_it():
     """A draft model that must first read what the target accepted meanwhile (here 8 plain
-    steps' worth): worth it with 400 tokens still to write (about 110 steps at 85% acceptance
-    share it), not with 6 (two steps would carry it all)."""
+    steps' worth): worth it with 400 tokens still to write (the next 64 of them, about 17 steps
+    at 85% acceptance, share it), not with 6 (two steps would carry it all)."""
     acc = Acceptance(drafted=100.0, accepted=85.0)
     policy = AdaptivePolicy(4, token_cost=0.05)
     assert policy.choose_k(acc, 2, limit=400, catch_up=8.0) == 4

@@ -39,6 +39,9 @@ def expected_tokens(rate: float, k: int) -> float:
     return float(k + 1) if rate >= 1.0 else (1.0 - rate ** (k + 1)) / (1.0 - rate)
 
 
+CATCH_UP_HORIZON = 64  # tokens over which a draft model's catch-up must pay for itself
+
+
 class AdaptivePolicy:
     """k for each request and step.
 
@@ -110,18 +113,21 @@ class AdaptivePolicy:
         """Tokens to draft for a request with acceptance ``acc`` in a decode batch of
         ``batch_size`` requests; at most ``limit`` (what the request can still use). ``catch_up``:
         a one-time cost in plain steps before the proposer can draft for it (a draft model
-        reading what the target accepted while it did not draft), spread over the steps the
-        request has left (``limit`` tokens at the expected tokens per step)."""
+        reading what the target accepted while it did not draft), spread over the steps of the
+        request's next ``min(limit, CATCH_UP_HORIZON)`` tokens at the expected tokens per step."""
         cap = self.max_k if limit is None else max(0, min(self.max_k, limit))
         if cap == 0 or (self.disable_by_batch_size is not None and batch_size > self.disable_by_batch_size):
             return 0
         if not self.adaptive:
             return cap
 
+        # a catch-up must repay itself within the next CATCH_UP_HORIZON tokens at most: further
+        # out, the batch (and so whether the request drafts at all) is anyone's guess
+        horizon = min(limit, CATCH_UP_HORIZON) if limit is not None else CATCH_UP_HORIZON
+
         def gain(rate: float, k: int) -> float:
             tokens = expected_tokens(rate, k)
-            spread = catch_up * tokens / max(limit if limit is not None else self.max_k * 64, 1)
-            return tokens / (self.step_cost(k, batch_size) + spread)
+            return tokens / (self.step_cost(k, batch_size) + catch_up * tokens / max(horizon, 1))
 
         best_k, best_gain = 0, 1.0 + self.margin
         for k in range(1, cap + 1):
