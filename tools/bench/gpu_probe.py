@@ -190,6 +190,23 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _step_ms(llm, prompt, steps: int) -> float:
+    """Median wall milliseconds of ``steps`` decode steps of one request (after a few untimed)."""
+    from tessera.sampling import SamplingParams
+
+    rid = llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+    for _ in range(4):
+        llm.step()
+    walls = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        llm.step()
+        _sync()
+        walls.append(time.perf_counter() - t)
+    llm.abort(rid)
+    return statistics.median(walls) * 1e3
+
+
 def decode(path: str, spec: str, profile: bool, tokens: int = 64, device: str = "cuda") -> dict:
     """Single-stream decode of ``path`` with the few-token kernel ``spec``; with ``profile``, where
     a step's time goes."""
@@ -221,35 +238,13 @@ def decode(path: str, spec: str, profile: bool, tokens: int = 64, device: str = 
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        rid = llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-        for _ in range(8):
-            llm.step()
-        _sync()
-        walls = []
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with torch_profile(activities=activities) as prof:
-            for _ in range(10):
-                t = time.perf_counter()
-                llm.step()
-                _sync()
-                walls.append(time.perf_counter() - t)
-        llm.abort(rid)
-        out["profiled_step_ms"] = statistics.median(walls) * 1e3
+            out["profiled_step_ms"] = _step_ms(llm, prompt, 10)
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
         out["profile_table"] = table
-        # and without the profiler's own overhead: plain steps, wall clock
-        rid = llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-        for _ in range(4):
-            llm.step()
-        walls = []
-        for _ in range(20):
-            t = time.perf_counter()
-            llm.step()
-            _sync()
-            walls.append(time.perf_counter() - t)
-        llm.abort(rid)
-        out["step_ms"] = statistics.median(walls) * 1e3
+        out["step_ms"] = _step_ms(llm, prompt, 20)  # without the profiler's own overhead
     return out
 
 

@@ -485,18 +485,12 @@ def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: 
     m, k = x2.shape
     n = w.shape[0]
     planes, strides = w._args()
+    # the arguments both kernels take, in their order
+    b = bias if bias is not None else out  # not read without HAS_BIAS
+    args = (x2, *planes, b, out, m, n, k, *strides, x2.stride(0), out.stride(0))
     if GEMV_KERNEL == "words":
         _qgemv_words_kernel[(triton.cdiv(n, WORDS_BLOCK_N), m)](
-            x2,
-            *planes,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            *strides,
-            x2.stride(0),
-            out.stride(0),
+            *args,
             HAS_BIAS=bias is not None,
             BLOCK_N=WORDS_BLOCK_N,
             BLOCK_W=WORDS_BLOCK_W,
@@ -507,16 +501,7 @@ def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: 
         )
         return
     _qgemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), triton.cdiv(m, GEMV_BLOCK_M))](
-        x2,
-        *planes,
-        bias if bias is not None else out,
-        out,
-        m,
-        n,
-        k,
-        *strides,
-        x2.stride(0),
-        out.stride(0),
+        *args,
         HAS_BIAS=bias is not None,
         IEEE=x2.dtype == torch.float32,
         BLOCK_M=GEMV_BLOCK_M,
