@@ -351,16 +351,19 @@ class ModelRunner:
         proposer's distributions stay here, with the request, until its draft is verified."""
         states = [self.requests[r] for r in sample_reqs]
         self._calibrate(len(states))
-        requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
         ks = []
-        for st, req in zip(states, requests, strict=True):
+        for rid, st in zip(sample_reqs, states, strict=True):
             limit = self.max_model_len - len(st.token_ids)
             if st.params.max_tokens is not None:
                 limit = min(limit, st.params.max_tokens - (len(st.token_ids) - st.num_prompt_tokens) - 1)
-            catch_up = self._catch_up_cost(self.proposer.catch_up_tokens(req), len(states))
+            catch_up = 0.0
+            if self.proposer.forward_seconds:  # a proposer that runs a model may have to catch up
+                behind = self.proposer.catch_up_tokens(ProposalRequest(rid, st.token_ids))
+                catch_up = self._catch_up_cost(behind, len(states))
             ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit, catch_up))
         if not any(ks):
             return {}
+        requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
         drafts = self.proposer.draft(requests, ks)
         if drafts.probs is not None:
             start = 0
