@@ -4,7 +4,8 @@ On the device machine (its python3 has torch, triton, transformers; carry the ot
 tools/device_wheels.sh), from the repository root:
 
     python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference] \
-        [--stages suite,probe,correctness,bench,bench-exl2,exllamav2] [--suite-paths kernels-cuda,...] \
+        [--stages suite,probe,correctness,bench,bench-exl2,exllamav2,recommend] \
+        [--suite-paths kernels-cuda,...] \
         [--shapes llama3-8b,smollm2-135m] [--side-timeout S]
 
 Here, on the CPU, the same flow on tiny shapes checks the script itself:
@@ -40,7 +41,12 @@ budget is spent:
    file's;
 6. exllamav2: exllamav2 0.3.2 against tessera on a random EXL2 folder shaped like SmolLM2-135M,
    logits and each linear's dequantized weight (tools/exllamav2_check.py); where exllamav2 is
-   not installed, has no GPU, or its extension does not build, the reason is recorded.
+   not installed, has no GPU, or its extension does not build, the reason is recorded;
+7. recommend (issue 13): ``tessera recommend --candidates given --verify`` on a random EXL2 folder
+   shaped like Llama-3-8B (bench-exl2's, kept for it where that stage ran) at 8,192 tokens x
+   batch 4: the predicted memory of the recommended configuration, the peak measured when it
+   runs so in a fresh process (device memory outside torch plus torch's peak reservation), and
+   their error, which passes within 10%.
 Writes gpu_check.json under --out after every stage (a run stopped at its limit keeps what it
 measured), the logs beside it, and prints the JSON last.
 """
@@ -443,10 +449,10 @@ def bench(
 EXL2_TINY = dict(layers=2, hidden=256, ffn=768, heads=4, kv_heads=2, vocab=1024)
 
 
-def bench_exl2(work: Path, env: dict, device: str, smoke: bool, budget: Budget) -> dict:
+def bench_exl2(work: Path, env: dict, device: str, smoke: bool, budget: Budget, keep: bool = False) -> dict:
     """Speed of a random EXL2 folder shaped like Llama-3-8B (make_random_exl2.py: about 4.0 bpw,
     5/4/3-bit groups behind a permutation, 6-bit LM head), kernels only: the torch reference
-    would hold the 8B model dequantized."""
+    would hold the 8B model dequantized. ``keep``: leave the folder for the recommend stage."""
     from make_random_exl2 import SHAPES, stored_bits, write
 
     shapes = {"tiny": EXL2_TINY} if smoke else {"llama3-8b": SHAPES["llama3-8b"]}
@@ -460,7 +466,8 @@ def bench_exl2(work: Path, env: dict, device: str, smoke: bool, budget: Budget) 
         path = write(work / f"{name}.exl2", **shape)
         res = {"write_s": time.perf_counter() - t, "stored": stored_bits(path)}
         res |= bench(path, env, device, smoke, [4] if smoke else [64], False, max(60.0, budget.left() - 10))
-        shutil.rmtree(path)
+        if not keep:
+            shutil.rmtree(path)
         out[name] = res
         log(f"bench-exl2 {name}: {json.dumps(res)}")
     return out
@@ -476,6 +483,71 @@ def exllamav2_stage(work: Path, env: dict, device: str, smoke: bool, budget: Bud
         return {"status": f"skipped: {budget.left():.0f} s of the budget left"}
     folder = write(work / "xcheck" / "model", **(EXL2_TINY if smoke else SHAPES["smollm2-135m"]))
     return cross_check(folder, env, device, max(30.0, budget.left() - 15), out)
+
+
+def recommend_stage(work: Path, env: dict, device: str, smoke: bool, budget: Budget) -> dict:
+    """Issue 13: ``tessera recommend --verify`` on a random EXL2 folder shaped like Llama-3-8B
+    (the one bench-exl2 wrote, where it ran before): the recommended configuration runs in a
+    fresh process at 8,192 tokens x batch 4, and its measured peak is set against the predicted
+    memory (within 10% passes)."""
+    from make_random_exl2 import SHAPES, write
+
+    name, shape = ("tiny", EXL2_TINY) if smoke else ("llama3-8b", SHAPES["llama3-8b"])
+    context, batch = (256, 2) if smoke else (8192, 4)
+    path = work / f"{name}.exl2"
+    res: dict = {"model": f"random EXL2 {name}", "device": device, "context": context, "batch": batch}
+    if budget.left() < (60 if path.exists() else 150):
+        return {"status": f"skipped: {budget.left():.0f} s of the budget left"}
+    res["reused_folder"] = path.exists()
+    if not path.exists():
+        log(f"recommend {name}: writing the random EXL2 folder")
+        t = time.perf_counter()
+        write(path, **shape)
+        res["write_s"] = round(time.perf_counter() - t, 1)
+    cmd = [sys.executable, "-m", "tessera.engine.cli", "recommend", str(path), "--device", device]
+    cmd += ["--candidates", "given", "--context", str(context), "--batch", str(batch), "--verify", "--json"]
+    timeout = max(60.0, budget.left() - 10)
+    log(f"recommend {name}: {' '.join(cmd[3:])} ({timeout:.0f} s at most)")
+    t = time.perf_counter()
+    text, err, code = _run_session(cmd, env, timeout)
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    shutil.rmtree(path)
+    child_log(f"recommend {name}" + (" (timed out)" if code == "timeout" else ""), text + err)
+    if code == "timeout":
+        return res | {"status": f"ran past its {timeout:.0f} s"}
+    if code:
+        return res | {"status": f"exit {code}: {err[-1500:]}"}
+    rec = json.loads(text.strip().splitlines()[-1])
+    v, choice = rec["verify"], rec["choice"]
+    fields = "label kind kv bpw weights kv_bytes activations runtime total max_context".split()
+    res |= {
+        "status": "ok",
+        "predicted": v["predicted"],
+        "measured_peak": v["peak"],
+        "error": v["error"],
+        "within_10pct": abs(v["error"]) <= 0.10,
+        "choice": {k: choice[k] for k in fields},
+        "memory": rec["memory"],
+        "recommendation": rec["recommendation"],
+        "verify": v,
+    }
+    return res
+
+
+def _run_session(cmd: list[str], env: dict, timeout: float) -> tuple[str, str, object]:
+    """(stdout, stderr, exit code or "timeout") of ``cmd`` in a process group of its own: at the
+    time limit its children (recommend's check run) go too."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        text, err = proc.communicate(timeout=timeout)
+        return text, err, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        text, err = proc.communicate()
+        return text, err, "timeout"
 
 
 def probe_stage(work: Path, env: dict, out: Path, timeout: float) -> dict:
@@ -508,7 +580,7 @@ def probe_stage(work: Path, env: dict, out: Path, timeout: float) -> dict:
     return res
 
 
-STAGES = ("suite", "probe", "correctness", "bench", "bench-exl2", "exllamav2")
+STAGES = ("suite", "probe", "correctness", "bench", "bench-exl2", "exllamav2", "recommend")
 
 
 def main() -> None:
@@ -607,12 +679,17 @@ def main() -> None:
             log(f"bench {name}: {json.dumps(result['bench'][name])}")
             lap(f"bench {name}")
     if "bench-exl2" in stages:
-        result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget)
+        # the recommend stage reuses its folder (an 8B one takes minutes to write)
+        result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget, keep="recommend" in stages)
         lap("bench-exl2")
     if "exllamav2" in stages:
         result["exllamav2"] = exllamav2_stage(work, env, device, a.smoke, budget, out)
         log(f"exllamav2: {json.dumps(result['exllamav2'])}")
         lap("exllamav2")
+    if "recommend" in stages:
+        result["recommend"] = recommend_stage(work, env, device, a.smoke, budget)
+        log(f"recommend: {json.dumps({k: v for k, v in result['recommend'].items() if k != 'verify'})}")
+        lap("recommend")
     print(json.dumps(result))
 
 

@@ -37,6 +37,7 @@ in Q8_0), so the held bytes are what that costs on the device, not the file's si
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -340,7 +341,7 @@ def recommend(
     ck.tokenizer()
     held = HeldBytes(dev, dtype)
     held("Q4_0", 16, 32)
-    runtime = resident_bytes() if dev.type == "cpu" else plat.total_memory() - plat.free_memory()
+    runtime = resident_bytes()  # on a GPU, measured below once the forward has loaded its kernels
     if context > config.max_position_embeddings:
         raise ValueError(
             f"context {context} is beyond the model's {config.max_position_embeddings} positions"
@@ -349,6 +350,14 @@ def recommend(
     tokens = min(max_num_batched_tokens, batch * context)
     activations = activation_bytes(loaded, tokens, batch, context, block_size, dtype)
     bandwidth = read_bandwidth(dev)
+    given = (_bpw(loaded), given_weights, decode_weight_bytes(loaded))
+    del loaded  # before free memory is read: the variants will not run beside it
+    gc.collect()
+    if dev.type == "cuda":
+        runtime, free = _device_runtime_and_free(dev, plat)
+    else:
+        free = plat.free_memory() + runtime
+    memory_limit = memory if memory is not None else free
 
     rows: list[Row] = []
 
@@ -367,11 +376,7 @@ def recommend(
                 )
             )  # fmt: skip
 
-    free = plat.free_memory() + (runtime if dev.type == "cpu" else 0)
-    memory_limit = memory if memory is not None else free
-    add(f"{Path(str(source)).name} (as given)", "given", _bpw(loaded), given_weights,
-        decode_weight_bytes(loaded), str(source))  # fmt: skip
-    del loaded
+    add(f"{Path(str(source)).name} (as given)", "given", given[0], given[1], given[2], str(source))
     for v in variants:
         m, w = _load_measured(v, dtype, dev)
         shape = lambda c: (c.hidden_size, c.num_hidden_layers, c.vocab_size)  # noqa: E731
@@ -404,6 +409,17 @@ def _preference(r: Row) -> tuple:
     """Measured quality first (lower KL), then more bits in the weights, then a finer cache."""
     kl = r.quality.get("kl")
     return (kl is not None, -(kl or 0.0), r.bpw, _KV_RANK[r.kv])
+
+
+def _device_runtime_and_free(dev: torch.device, plat) -> tuple[int, int]:
+    """On a GPU: (the device memory held outside torch's allocator: the CUDA context, the kernels'
+    modules and workspaces, other processes; what the variants may use: the memory free with
+    this process's torch cache released, plus that runtime, since each row counts it)."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    free = plat.free_memory()
+    runtime = plat.total_memory() - free - torch.cuda.memory_reserved(dev)
+    return runtime, free + runtime
 
 
 def _held_now(dev: torch.device) -> int:
@@ -487,21 +503,28 @@ def load_evals(path: str | None) -> dict:
 # -- checking a prediction ------------------------------------------------------------------------
 
 
-def measure_run(model: str, kv: str, context: int, batch: int, max_num_batched_tokens: int = 2048) -> dict:
-    """Runs ``model`` as the engine serves it (packed weights, a KV cache of exactly ``batch``
-    sequences of ``context`` tokens) on ``batch`` requests that fill the context, and returns
-    the process's peak resident memory. Meant for a fresh process (``python -m
-    tessera.engine.recommend``), so that the peak is this run's alone."""
+def measure_run(
+    model: str, kv: str, context: int, batch: int, device: str = "cpu", max_num_batched_tokens: int = 2048
+) -> dict:
+    """Runs ``model`` on ``device`` as the engine serves it (packed weights, the device's
+    preferred dtype, a KV cache of exactly ``batch`` sequences of ``context`` tokens) on
+    ``batch`` requests that fill the context, and returns the peak memory of the run: the
+    process's resident high-water mark on the CPU; on a GPU, the device memory held outside
+    torch's allocator (as ``recommend`` counts its runtime) plus torch's peak reservation. Meant
+    for a fresh process (``python -m tessera.engine.recommend``), so that the peak is this run's
+    alone."""
+    from tessera.kernels import preferred_dtype
     from tessera.sampling import SamplingParams
 
     from .llm import LLM
 
+    dev = torch.device(device)
+    dtype = preferred_dtype(dev)
     config = open_checkpoint(resolve_model(model)).config
-    dtype_name = "auto"
     llm = LLM(
-        model, kv_cache_dtype=kv, max_model_len=context, max_num_seqs=batch,
-        max_num_batched_tokens=max_num_batched_tokens, dtype=dtype_name,
-        kv_cache_memory=kv_bytes(config, kv, _engine_dtype(), batch * context)[0],
+        model, device=dev.type, kv_cache_dtype=kv, max_model_len=context, max_num_seqs=batch,
+        max_num_batched_tokens=max_num_batched_tokens, dtype=str(dtype).removeprefix("torch."),
+        kv_cache_memory=kv_bytes(config, kv, dtype, batch * context)[0],
     )  # fmt: skip
     new = min(16, context - 1)
     g = torch.Generator().manual_seed(0)
@@ -512,27 +535,38 @@ def measure_run(model: str, kv: str, context: int, batch: int, max_num_batched_t
     ]
     t = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
-    peak = resident_bytes("VmHWM") if llm.model.device.type == "cpu" else torch.cuda.max_memory_allocated()
-    return {"peak": peak, "seconds": time.perf_counter() - t, "kv_cache_bytes": llm.kv_cache_bytes}
-
-
-def _engine_dtype() -> torch.dtype:
-    from tessera.kernels import preferred_dtype
-
-    return preferred_dtype(torch.device("cpu"))
+    out = {"seconds": time.perf_counter() - t, "kv_cache_bytes": llm.kv_cache_bytes}
+    out |= {"device": str(llm.model.device), "dtype": str(dtype).removeprefix("torch.")}
+    if llm.model.device.type == "cpu":
+        return {"peak": resident_bytes("VmHWM"), **out}
+    gpu = llm.model.device
+    torch.cuda.synchronize(gpu)
+    plat = platform_for(gpu)
+    outside = plat.total_memory() - plat.free_memory() - torch.cuda.memory_reserved(gpu)
+    reserved = torch.cuda.max_memory_reserved(gpu)
+    out |= {"outside_torch": outside, "torch_peak_reserved": reserved,
+            "torch_peak_allocated": torch.cuda.max_memory_allocated(gpu)}  # fmt: skip
+    return {"peak": outside + reserved, **out}
 
 
 def verify(rec: Recommendation, row: Row) -> dict:
-    """Runs ``row`` (a variant that exists as a file) in a fresh process and compares its measured
-    peak with the prediction."""
+    """Runs ``row`` (a variant that exists as a file) in a fresh process on the device the
+    recommendation was made for and compares its measured peak with the prediction."""
+    import os
     import subprocess
     import sys
 
     if row.path is None:
         raise ValueError(f"{row.label} does not exist yet: convert it first, then name it with --variant")
+    dev = torch.device(rec.device)
+    env = dict(os.environ)
+    if dev.type == "cuda" and dev.index:  # the engine takes a device kind: show it only that GPU
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ids[dev.index]
     cmd = [sys.executable, "-m", "tessera.engine.recommend", row.path, row.kv]
-    cmd += [str(rec.context), str(rec.batch)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd += [str(rec.context), str(rec.batch), dev.type]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"the check run failed: {out.stderr.strip()[-2000:]}")
     measured = json.loads(out.stdout.strip().splitlines()[-1])
@@ -545,8 +579,8 @@ def verify(rec: Recommendation, row: Row) -> dict:
 if __name__ == "__main__":
     import sys
 
-    m, kv, ctx, b = sys.argv[1:5]
-    print(json.dumps(measure_run(m, kv, int(ctx), int(b))))
+    m, kv, ctx, b, *device = sys.argv[1:6]
+    print(json.dumps(measure_run(m, kv, int(ctx), int(b), *device)))
 
 
 def exl2_bpw_for(model: str, device: str, memory: int, context: int, batch: int = 1) -> tuple[float, str]:
