@@ -485,14 +485,16 @@ def exllamav2_stage(work: Path, env: dict, device: str, smoke: bool, budget: Bud
     return cross_check(folder, env, device, max(30.0, budget.left() - 15), out)
 
 
-def recommend_stage(work: Path, env: dict, device: str, smoke: bool, budget: Budget) -> dict:
-    """Issue 13: ``tessera recommend --verify`` on a random EXL2 folder shaped like Llama-3-8B
-    (the one bench-exl2 wrote, where it ran before): the recommended configuration runs in a
-    fresh process at 8,192 tokens x batch 4, and its measured peak is set against the predicted
-    memory (within 10% passes)."""
+def recommend_stage(
+    work: Path, env: dict, device: str, smoke: bool, budget: Budget, shape_name: str = "smollm2-135m"
+) -> dict:
+    """Issue 13: ``tessera recommend --verify`` on a random EXL2 folder of ``shape_name`` (for
+    Llama-3-8B the one bench-exl2 wrote, where it ran before): the recommended configuration runs
+    in a fresh process at 8,192 tokens x batch 4, and its measured peak is set against the
+    predicted memory (within 10% passes)."""
     from make_random_exl2 import SHAPES, write
 
-    name, shape = ("tiny", EXL2_TINY) if smoke else ("llama3-8b", SHAPES["llama3-8b"])
+    name, shape = ("tiny", EXL2_TINY) if smoke else (shape_name, SHAPES[shape_name])
     context, batch = (256, 2) if smoke else (8192, 4)
     path = work / f"{name}.exl2"
     res: dict = {"model": f"random EXL2 {name}", "device": device, "context": context, "batch": batch}
@@ -601,6 +603,10 @@ def main() -> None:
     p.add_argument("--suite-share", type=float, default=0.45, help="of the budget left, the suite's at most")
     p.add_argument("--probe-share", type=float, default=0.4, help="of the budget left, the probe's at most")
     p.add_argument("--shapes", default="smollm2-135m,llama3-8b", help="the bench stage's shapes")
+    p.add_argument(
+        "--recommend-shape", default="smollm2-135m", choices=["smollm2-135m", "llama3-8b"],
+        help="the recommend stage's random EXL2 model (llama3-8b: bench-exl2's folder where it ran)",
+    )  # fmt: skip
     p.add_argument("--side-timeout", type=float, default=0.0, help="one bench side's seconds (0: budget)")
     a = p.parse_args()
     stages = {x.strip() for x in a.stages.split(",") if x.strip()}
@@ -680,14 +686,15 @@ def main() -> None:
             lap(f"bench {name}")
     if "bench-exl2" in stages:
         # the recommend stage reuses its folder (an 8B one takes minutes to write)
-        result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget, keep="recommend" in stages)
+        keep = "recommend" in stages and a.recommend_shape == "llama3-8b"
+        result["bench_exl2"] = bench_exl2(work, env, device, a.smoke, budget, keep=keep)
         lap("bench-exl2")
     if "exllamav2" in stages:
         result["exllamav2"] = exllamav2_stage(work, env, device, a.smoke, budget, out)
         log(f"exllamav2: {json.dumps(result['exllamav2'])}")
         lap("exllamav2")
     if "recommend" in stages:
-        result["recommend"] = recommend_stage(work, env, device, a.smoke, budget)
+        result["recommend"] = recommend_stage(work, env, device, a.smoke, budget, a.recommend_shape)
         log(f"recommend: {json.dumps({k: v for k, v in result['recommend'].items() if k != 'verify'})}")
         lap("recommend")
     print(json.dumps(result))

@@ -2,7 +2,9 @@
 
 1. The few-token quantized linear alone, at Llama-3-8B's shapes (q/o, k/v, gate/up, down in Q4_K,
    the LM head in Q8_0), for each kernel and tile: the tensor-core kernel (``dot``: tokens padded
-   to 16) and the one-program-per-token kernel that takes a packed word at a time (``words``),
+   to 16), the one-program-per-token kernel that takes a packed word at a time (``words``) and
+   csrc/qgemv.cu's int8 dot products (``native``: with the activations' quantization;
+   ``native_gemv``: without it),
    beside cuBLAS on the same matrix in bf16 (2 bytes a weight: the bar a 4-bit kernel must beat
    by reading fewer bytes), and for several tokens the dequantize + cuBLAS path. Random planes
    (speed does not depend on the values), several copies of each matrix in rotation so that no
@@ -33,8 +35,7 @@ SHAPES = [
 # the measured best first (2026-12-04: 8 x 128, 4 warps, 3 stages; 4 x 128 and 4 x 256 near it;
 # 8 x 64, 16 x 64, 16 x 128 x 8 warps, 32 x 32 far slower), each also with the conversion trick
 DOT = [(16, 128, 4, 3), (16, 256, 4, 3)]
-WORDS = [(8, 128, 4, 3, 0), (8, 128, 4, 3, 1), (4, 128, 4, 3, 1), (4, 256, 8, 3, 1), (2, 256, 4, 3, 1),
-         (8, 256, 4, 3, 1), (16, 128, 4, 3, 1), (8, 128, 4, 4, 1)]  # fmt: skip
+WORDS = [(8, 128, 4, 3, 0), (8, 128, 4, 3, 1), (4, 128, 4, 3, 1)]
 # how often each shape runs per token (q and o, k and v, gate and up, down; the head once per model)
 PER_TOKEN = {"q_o": 2, "k_v": 2, "gate_up": 2, "down": 1, "head": 1 / 32}
 L2_DEFEAT_BYTES = 256 << 20
@@ -112,6 +113,16 @@ def _launch_words(ql, x, out, w, tile):
     )  # fmt: skip
 
 
+def _launch_native(ql, x, out, w, tile):
+    """csrc/qgemv.cu as ``linear`` runs it: the activations quantized, then the GEMV."""
+    ql._native_gemv(ql._quantize_x(x), w, None, out)
+
+
+def _launch_native_gemv(ql, q, out, w, tile):
+    """csrc/qgemv.cu's GEMV alone, on activations quantized once (a row stack's later parts)."""
+    ql._native_gemv(q, w, None, out)
+
+
 def kernels(device: str = "cuda", shapes=SHAPES, dot=DOT, words=WORDS, tokens=(1, 2, 4, 8)) -> list[dict]:
     import torch
     import torch.nn.functional as F
@@ -128,12 +139,16 @@ def kernels(device: str = "cuda", shapes=SHAPES, dot=DOT, words=WORDS, tokens=(1
                 continue
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-            runs = [("dot", t, _launch_dot) for t in (dot if m == 1 else dot[:1])]
-            runs += [("words", t, _launch_words) for t in (words if m == 1 else words[:4])]
-            for kind, tile, launch in runs:
-                call = lambda i, t=tile, f=launch, x=x, o=out, w=ws: f(ql, x, o, w[i], t)  # noqa: E731
+            runs = [("dot", t, _launch_dot, x) for t in (dot if m == 1 else dot[:1])]
+            runs += [("words", t, _launch_words, x) for t in (words if m == 1 else words[:1])]
+            if m <= ql.NATIVE_MAX_TOKENS and ql._native_takes(x, [w0]):
+                ql.GEMV_KERNEL = "native"
+                runs += [("native", None, _launch_native, x), ("native_gemv", None, _launch_native_gemv,
+                         ql._quantize_x(x))]  # fmt: skip
+            for kind, tile, launch, xin in runs:
+                call = lambda i, t=tile, f=launch, x=xin, o=out, w=ws: f(ql, x, o, w[i], t)  # noqa: E731
                 seconds = _graph_time(call, copies)
-                rows.append(_row(name, n, k, scheme, m, kind, list(tile), seconds, w0.nbytes))
+                rows.append(_row(name, n, k, scheme, m, kind, tile and list(tile), seconds, w0.nbytes))
             if m > 1:  # what more tokens take: dequantize into a buffer, then cuBLAS
                 call = lambda i, x=x, w=ws: ql._many_tokens(x, w[i], None, torch.bfloat16)  # noqa: E731
                 rows.append(
@@ -263,6 +278,10 @@ def main(dump: str, path: str) -> None:
     words = best_words(rows)
     result["best_words"] = words
     result["decode"] = []
-    for spec, prof in ((words, True), ("dot", False)):
+    from tessera.kernels_cuda import native
+
+    built = native.library() is not None
+    specs = [("native", True), (words, False)] if built else [(words, True), ("dot", False)]
+    for spec, prof in specs:
         result["decode"].append(decode(path, spec, prof))
         save()

@@ -11,8 +11,6 @@ promotion decides the result), and any call when the library could not be built.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from tessera.kernels import reference
@@ -43,21 +41,6 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x2, (x2.stride(0) if x2.shape[0] > 1 else x2.shape[1])
 
 
-def _launch(op: str, device: torch.device, *args) -> None:
-    """Call the launcher ``tessera_cuda_<op>`` with tensors passed as their device pointers, on
-    ``device``'s current stream."""
-    ffi, lib = native.library()
-    # the library's runtime launches on the thread's current device: make it the tensors' one
-    switch = device.index != torch.cuda.current_device()
-    with torch.cuda.device(device) if switch else contextlib.nullcontext():
-        stream = torch.cuda.current_stream(device).cuda_stream
-        conv = [ffi.cast("void *", a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
-        rc = getattr(lib, f"tessera_cuda_{op}")(*conv, ffi.cast("void *", stream))
-    if rc != 0:
-        reason = ffi.string(lib.tessera_cuda_error_string(rc)).decode()
-        raise RuntimeError(f"tessera CUDA kernel {op} failed: {reason} (code {rc})")
-
-
 def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() == 0 or weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for x of shape {tuple(x.shape)}")
@@ -70,7 +53,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x2, stride = _rows(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows, n = x2.shape
-    _launch("rms_norm", x.device, out, x2, weight.contiguous(), rows, n, stride, eps, DTYPE_CODES[x.dtype])
+    args = (out, x2, weight.contiguous(), rows, n, stride, eps, DTYPE_CODES[x.dtype])
+    native.launch("rms_norm", x.device, *args)
     return out
 
 
@@ -92,7 +76,7 @@ def fused_add_rms_norm(
     rows, n = x2.shape
     w = weight.contiguous()
     args = (out, summed, x2, r2, w, rows, n, x_stride, r_stride, eps, DTYPE_CODES[x.dtype])
-    _launch("fused_add_rms_norm", x.device, *args)
+    native.launch("fused_add_rms_norm", x.device, *args)
     return out, summed
 
 
@@ -128,7 +112,7 @@ def rotary_embedding(
     codes = (DTYPE_CODES[query.dtype], DTYPE_CODES[cos.dtype])
     cs = (cos.contiguous(), sin.contiguous())
     args = (q_out, k_out, q2, k2, *cs, t, *heads, head_dim, q_stride, k_stride, *codes)
-    _launch("rotary_embedding", query.device, *args)
+    native.launch("rotary_embedding", query.device, *args)
     return q_out, k_out
 
 
@@ -140,7 +124,7 @@ def _act_and_mul(op: str, x: torch.Tensor) -> torch.Tensor:
     x2, stride = _rows(x)
     inter = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
-    _launch(op, x.device, out, x2, x2.shape[0], inter, stride, DTYPE_CODES[x.dtype])
+    native.launch(op, x.device, out, x2, x2.shape[0], inter, stride, DTYPE_CODES[x.dtype])
     return out
 
 

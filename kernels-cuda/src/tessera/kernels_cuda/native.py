@@ -11,6 +11,7 @@ compiled kernels off, as for kernels-cpu.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["elementwise.cu"]
+SOURCES = ["elementwise.cu", "qgemv.cu"]
 HEADERS = ["gpu_compat.h"]
 # -fmad=false / -ffp-contract=off: no FMA the source does not write, so every product the torch
 # reference rounds is rounded here too (csrc/elementwise.cu)
@@ -32,7 +33,7 @@ FLAGS = {
     "nvcc": ["-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-fmad=false"],
     "hipcc": ["-O3", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off"],
 }
-ABI_VERSION = 1
+ABI_VERSION = 2
 CDEF = """
 int tessera_cuda_abi_version(void);
 int tessera_cuda_check(void);
@@ -50,6 +51,13 @@ int tessera_cuda_silu_and_mul(void* out, const void* x, int64_t rows, int64_t in
                               int dtype, void* stream);
 int tessera_cuda_gelu_tanh_and_mul(void* out, const void* x, int64_t rows, int64_t inter, int64_t x_stride,
                                    int dtype, void* stream);
+int tessera_cuda_q8x2_quantize(void* xa, void* xb, void* xs, void* xsum, const void* x, int64_t M, int64_t K,
+                               int64_t x_stride, int dtype, void* stream);
+int tessera_cuda_qgemv(void* out, int64_t s_out, int out_dtype, const void* lo, const void* hi, const void* d,
+                       const void* m, const void* bias, int bias_dtype, const void* xa, const void* xb,
+                       const void* xs, const void* xsum, int64_t M, int64_t N, int64_t K, int64_t s_lo,
+                       int64_t s_hi, int64_t s_d, int64_t s_m, int hi_bits, int group, int zero, int has_m,
+                       void* stream);
 """
 EXPORTS = re.findall(r"\b(tessera_cuda_\w+)\(", CDEF)
 
@@ -194,3 +202,23 @@ def library():
         log.warning("tessera CUDA C++ kernels cannot run here (%s); using the torch reference ops", reason)
         return None
     return ffi, lib
+
+
+def launch(op: str, device, *args) -> None:
+    """Call the launcher ``tessera_cuda_<op>`` with tensors passed as their device pointers (None
+    as NULL), on ``device``'s current stream; a launcher's error code raises RuntimeError."""
+    import torch
+
+    ffi, lib = library()
+    # the library's runtime launches on the thread's current device: make it the tensors' one
+    switch = device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
+        stream = torch.cuda.current_stream(device).cuda_stream
+        conv = [
+            ffi.cast("void *", a.data_ptr()) if isinstance(a, torch.Tensor) else ffi.NULL if a is None else a
+            for a in args
+        ]
+        rc = getattr(lib, f"tessera_cuda_{op}")(*conv, ffi.cast("void *", stream))
+    if rc != 0:
+        reason = ffi.string(lib.tessera_cuda_error_string(rc)).decode()
+        raise RuntimeError(f"tessera CUDA kernel {op} failed: {reason} (code {rc})")

@@ -1,13 +1,22 @@
-"""Packed GGUF linear layers on CUDA (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) in Triton.
+"""Packed GGUF linear layers on CUDA (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): Triton and
+CUDA C++.
 
 ``prepare_linear_weight`` repacks a GGUF matrix once at load into bit planes of int32 words with
 an fp16 scale d per 32 inputs (16 for Q6_K) and, where the scheme has one, an fp16 offset m per
 32 inputs: ``weight = d * (q - ZERO) + m`` (layout and rounding in :mod:`.gguf_layout`).
 
-``linear`` then takes one of two paths, by the number of tokens M:
+``linear`` then takes one of three paths, by the number of tokens M:
 
-- M <= ``GEMV_MAX_TOKENS``: one Triton kernel reads each packed word once and dequantizes in
-  registers. Two kernels, ``GEMV_KERNEL`` picks:
+- M <= ``NATIVE_MAX_TOKENS`` (4), where the CUDA C++ library is built (``GEMV_KERNEL`` "native",
+  the default): csrc/qgemv.cu. The activations are quantized once per call (shared by every part
+  of a row stack) per token and 32 inputs to two int8 levels, ``x ~= s (a + b/254)`` (within
+  2^-16 of the group's largest value: finer than the bf16/fp16 they came in), and each weight
+  byte meets them in dp4a integer dot products; d, m and the offset apply per group in fp32.
+  Measured on an H200 (BENCHMARKS.md, 2026-12-04 fourth session): Llama-3-8B's gate/up (Q4_K)
+  at 1.9 TB/s, the Q8_0 LM head at 4.3 TB/s, the 8B model decodes at 298 tokens/s against the
+  ``words`` kernel's 164.
+- M <= ``GEMV_MAX_TOKENS`` otherwise: one Triton kernel reads each packed word once and
+  dequantizes in registers. Two kernels, ``GEMV_KERNEL`` picks:
 
   - ``words`` (the default): one program per ``WORDS_BLOCK_N`` output rows and per token, over
     K a block of ``WORDS_BLOCK_W`` packed words (8 inputs each) at a time, with no reshape: for
@@ -18,8 +27,9 @@ an fp16 scale d per 32 inputs (16 for Q6_K) and, where the scheme has one, an fp
     inputs is unpacked to a ``[rows, K]`` tile, rounded to x's dtype and multiplied with all
     the tokens by ``tl.dot`` (tokens padded to 16).
 
-  Neither's tile depends on M, so a token's result is the same whatever else is in the batch
-  for every M up to the threshold. Results are written in ``out_dtype`` from the fp32 sums.
+  Neither's tile depends on M (nor does csrc/qgemv.cu's), so a token's result is the same
+  whatever else is in the batch for every M up to the threshold. Results are written in
+  ``out_dtype`` from the fp32 sums.
   Measured on an H200 (tools/gpu_check.py, probe stage; BENCHMARKS.md, 2026-12-04 GPU): at one
   token ``words`` (8 rows x 128 words) reads Llama-3-8B's gate/up (Q4_K) at 0.96 TB/s, ``dot`` at 0.43;
   the 8B model decodes at 162 tokens/s against 80. ``words`` repeats its work per token (0.14
@@ -45,6 +55,7 @@ import triton.language as tl
 
 from tessera.kernels import InputSegments, RowStack, reference, segments_linear
 
+from . import native
 from .gguf_layout import FORMS, Planes, repack
 
 # at most this many tokens take the GEMV kernel; more dequantize + cuBLAS (see the docstring:
@@ -447,10 +458,13 @@ def prepare_linear_weight(weight, dtype: torch.dtype):
     return PackedGPUWeight(weight.scheme, planes, weight.shape)
 
 
-# The few-token kernel: "words" (a program per token, a packed word at a time) or "dot" (tokens
-# padded to a tensor-core tile), and the former's tile; tools/gpu_check.py's probe stage times
-# them on the GPU and picks for its benches.
-GEMV_KERNEL = "words"
+# The few-token kernel: "native" (csrc/qgemv.cu: int8 dot products on activations quantized to
+# two int8 levels, up to NATIVE_MAX_TOKENS tokens; "words" where the library could not be built),
+# "words" (a Triton program per token, a packed word at a time) or "dot" (tokens padded to a
+# tensor-core tile), and the Triton kernels' tiles; tools/gpu_check.py's probe stage times them
+# on the GPU and picks for its benches.
+GEMV_KERNEL = "native"
+NATIVE_MAX_TOKENS = 4  # the launcher's limit (templates for 1..4 tokens)
 WORDS_BLOCK_N = 8  # the probe's best on an H200 of 9 tiles (BENCHMARKS.md, 2026-12-04 GPU)
 WORDS_BLOCK_W = 128
 WORDS_WARPS = 4
@@ -462,13 +476,14 @@ WORDS_FAST_CVT = False
 
 
 def set_gemv(spec: str) -> None:
-    """``dot`` or ``words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]`` (the probe's way to try a
-    kernel in a whole model; ``TESSERA_CUDA_GEMV`` at import does the same)."""
+    """``native``, ``dot`` or ``words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]`` (the probe's way
+    to try a kernel in a whole model; ``TESSERA_CUDA_GEMV`` at import does the same)."""
     global GEMV_KERNEL, WORDS_BLOCK_N, WORDS_BLOCK_W, WORDS_WARPS, WORDS_STAGES, WORDS_FAST_CVT
     kind, *tile = spec.split(",")
-    if kind not in ("dot", "words") or len(tile) not in ((0,) if kind == "dot" else (0, 4, 5)):
+    if kind not in ("native", "dot", "words") or len(tile) not in ((0, 4, 5) if kind == "words" else (0,)):
         raise ValueError(
-            f"TESSERA_CUDA_GEMV: 'dot' or 'words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]', not {spec!r}"
+            "TESSERA_CUDA_GEMV: 'native', 'dot' or 'words[,BLOCK_N,BLOCK_W,WARPS,STAGES[,FAST_CVT]]', "
+            f"not {spec!r}"
         )
     GEMV_KERNEL = kind
     if tile:
@@ -479,6 +494,49 @@ def set_gemv(spec: str) -> None:
 if os.environ.get("TESSERA_CUDA_GEMV"):
     set_gemv(os.environ["TESSERA_CUDA_GEMV"])
 
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _native_takes(x2: torch.Tensor, parts: list) -> bool:
+    """Whether csrc/qgemv.cu computes this product: selected, built, on a CUDA device, and every
+    packed part's planes aligned for its vector loads."""
+    if GEMV_KERNEL != "native" or x2.device.type != "cuda" or x2.shape[0] > NATIVE_MAX_TOKENS:
+        return False
+    if x2.shape[1] % 32 or native.library() is None:
+        return False
+    for p in parts:
+        if isinstance(p, PackedGPUWeight):
+            lo, hi = p.planes.lo, p.planes.hi
+            if lo.data_ptr() % 16 or (hi is not None and hi.data_ptr() % 16):
+                return False
+    return True
+
+
+def _quantize_x(x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """x ``[M, K]`` as csrc/qgemv.cu's two int8 levels ``[M, K]`` each, scales ``[M, K/32]`` and
+    sums of 16 ``[M, K/16]`` (fp32), in one allocation."""
+    m, k = x2.shape
+    buf = torch.empty(m * (2 * k + 12 * (k // 32)), dtype=torch.uint8, device=x2.device)
+    xa, xb = buf[: m * k], buf[m * k : 2 * m * k]
+    xs = buf[2 * m * k : 2 * m * k + 4 * m * (k // 32)].view(torch.float32)
+    xsum = buf[2 * m * k + 4 * m * (k // 32) :].view(torch.float32)
+    native.launch("q8x2_quantize", x2.device, xa, xb, xs, xsum, x2, m, k, x2.stride(0), _CODES[x2.dtype])
+    return xa, xb, xs, xsum
+
+
+def _native_gemv(q: tuple, w: PackedGPUWeight, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out ``[M, n]`` (a column slice of the output) = x @ W.T + bias, x quantized by _quantize_x."""
+    m, n = out.shape
+    k = w.shape[1]
+    pl, f = w.planes, w.form
+    b = None if bias is None else bias if bias.dtype in _CODES else bias.float()
+    native.launch(
+        "qgemv", out.device, out, out.stride(0), _CODES[out.dtype], pl.lo, pl.hi, pl.d, pl.m,
+        b, _CODES[b.dtype] if b is not None else 0, *q, m, n, k, pl.lo.stride(0),
+        pl.hi.stride(0) if pl.hi is not None else 0, pl.d.stride(0),
+        pl.m.stride(0) if pl.m is not None else 0, f.hi_bits, f.group, f.zero, int(f.has_m),
+    )  # fmt: skip
+
 
 def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     """out ``[M, n]`` (rows may be strided, columns contiguous) = x2 @ W.T + bias."""
@@ -488,7 +546,7 @@ def _gemv(x2: torch.Tensor, w: PackedGPUWeight, bias: torch.Tensor | None, out: 
     # the arguments both kernels take, in their order
     b = bias if bias is not None else out  # not read without HAS_BIAS
     args = (x2, *planes, b, out, m, n, k, *strides, x2.stride(0), out.stride(0))
-    if GEMV_KERNEL == "words":
+    if GEMV_KERNEL in ("words", "native"):  # native: where it does not take the product
         _qgemv_words_kernel[(triton.cdiv(n, WORDS_BLOCK_N), m)](
             *args,
             HAS_BIAS=bias is not None,
@@ -595,20 +653,26 @@ def linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     tokens = x2.shape[0]
-    if tokens > GEMV_MAX_TOKENS:
+    parts = weight.parts if isinstance(weight, RowStack) else [weight]
+    use_native = _native_takes(x2, parts)
+    if tokens > GEMV_MAX_TOKENS and not use_native:
         return _many_tokens(x2, weight, bias, out_dtype).reshape(*lead, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(tokens, n, dtype=out_dtype, device=x.device)
     if tokens == 0:
         return out.reshape(*lead, n)
-    parts = weight.parts if isinstance(weight, RowStack) else [weight]
+    q = _quantize_x(x2) if use_native else None  # once for every part of a stack
     r0 = 0
     for p in parts:
         r1 = r0 + p.shape[0]
         b = bias[r0:r1] if bias is not None else None
         if isinstance(p, PackedGPUWeight):
-            _gemv(x2, p, b.contiguous() if b is not None else None, out[:, r0:r1])
+            b = b.contiguous() if b is not None else None
+            if q is not None:
+                _native_gemv(q, p, b, out[:, r0:r1])
+            else:
+                _gemv(x2, p, b, out[:, r0:r1])
         else:
             out[:, r0:r1] = reference.linear(x2, p, b, out_dtype)
         r0 = r1

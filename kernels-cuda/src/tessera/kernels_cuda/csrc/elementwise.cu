@@ -306,10 +306,12 @@ int act_and_mul_any(void* out, const void* x, int64_t rows, int64_t inter, int64
 
 }  // namespace
 
+int tsr_qgemv_probe(void);  // qgemv.cu
+
 extern "C" {
 
 // Bumped when a launcher's signature changes; native.py checks it against its cdef.
-int tessera_cuda_abi_version(void) { return 1; }
+int tessera_cuda_abi_version(void) { return 2; }
 
 // 0 when this library's kernels can run on the current device, else the runtime's error (no
 // code for this GPU's architecture, a driver older than the runtime linked in). Asking for every
@@ -339,7 +341,8 @@ int tessera_cuda_check(void) {
     probe(&act_and_mul_kernel<float, TSR_ACT_GELU_TANH>);
     probe(&act_and_mul_kernel<tsr_half, TSR_ACT_GELU_TANH>);
     probe(&act_and_mul_kernel<tsr_bf16, TSR_ACT_GELU_TANH>);
-    return rc;
+    const int q = tsr_qgemv_probe();
+    return rc != TSR_OK ? rc : q;
 }
 
 const char* tessera_cuda_error_string(int code) {
