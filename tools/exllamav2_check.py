@@ -8,14 +8,32 @@ compares, on the same folder (tools/bench/make_random_exl2.py):
 
 - each linear's dequantized weight: exllamav2's ``ExLlamaV2Linear.get_weight_tensor_dq()``
   (its ``reconstruct`` kernel: fp16 ``q - 2^(b-1)`` times the fp16 scale, one rounding) against
-  our ``EXL2Tensor.dequantize(torch.float16)`` (the float32 product rounded once): equal;
+  our ``EXL2Tensor.dequantize(torch.float16)`` (the float32 product rounded once): equal. An MLP
+  is compared in the order exllamav2 holds it: ``ExLlamaV2MLP.load`` (mlp.py lines 161-163) loads
+  down_proj with ``unmap=True`` (its act-order permutation dropped, rows left in stored order)
+  and gate_proj/up_proj with ``output_map`` = that permutation (``tensor_remap`` of their output
+  columns), the same product; compared as stored, those three differ in every layer
+  (packages/formats/tests/exllamav2_ref.py ports this load and the reconstruct kernel);
 - the logits of one sequence of token ids: exllamav2's fp16 forward, and tessera's low-precision
   forward (fp16 on a GPU, packed weights through the kernels), each against tessera's fp32 torch
   reference on dequantized weights. The weights are identical, so what separates them is
   rounding of activations: fp16 (unit roundoff 2^-11) through every layer, and exllamav2's
   half-precision sums in its matmuls, move logits by a few tenths of a percent to about a
-  percent of their norm; reading one group's width, scale or the permutation wrongly makes the
-  logits unrelated (relative error near 1.4). ``logits_ok`` is a relative error under 5%.
+  percent of their norm. ``logits_ok`` is a relative error under 5%. The logits are a coarse
+  detector on this random folder: its residual stream grows to a root mean square near 480 over
+  30 layers, every position alike, so the attention scores reach about 38 and the logits hardly
+  depend on which key wins (fp32, SmolLM2's shape: shuffling every o_proj's inputs moves them
+  0.8%, attention without its causal mask 0.3%, no attention at all 99%, an 8 times larger
+  softmax scale 141%): the weights' comparison is the check of the format.
+
+exllamav2 runs with ``config.no_sdpa``: in 0.3.2 ``ExLlamaV2Attention._attn_torch`` (attn.py
+lines 889-890, from commit 2e630ae) hands SDPA ``attn_params.get_block_diag_mask()`` whenever
+``causal``, and that mask is None without ``cu_seqlens`` (attn_params.py lines 190-194): without
+flash-attn or xformers a forward without a cache attends both ways. Its matmul path masks
+(``get_attn_mask``). Where the logits still disagree, ``states_rel_err`` locates where: the
+residual stream entering each of exllamav2's modules (``forward_chunk``'s
+``extract_state_indices``) against ``reference_forward``, a plain fp32 Llama on our dequantized
+weights (whose logits are checked against tessera's fp32 ones too).
 """
 
 from __future__ import annotations
@@ -56,14 +74,16 @@ def child_tessera(path: str, dtype: str, device: str, packed: str, dump: str, id
 
 def child_exllamav2(path: str, dump: str, ids: str) -> None:
     """(in a child process) exllamav2's fp16 logits of ``ids`` (into ``dump.pt``) and a report
-    (``dump``): the time its import (the extension's build) and load took, and per linear how
-    its dequantized weight compares with ours. The report is written before the forward, so a
-    forward that fails still leaves the weights' comparison."""
+    (``dump``): the time its import (the extension's build) and load took, per linear how its
+    dequantized weight compares with ours, and (after the logits) the residual stream entering
+    each module against ``reference_forward`` (whose logits go to ``dump.ref.pt``). The report is
+    written before each forward, so a forward that fails still leaves what came before."""
     import torch
 
     t = time.perf_counter()
     from exllamav2 import ExLlamaV2, ExLlamaV2Config
     from exllamav2.linear import ExLlamaV2Linear
+    from exllamav2.mlp import ExLlamaV2MLP
 
     report: dict = {"import_s": time.perf_counter() - t}
     from tessera.formats import open_checkpoint
@@ -71,41 +91,133 @@ def child_exllamav2(path: str, dump: str, ids: str) -> None:
     t = time.perf_counter()
     config = ExLlamaV2Config(path)
     config.max_seq_len = 256
+    config.no_sdpa = True  # a causal mask without a cache (see the module docstring)
     model = ExLlamaV2(config)
     model.load()
     report["load_s"] = time.perf_counter() - t
-    theirs = {}
+    theirs, mlps = {}, []
     for module in model.modules:
         for m in [module, *module.submodules]:
             if isinstance(m, ExLlamaV2Linear) and m.q_handle is not None:
                 theirs[m.key] = m
-    report["weights"] = weights_compared(open_checkpoint(path), theirs)
+        if isinstance(module, ExLlamaV2MLP) and module.down_proj.q_handle is not None:
+            if "q_perm" not in module.down_proj.q_tensors:  # loaded with unmap=True
+                gate = module.gate_proj.key if module.gate_proj is not None else None
+                mlps.append((gate, module.up_proj.key, module.down_proj.key))
+    checkpoint = open_checkpoint(path)
+    report["weights"] = weights_compared(checkpoint, theirs, mlps)
     Path(dump).write_text(json.dumps(report))
-    logits = model.forward(torch.tensor([[int(i) for i in ids.split(",")]]))
+    input_ids = torch.tensor([[int(i) for i in ids.split(",")]])
+    logits = model.forward(input_ids)
     torch.save(logits[0].float().cpu(), dump + ".pt")
 
+    try:
+        idx = list(range(1, model.head_layer_idx + 1))
+        got = model.forward_chunk(input_ids=input_ids, extract_state_indices=idx)["states"]
+        states, ref_logits = reference_forward(checkpoint, input_ids[0].tolist(), torch.device("cuda"))
+        errs = [rel_err(got[i][0].float().cpu(), r) for i, r in zip(idx, states, strict=True)]
+        report["states_rel_err"] = [round(e, 5) for e in errs]
+        off = next((i for i, e in enumerate(errs) if e > LOGITS_TOLERANCE), None)
+        report["first_state_off"] = None if off is None else state_name(off, len(errs))
+        torch.save(ref_logits, dump + ".ref.pt")
+    except Exception as e:  # a diagnostic: its failure must not hide the logits above
+        report["states_error"] = f"{type(e).__name__}: {e}"
+    Path(dump).write_text(json.dumps(report))
 
-def weights_compared(checkpoint, theirs: dict) -> dict:
+
+def state_name(i: int, n: int) -> str:
+    """What the ``i``-th of ``n`` compared states follows: the embedding, a layer's attention or
+    MLP, the final norm (exllamav2's modules: embedding, attn, mlp per layer, norm, head)."""
+    if i == 0:
+        return "embedding"
+    if i == n - 1:
+        return "final norm"
+    return f"layer {(i - 1) // 2} {'attention' if i % 2 else 'mlp'}"
+
+
+def reference_forward(checkpoint, ids: list[int], device):
+    """A plain fp32 Llama forward (HF's semantics: RMSNorm, rotate-half RoPE, grouped-query causal
+    attention, SwiGLU) of one sequence on ``checkpoint``'s weights, EXL2 linears dequantized:
+    ``(states, logits)``, states the residual stream after the embedding, after each layer's
+    attention and MLP, and after the final norm (float32 ``[len, hidden]`` on the CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = json.loads((Path(checkpoint.path) / "config.json").read_text())
+    w = {}
+    for name, t in checkpoint.weights():
+        t = t.dequantize(torch.float32) if hasattr(t, "as_groups") else t.float()
+        w[name] = t.to(device)
+    n_heads, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    eps, theta = cfg["rms_norm_eps"], cfg.get("rope_theta", 10000.0)
+    seq = len(ids)
+    pos = torch.arange(seq, device=device, dtype=torch.float32)
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    angle = torch.cat([pos[:, None] * inv] * 2, -1)
+    cos, sin = angle.cos(), angle.sin()
+
+    def norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rope(x):  # [heads, seq, hd]
+        return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
+
+    x = w["model.embed_tokens.weight"][torch.tensor(ids, device=device)]
+    states = [x]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        q = rope(q.view(seq, n_heads, hd).transpose(0, 1))
+        k = rope(k.view(seq, n_kv, hd).transpose(0, 1)).repeat_interleave(n_heads // n_kv, 0)
+        v = v.view(seq, n_kv, hd).transpose(0, 1).repeat_interleave(n_heads // n_kv, 0)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(seq, -1)
+        x = x + a @ w[p + "self_attn.o_proj.weight"].T
+        states.append(x)
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
+        x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        states.append(x)
+    x = norm(x, w["model.norm.weight"])
+    states.append(x)
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return [s.cpu() for s in states], (x @ head.T).cpu()
+
+
+def weights_compared(checkpoint, theirs: dict, mlps=()) -> dict:
     """Each EXL2 linear's ``dequantize(float16)`` against exllamav2's ``get_weight_tensor_dq()``
     (``[in, out]``): how many weights differ, how many by more than one fp16 step of ours, the
-    largest difference, and the linears either side lacks or holds in another shape."""
+    largest difference, and the linears either side lacks or holds in another shape. ``mlps``
+    are ``(gate, up, down)`` keys (gate may be None) of the MLPs exllamav2 loaded with down_proj
+    unmapped: ours is put in its order first (down_proj's rows and gate/up's outputs in down_proj's
+    stored order, ``perm = argsort(q_invperm)``), ``held_permuted`` linears compared so."""
     import torch
 
     out = {"linears": 0, "equal": 0, "unequal_elements": 0, "beyond_one_fp16_step": 0, "max_abs_diff": 0.0}
-    out |= {"worst": None, "shape_mismatch": []}
-    seen = set()
+    out |= {"worst": None, "shape_mismatch": [], "held_permuted": 0}
+    ours = {}
     for name, tensor in checkpoint.weights():
         prefix = name.removesuffix(".weight")
-        if not hasattr(tensor, "as_groups") or prefix not in theirs:
-            continue
-        seen.add(prefix)
-        ours = tensor.dequantize(torch.float16).T
+        if hasattr(tensor, "as_groups") and prefix in theirs:
+            ours[prefix] = tensor
+    order = {}  # prefix -> (dim of [in, out] to index, index)
+    for gate, up, down in mlps:
+        if down in ours:
+            perm = torch.argsort(ours[down].q_invperm.long())
+            order |= {down: (0, perm), up: (1, perm)} | ({gate: (1, perm)} if gate else {})
+    for prefix, tensor in ours.items():
+        mine = tensor.dequantize(torch.float16).T
         got = theirs[prefix].get_weight_tensor_dq().cpu()
-        if got.shape != ours.shape:
-            out["shape_mismatch"].append(f"{prefix}: {list(got.shape)} vs ours {list(ours.shape)}")
+        if prefix in order:
+            dim, perm = order[prefix]
+            mine = mine.index_select(dim, perm)
+            out["held_permuted"] += 1
+        if got.shape != mine.shape:
+            out["shape_mismatch"].append(f"{prefix}: {list(got.shape)} vs ours {list(mine.shape)}")
             continue
-        diff = (got.float() - ours.float()).abs()
-        mag = ours.abs()
+        diff = (got.float() - mine.float()).abs()
+        mag = mine.abs()
         step = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).float()  # one fp16 step
         out["linears"] += 1
         n = int((diff > 0).sum())
@@ -114,7 +226,7 @@ def weights_compared(checkpoint, theirs: dict) -> dict:
         out["beyond_one_fp16_step"] += int((diff > step).sum())
         if float(diff.max()) > out["max_abs_diff"]:
             out["max_abs_diff"], out["worst"] = float(diff.max()), prefix
-    out["only_in_exllamav2"] = sorted(set(theirs) - seen)
+    out["only_in_exllamav2"] = sorted(set(theirs) - set(ours))
     complete = out["linears"] > 0 and not out["only_in_exllamav2"] and not out["shape_mismatch"]
     out["all_equal"] = complete and out["equal"] == out["linears"]
     out["all_within_fp16_rounding"] = complete and out["beyond_one_fp16_step"] == 0
@@ -193,10 +305,16 @@ def cross_check(folder: Path, env: dict, device: str, timeout: float, out: Path)
     result |= {
         "logits_rel_err_exllamav2_vs_fp32": err,
         "logits_rel_err_exllamav2_vs_tessera": rel_err(theirs, logits["low"]),
+        # the last position sees the whole sequence either way: right here and wrong before it
+        # is attention that is not causal
+        "logits_rel_err_exllamav2_vs_fp32_last_position": rel_err(theirs[-1], logits["fp32"][-1]),
         "argmax_agreement_exllamav2_vs_fp32": float(agree),
         "logits_tolerance": LOGITS_TOLERANCE,
         "logits_ok": err < LOGITS_TOLERANCE,
     }
+    ref = Path(str(dump) + ".ref.pt")
+    if ref.is_file():  # reference_forward's logits, the yardstick of states_rel_err
+        result["logits_rel_err_reference_vs_tessera_fp32"] = rel_err(torch.load(ref), logits["fp32"])
     return {"status": "ran", **result}
 
 

@@ -44,6 +44,12 @@ computed in fp16 exactly as ``dq_scale`` does after ``make_q_matrix`` divides ``
 ``q_scale_max`` under 2**-6) is part of the format. The kernels multiply ``fp16(q - zero)`` by
 that scale in fp16; the float32 product is exact, so ``dequantize(torch.float16)`` equals them.
 
+exllamav2 holds an MLP reordered (``ExLlamaV2MLP.load``, mlp.py lines 161-163): down_proj is
+loaded without its permutation (rows in stored order) and gate_proj/up_proj with their output
+columns permuted by it (``tensor_remap``), the same product; so ``get_weight_tensor_dq`` of those
+three is a permutation of the stored weight, the other linears' is the weight itself
+(packages/formats/tests/exllamav2_ref.py ports that load and the reconstruct kernel).
+
 exllamav2 pads ``out`` to a multiple of 32 (``pad32``; q_weight and q_scale then carry the padded
 columns): tessera takes q_weight's columns as the outputs and writes only outputs that need no
 padding. The lm_head is quantized like any linear
