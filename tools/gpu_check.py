@@ -641,6 +641,15 @@ def main() -> None:
         t0 = time.monotonic()
         save()
 
+    if "exllamav2" in stages and device == "cuda" and importlib.util.find_spec("exllamav2") is not None:
+        # its extension takes minutes of nvcc on the CPU cores: built beside the GPU stages
+        # before it (the stage's import waits on torch's build lock and then loads it)
+        log("exllamav2: building its extension in the background")
+        build_log = (out / "exllamav2-build.log").open("w")
+        subprocess.Popen(
+            [sys.executable, "-c", "import exllamav2"], env=env, stdout=build_log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
     if "probe" in stages and device == "cuda":
         result["probe"] = probe_stage(work, env, out, max(60.0, budget.left() * a.probe_share))
         log(f"probe: {json.dumps({k: v for k, v in result['probe'].items() if k != 'kernels'})}")
