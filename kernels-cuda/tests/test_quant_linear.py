@@ -446,6 +446,16 @@ def test_the_two_int8_levels_are_within_1_508th_of_the_scale():
     np.testing.assert_allclose(sums, x.reshape(2, 16, 16).sum(-1), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [32, 288, 576, 768, 4096, 14336])
+def test_the_quantized_x_buffer_keeps_every_part_aligned_for_the_vector_loads(k):
+    """(An 8-byte load of the sums at a 4-byte offset was a misaligned address on the H200 for
+    K = 288, one token.)"""
+    for m in range(1, quant_linear.NATIVE_MAX_TOKENS + 1):
+        xs_at, sums_at, size = quant_linear._x_layout(m, k)
+        assert m * k % 16 == 0 and xs_at % 16 == 0 and sums_at % 16 == 0
+        assert xs_at + 4 * m * (k // 32) <= sums_at and size == sums_at + 8 * m * (k // 32)
+
+
 # -- the compiled kernel ------------------------------------------------------------------------
 
 needs_library = pytest.mark.skipif(

@@ -512,14 +512,25 @@ def _native_takes(x2: torch.Tensor, parts: list) -> bool:
     return True
 
 
+def _x_layout(m: int, k: int) -> tuple[int, int, int]:
+    """Byte offsets of the scales and the sums in _quantize_x's buffer, and its size: a, b, the
+    scales and the sums each start 16-byte aligned (the kernel reads a and b by 16 bytes, the
+    sums by 8), the scales' bytes rounded up since 4 M K/32 is not a multiple of 16 for every K
+    (K = 288, M = 1)."""
+    xs_at = 2 * m * k
+    sums_at = xs_at + -(-4 * m * (k // 32) // 16) * 16
+    return xs_at, sums_at, sums_at + 8 * m * (k // 32)
+
+
 def _quantize_x(x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x ``[M, K]`` as csrc/qgemv.cu's two int8 levels ``[M, K]`` each, scales ``[M, K/32]`` and
     sums of 16 ``[M, K/16]`` (fp32), in one allocation."""
     m, k = x2.shape
-    buf = torch.empty(m * (2 * k + 12 * (k // 32)), dtype=torch.uint8, device=x2.device)
+    xs_at, sums_at, size = _x_layout(m, k)
+    buf = torch.empty(size, dtype=torch.uint8, device=x2.device)
     xa, xb = buf[: m * k], buf[m * k : 2 * m * k]
-    xs = buf[2 * m * k : 2 * m * k + 4 * m * (k // 32)].view(torch.float32)
-    xsum = buf[2 * m * k + 4 * m * (k // 32) :].view(torch.float32)
+    xs = buf[xs_at : xs_at + 4 * m * (k // 32)].view(torch.float32)
+    xsum = buf[sums_at:].view(torch.float32)
     native.launch("q8x2_quantize", x2.device, xa, xb, xs, xsum, x2, m, k, x2.stride(0), _CODES[x2.dtype])
     return xa, xb, xs, xsum
 

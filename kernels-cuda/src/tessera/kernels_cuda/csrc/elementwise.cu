@@ -18,7 +18,7 @@
 #include "gpu_compat.h"
 
 enum { TSR_F32 = 0, TSR_F16 = 1, TSR_BF16 = 2 };
-enum { TSR_OK = 0, TSR_EDTYPE = -1, TSR_ESIZE = -2 };
+enum { TSR_OK = 0, TSR_EDTYPE = -1, TSR_ESIZE = -2, TSR_EALIGN = -3 };  // -3: qgemv.cu
 
 #define TSR_MAX_THREADS 1024
 // gridDim.y's limit on both vendors
@@ -348,6 +348,7 @@ int tessera_cuda_check(void) {
 const char* tessera_cuda_error_string(int code) {
     if (code == TSR_EDTYPE) return "unsupported dtype code";
     if (code == TSR_ESIZE) return "invalid sizes or strides";
+    if (code == TSR_EALIGN) return "a pointer or row stride not aligned for the kernel's vector loads";
     return tsr_get_error_string(static_cast<tsr_error_t>(code));
 }
 

@@ -28,7 +28,7 @@
 namespace {
 
 enum { Q_F32 = 0, Q_F16 = 1, Q_BF16 = 2 };
-enum { Q_OK = 0, Q_EDTYPE = -1, Q_ESIZE = -2 };
+enum { Q_OK = 0, Q_EDTYPE = -1, Q_ESIZE = -2, Q_EALIGN = -3 };
 // how the offset ZERO is removed: nothing (m carries it), subtracted through the x sums, or
 // (Q8_0, ZERO 128) by flipping each byte's top bit before the signed dp4a
 enum { Z_NONE = 0, Z_SUM = 1, Z_FLIP = 2 };
@@ -373,7 +373,7 @@ int tessera_cuda_q8x2_quantize(void* xa, void* xb, void* xs, void* xsum, const v
 
 // out [M, N] (row stride s_out, dtype out_dtype) = x @ W.T (+ bias [N] of bias_dtype), M <= 4,
 // from the quantized x of tessera_cuda_q8x2_quantize and W's planes (row strides in elements;
-// lo and a 4-bit hi 16-byte aligned, a 2-bit hi 8-byte aligned). The form: hi_bits, group, zero,
+// lo, a, b and a 4-bit hi 16-byte aligned, a 2-bit hi and the sums 8-byte aligned, else -3). The form: hi_bits, group, zero,
 // has_m as gguf_layout.FORMS; only the forms of the eight GGUF schemes are built.
 int tessera_cuda_qgemv(void* out, int64_t s_out, int out_dtype, const void* lo, const void* hi, const void* d,
                        const void* m, const void* bias, int bias_dtype, const void* xa, const void* xb,
@@ -384,6 +384,10 @@ int tessera_cuda_qgemv(void* out, int64_t s_out, int out_dtype, const void* lo, 
         s_lo < K / 8)
         return Q_ESIZE;
     if (out_dtype < Q_F32 || out_dtype > Q_BF16 || bias_dtype < Q_F32 || bias_dtype > Q_BF16) return Q_EDTYPE;
+    // the vector loads' alignment: a misaligned address is a sticky error that ends the context
+    const auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+    if ((at(lo) | at(xa) | at(xb)) & 15 || s_lo % 4 || at(xsum) & 7 || at(xs) & 3) return Q_EALIGN;
+    if ((hi_bits == 4 && (at(hi) & 15 || s_hi % 4)) || (hi_bits == 2 && (at(hi) & 7 || s_hi % 2))) return Q_EALIGN;
     if (M == 0 || N == 0) return Q_OK;
     if ((N + 3) / 4 > 2147483647LL) return Q_ESIZE;
     GemvArgs p;
