@@ -1,7 +1,9 @@
 """Plot the probe stage of tools/gpu_check.py: each few-token kernel's bandwidth at Llama-3-8B's
 shapes against cuBLAS on the same matrix in bf16 and the measured copy bandwidth.
 
-    uv run python tools/bench/plot_gpu_probe.py docs/gpu/2026-12-04-final.json docs/gpu-gemv.png
+    uv run python tools/bench/plot_gpu_probe.py docs/gpu/2026-12-04-s4-native.json docs/gpu-gemv.png
+
+(Kernels the result lacks get no bar: the first GPU run had no ``native``.)
 """
 
 from __future__ import annotations
@@ -29,14 +31,16 @@ def main() -> None:
         return max(got) if got else 0.0
 
     kinds = [
-        ("dot", "Triton tl.dot, tokens padded to 16 (before)"),
-        ("words", "Triton by packed words (now)"),
+        ("dot", "Triton tl.dot, tokens padded to 16"),
+        ("words", "Triton by packed words"),
+        ("native", "CUDA C++ int8 dot products (csrc/qgemv.cu), with x's quantization"),
         ("cublas_bf16", "cuBLAS on the bf16 matrix (2 bytes a weight)"),
     ]
+    kinds = [k for k in kinds if any(x["kernel"] == k[0] for x in rows)]
     fig, ax = plt.subplots(figsize=(9.5, 4.4))
-    width = 0.27
+    width = 0.8 / len(kinds)
     for i, (kind, label) in enumerate(kinds):
-        xs = [j + (i - 1) * width for j in range(len(shapes))]
+        xs = [j + (i - (len(kinds) - 1) / 2) * width for j in range(len(shapes))]
         ax.bar(xs, [best(s, kind) for s in shapes], width, label=label)
     copy = r["machine"].get("copy_tb_s")
     if copy:
@@ -45,6 +49,7 @@ def main() -> None:
     labels = [f"{s}\n{first[s]['n']}x{first[s]['k']} {first[s]['scheme']}" for s in shapes]
     ax.set_xticks(range(len(shapes)), labels)
     ax.set_ylabel("bytes of the matrix read per second (TB/s)")
+    ax.set_ylim(0, 1.45 * max([copy or 0.0] + [x["tb_s"] for x in rows]))  # room for the legend
     ax.set_title(
         f"One-token quantized linear on {r['machine'].get('gpu', 'the GPU')}, best tile of each kernel"
     )
