@@ -6,11 +6,12 @@ from .outputs import (
     CachedRequestData,
     EngineCoreOutput,
     ModelRunnerOutput,
+    MultiModalFeature,
     NewRequestData,
     SchedulerOutput,
     SchedulerStats,
 )
-from .request import IllegalTransition, Request, RequestStatus
+from .request import IllegalTransition, Request, RequestStatus, block_extra_keys
 from .scheduler import Scheduler
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "EngineCoreOutput",
     "IllegalTransition",
     "ModelRunnerOutput",
+    "MultiModalFeature",
     "NewRequestData",
     "Request",
     "RequestStatus",
@@ -26,4 +28,5 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "SchedulerStats",
+    "block_extra_keys",
 ]

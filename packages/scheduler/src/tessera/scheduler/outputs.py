@@ -15,6 +15,22 @@ import msgspec
 NO_SAMPLING_PARAMS = msgspec.Raw(b"\xc0")
 
 
+class MultiModalFeature(msgspec.Struct, array_like=True, frozen=True):
+    """One image (or video) of a prompt as the scheduler sees it: where its placeholder tokens
+    are, and the content hash that names its encoder output (the encoder cache's key) and enters
+    the prefix-cache hash of every block it overlaps (two prompts with the same placeholder tokens
+    and different images never share KV blocks)."""
+
+    offset: int  # index of its first placeholder token in the prompt
+    length: int  # its placeholder tokens: the encoder output's rows
+    identifier: str  # content hash of the processed input
+    encoder_tokens: int = 0  # its cost against the per-step encoder budget (0: ``length``)
+
+    @property
+    def cost(self) -> int:
+        return self.encoder_tokens or self.length
+
+
 class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     """A request the runner hasn't seen (or one resumed after preemption: all its tokens)."""
 
@@ -24,6 +40,7 @@ class NewRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
     num_computed_tokens: int
     sampling_params: msgspec.Raw = NO_SAMPLING_PARAMS
     num_prompt_tokens: int = 0  # token_ids beyond this are output tokens (a resumed request)
+    mm_features: list[MultiModalFeature] = []  # the prompt's images, by offset
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -50,6 +67,9 @@ class SchedulerOutput(msgspec.Struct, omit_defaults=True):
     # request id -> the draft tokens it verifies this step; they are counted in its
     # num_scheduled_tokens, after its last token (a request with a draft has caught up)
     scheduled_spec_tokens: dict[str, list[int]] = {}
+    # per request, the indices (into its mm_features) whose encoder runs this step: each before
+    # the first step whose tokens overlap its placeholders, within max_num_encoder_input_tokens
+    scheduled_encoder_inputs: dict[str, list[int]] = {}
 
 
 class ModelRunnerOutput(msgspec.Struct, omit_defaults=True):

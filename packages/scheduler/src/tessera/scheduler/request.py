@@ -6,7 +6,7 @@ import enum
 
 import msgspec
 
-from .outputs import NO_SAMPLING_PARAMS
+from .outputs import NO_SAMPLING_PARAMS, MultiModalFeature
 
 
 class RequestStatus(enum.IntEnum):
@@ -78,9 +78,11 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         skip_prefix_cache: bool = False,
+        mm_features: list[MultiModalFeature] | tuple[MultiModalFeature, ...] = (),
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: the prompt is empty")
+        _check_features(request_id, mm_features, len(prompt_token_ids))
         if max_tokens < 1:
             raise ValueError(f"request {request_id}: max_tokens must be at least 1, got {max_tokens}")
         if isinstance(sampling_params, bytes):
@@ -114,6 +116,10 @@ class Request:
         # draft tokens proposed after the last sampled token, verified when next scheduled
         self.spec_token_ids: list[int] = []
         self.seq = 0  # admission order, set by the scheduler
+        # the prompt's images by offset, and which of them the runner has encoded since the
+        # request last started running (a preempted request's runner state is gone)
+        self.mm_features = list(mm_features)
+        self.encoded: set[int] = set()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -143,3 +149,32 @@ class Request:
             f"Request({self.request_id!r}, {self.status.name}, computed={self.num_computed_tokens}, "
             f"tokens={self.num_tokens})"
         )
+
+
+def _check_features(request_id: str, features, num_prompt_tokens: int) -> None:
+    """Placeholder runs inside the prompt, in order, not overlapping."""
+    end = 0
+    for i, f in enumerate(features):
+        if not isinstance(f, MultiModalFeature):
+            raise TypeError(
+                f"request {request_id}: mm_features[{i}] is a {type(f).__name__}, not a MultiModalFeature"
+            )
+        if f.length < 1 or f.offset < end or f.offset + f.length > num_prompt_tokens:
+            raise ValueError(
+                f"request {request_id}: mm_features[{i}] covers prompt tokens {f.offset}.."
+                f"{f.offset + f.length - 1}, which must be non-empty, inside the {num_prompt_tokens}-token "
+                f"prompt, after the previous input's (ending at {end - 1}) and in order"
+            )
+        end = f.offset + f.length
+
+
+def block_extra_keys(features, num_tokens: int, block_size: int) -> list[tuple | None] | None:
+    """Per block of the first ``num_tokens`` tokens, the identifiers of the inputs whose
+    placeholders it overlaps (None: none), for the prefix-cache hash; None without inputs."""
+    if not features:
+        return None
+    keys: list[tuple | None] = [None] * (-(-num_tokens // block_size))
+    for f in features:
+        for b in range(f.offset // block_size, (f.offset + f.length - 1) // block_size + 1):
+            keys[b] = (*(keys[b] or ()), f.identifier)
+    return keys

@@ -15,7 +15,7 @@ from .outputs import (
     SchedulerOutput,
     SchedulerStats,
 )
-from .request import Request, RequestStatus
+from .request import Request, RequestStatus, block_extra_keys
 from .request_queue import FCFSQueue, PriorityQueue
 
 
@@ -57,6 +57,12 @@ class Scheduler:
             )
         if request.status != RequestStatus.WAITING:
             raise ValueError(f"request {request.request_id} is {request.status.name}, not WAITING")
+        for i, f in enumerate(request.mm_features):
+            if f.cost > self.config.encoder_budget:
+                raise ValueError(
+                    f"request {request.request_id}: its input {i} needs {f.cost} encoder tokens, more than "
+                    f"max_num_encoder_input_tokens ({self.config.encoder_budget}) allows in a step"
+                )
         request.seq = next(self._seq)
         self.requests[request.request_id] = request
         self.waiting.add(request)
@@ -96,6 +102,7 @@ class Scheduler:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
         req.spec_token_ids = []  # proposed from a state the runner forgets; resumed, it prefills
+        req.encoded.clear()  # the runner forgets the request's inputs too (its encoder cache may not)
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_preempted(req)
@@ -112,12 +119,15 @@ class Scheduler:
         cached: list[CachedRequestData] = []
         new: list[NewRequestData] = []
         spec_tokens: dict[str, list[int]] = {}
+        encoder_inputs: dict[str, list[int]] = {}
+        encoder_budget = self.config.encoder_budget
         preempted_now = False
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n, encode, cost = self._encoder_inputs(req, req.num_computed_tokens, n, encoder_budget)
             if n <= 0:
                 i += 1
                 continue
@@ -144,6 +154,8 @@ class Scheduler:
                 n += len(draft)
             num_scheduled[req.request_id] = n
             budget -= n
+            self._encode(req, encode, encoder_inputs)
+            encoder_budget -= cost
             cached.append(
                 CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens, req.num_tokens)
             )
@@ -153,8 +165,9 @@ class Scheduler:
             not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting.peek()
+            extra = block_extra_keys(req.mm_features, req.num_prompt_tokens, self.kv.block_size)
             hits, num_hit = self.kv.get_computed_blocks(
-                req.request_id, req.all_token_ids, cache_salt=req.cache_salt
+                req.request_id, req.all_token_ids, cache_salt=req.cache_salt, extra_keys=extra
             )
             if req.skip_prefix_cache:
                 hits, num_hit = [], 0
@@ -163,6 +176,9 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 n = budget
+            n, encode, cost = self._encoder_inputs(req, num_hit, n, encoder_budget)
+            if n <= 0 or (n < req.num_tokens - num_hit and not self.config.enable_chunked_prefill):
+                break  # its next image waits for the encoder budget of a later step
             # lookahead once the prompt is all in: the step samples, and a proposer may write
             lookahead = 0
             if num_hit + n == req.num_tokens:
@@ -191,10 +207,13 @@ class Scheduler:
                     num_hit,
                     req.sampling_params,
                     req.num_prompt_tokens,
+                    req.mm_features,
                 )
             )
             num_scheduled[req.request_id] = n
             budget -= n
+            self._encode(req, encode, encoder_inputs)
+            encoder_budget -= cost
 
         out = SchedulerOutput(
             new_requests=new,
@@ -204,11 +223,37 @@ class Scheduler:
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
             scheduled_spec_tokens=spec_tokens,
+            scheduled_encoder_inputs=encoder_inputs,
         )
         self._finished_ids, self._preempted_ids = [], []
         self.num_steps += out.total_num_scheduled_tokens > 0
         self.num_spec_steps += bool(spec_tokens)
         return out
+
+    @staticmethod
+    def _encoder_inputs(req: Request, start: int, n: int, budget: int) -> tuple[int, list[int], int]:
+        """For the tokens ``start .. start + n - 1`` of ``req``: how many may run (fewer where an
+        input they overlap does not fit the step's encoder budget: they stop before its first
+        placeholder), the inputs to encode first (overlapped and not yet encoded since the
+        request started running), and their encoder tokens."""
+        chosen: list[int] = []
+        cost = 0
+        for i, f in enumerate(req.mm_features):
+            if f.offset >= start + n:
+                break
+            if f.offset + f.length <= start or i in req.encoded:
+                continue  # computed already (or cached), or its output is with the runner
+            if cost + f.cost > budget:
+                return max(f.offset - start, 0), chosen, cost
+            chosen.append(i)
+            cost += f.cost
+        return n, chosen, cost
+
+    @staticmethod
+    def _encode(req: Request, indices: list[int], encoder_inputs: dict[str, list[int]]) -> None:
+        if indices:
+            req.encoded.update(indices)
+            encoder_inputs[req.request_id] = indices
 
     def _draft_to_verify(self, req: Request, n: int, budget: int) -> list[int]:
         """The part of the request's draft to verify this step: none while it is still
