@@ -3,7 +3,7 @@ model configs."""
 
 from .chat_template import ChatTemplateError, render_chat_template
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, MultiModalConfig, VisionConfig
 from .errors import FormatError
 from .exl2 import EXL2Config, EXL2Tensor, exl2_config_from_hf
 from .exl2_write import exl2_parts, exl2_scale_grid, write_exl2_folder
@@ -28,9 +28,11 @@ __all__ = [
     "GroupQuant",
     "HFCheckpoint",
     "ModelConfig",
+    "MultiModalConfig",
     "QuantizedTensor",
     "SUPPORTED_ARCHITECTURES",
     "Tokenizer",
+    "VisionConfig",
     "exl2_config_from_hf",
     "exl2_parts",
     "exl2_scale_grid",

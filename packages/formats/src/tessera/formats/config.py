@@ -9,7 +9,55 @@ from .gptq import GPTQConfig
 
 # The architectures whose config tessera reads (our names: HF's model_type, "gemma3" for
 # Gemma 3's text model); which of them have a model class is tessera.models' registry.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gemma3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "llava",
+)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A CLIP vision transformer: square images of ``image_size`` cut into ``patch_size`` patches."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    """What a vision-language model (LLaVA) adds to its language model, whose parameters are the
+    ModelConfig's own fields."""
+
+    vision: VisionConfig
+    text_architecture: str  # the language model's: llama | mistral | qwen2
+    image_token_id: int
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    # the encoder's hidden states (0: the embeddings, -1: the last layer's output) whose
+    # concatenation the projector takes
+    vision_feature_layers: tuple[int, ...] = (-2,)
+    vision_feature_select_strategy: str = "default"  # "default" drops the class token, "full" keeps it
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
 
 @dataclass(frozen=True)
@@ -52,6 +100,7 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = ()  # layers of a MoE model with an ordinary MLP
     # GPTQ / AWQ / EXL2 quantization_config of the checkpoint (None: its linears are plain weights)
     quantization: GPTQConfig | EXL2Config | None = None
+    multimodal: MultiModalConfig | None = None  # a vision-language model's encoder and projector
     extra: dict = field(default_factory=dict)
 
     def layer_type(self, layer: int) -> str:

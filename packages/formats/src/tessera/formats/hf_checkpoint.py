@@ -49,10 +49,14 @@ from .gptq import (
     quantization_config_from_hf,
 )
 from .json_file import read_json_object
+from .llava_config import llava_multimodal_config, llava_text_config
 from .tokenizer import Tokenizer
 
-_LAYER_TENSOR = re.compile(r"model\.layers\.(0|[1-9]\d{0,8})\..+")
-_EMBEDDING = "model.embed_tokens.weight"
+# the language model's tensors: on their own, or in a LLaVA checkpoint as transformers 5
+# (``model.language_model.``) or 4 (``language_model.model.``) names them
+_LM_PREFIX = r"(?:model\.|model\.language_model\.|language_model\.model\.)"
+_LAYER_TENSOR = re.compile(_LM_PREFIX + r"layers\.(0|[1-9]\d{0,8})\..+")
+_EMBEDDING = re.compile(_LM_PREFIX + r"embed_tokens\.weight")
 
 
 def _rope_scaling(scaling, source) -> dict | None:
@@ -100,6 +104,9 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
             f"{source}: architecture {shown(cfg.get('model_type'))} is not supported "
             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+
+    if arch == "llava":
+        return _llava_config(cfg, source)
 
     def required(key: str, maximum: int = MAX_SIZE) -> int:
         if key not in cfg:
@@ -215,6 +222,18 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
     )
 
 
+def _llava_config(cfg: dict, source: str) -> ModelConfig:
+    """A LLaVA model: its language model's config, with the vision tower and projector beside."""
+    text = config_from_hf_dict(llava_text_config(cfg, source), f"{source} (text_config)")
+    mm = llava_multimodal_config(cfg, text.architecture, source)
+    if mm.image_token_id >= text.vocab_size:
+        raise FormatError(
+            f"{source}: the image token id {mm.image_token_id} is outside the vocabulary "
+            f"(text_config.vocab_size {text.vocab_size})"
+        )
+    return replace(text, architecture="llava", multimodal=mm)
+
+
 def _check_layer_list(n_layers: int, source) -> None:
     """Before a per-layer list is built from a layer count that the tensors haven't bounded yet."""
     if n_layers > 65536:
@@ -323,7 +342,7 @@ class HFCheckpoint:
         from safetensors import SafetensorError, safe_open
 
         layers: set[int] = set()
-        embedding: tuple[str, tuple[int, ...]] | None = None
+        embedding: tuple[str, str, tuple[int, ...]] | None = None  # (name, file, shape)
         quant_headers: dict[str, dict[str, tuple]] = {}  # prefix -> part -> (shape, dtype, file)
         for file, expected in self._files.items():
             path = self.path / file
@@ -332,10 +351,10 @@ class HFCheckpoint:
             try:
                 with safe_open(path, framework="pt") as f:
                     keys = set(f.keys())
-                    if _EMBEDDING in keys:
-                        embedding = (file, tuple(f.get_slice(_EMBEDDING).get_shape()))
                     parts = PARTS if isinstance(self.quantization, GPTQConfig) else EXL2_PARTS
                     for key in keys:
+                        if _EMBEDDING.fullmatch(key):
+                            embedding = (key, file, tuple(f.get_slice(key).get_shape()))
                         prefix, _, part = key.rpartition(".")
                         if part in parts:
                             s = f.get_slice(key)
@@ -362,9 +381,9 @@ class HFCheckpoint:
         holder = next(iter(self._files)) if len(self._files) == 1 else "the sharded checkpoint"
         check_layer_count(c.num_hidden_layers, "num_hidden_layers", config_path, layers, holder, "layer")
         if embedding is not None:
-            file, shape = embedding
+            name, file, shape = embedding
             keys = ("vocab_size", "hidden_size")
-            check_embedding(c.vocab_size, c.hidden_size, keys, config_path, f"{_EMBEDDING} in {file}", shape)
+            check_embedding(c.vocab_size, c.hidden_size, keys, config_path, f"{name} in {file}", shape)
 
     def _check_quantized(self, headers: dict[str, dict[str, tuple]]) -> None:
         from safetensors import safe_open

@@ -12,7 +12,7 @@ from .linear import (
 )
 from .loader import expected_shapes, load_model
 from .parallel import TPInfo
-from .registry import CausalLM, KVCacheSpec, model_class, supported_architectures
+from .registry import CausalLM, KVCacheSpec, SupportsMultiModal, model_class, supported_architectures
 from .rotary import RotaryEmbedding
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ReplicatedLinear",
     "RotaryEmbedding",
     "RowParallelLinear",
+    "SupportsMultiModal",
     "TPInfo",
     "build_attention_metadata",
     "expected_shapes",

@@ -19,6 +19,10 @@ class DecoderModel:
         self, weights: Iterable[tuple[str, object]], progress: Callable[[int, int], None] | None = None
     ) -> None:
         self.weight_map().load(weights, progress)
+        self.finish_loading()
+
+    def finish_loading(self) -> None:
+        """Prepare every loaded weight for the backend (after ``weight_map().load``)."""
         self.embed_tokens.finish(self.opts, keep_packed=self.config.tie_word_embeddings)
         self.lm_head.finish(self.opts)
         self.norm.finish(self.opts)

@@ -18,10 +18,15 @@ def forward_chunks(
     block_size: int = 4,
     seed: int = 0,
     kv_dtype: torch.dtype | None = None,
+    inputs_embeds: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Run sequences given as lists of chunks; chunk k of every sequence rides in step k, over
     blocks scattered at random in a NaN-filled cache (one block table for every layer). Returns
-    each sequence's logits ``[len, V]``."""
+    each sequence's logits ``[len, V]``.
+
+    ``inputs_embeds``, if given, holds per sequence the embeddings of all its tokens (a
+    multimodal prompt's, from ``embed_input_ids``; None: its ids'); each step passes the rows of
+    its chunks to ``forward`` instead of ids."""
     rng = random.Random(seed)
     total = sum(len(t) for seq in chunks for t in seq)
     n_blocks = total // block_size + 4 * len(chunks) + 8
@@ -45,7 +50,17 @@ def forward_chunks(
         positions, metas = build_attention_metadata(
             [len(p) for p in parts], list(done), [tables], block_size, model.device
         )
-        hidden = model.forward(torch.tensor(ids, device=model.device), positions, cache, metas[0])
+        ids = torch.tensor(ids, dtype=torch.long, device=model.device)
+        if inputs_embeds is None:
+            hidden = model.forward(ids, positions, cache, metas[0])
+        else:
+            rows = [
+                model.embed_input_ids(torch.tensor(part, dtype=torch.long, device=model.device))
+                if inputs_embeds[i] is None
+                else inputs_embeds[i][done[i] - len(part) : done[i]]
+                for i, part in enumerate(parts)
+            ]
+            hidden = model.forward(ids, positions, cache, metas[0], inputs_embeds=torch.cat(rows))
         out = model.compute_logits(hidden)
         start = 0
         for i, part in enumerate(parts):

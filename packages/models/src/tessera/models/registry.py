@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -64,6 +64,30 @@ class CausalLM(Protocol):
         """Take the checkpoint's tensors by their own names (HF or GGUF) and prepare them."""
 
 
+@runtime_checkable
+class SupportsMultiModal(Protocol):
+    """What a model that takes images adds to ``CausalLM`` (text models lack it; test with
+    ``isinstance(model, SupportsMultiModal)``). The engine runs the encoder once per image and
+    may cache its output; a prompt holds one placeholder token (``config.multimodal.
+    image_token_id``) per row of the image's embeddings, ``config.multimodal.tokens_per_image``
+    of them, and ``forward`` then takes the merged rows as ``inputs_embeds``."""
+
+    def embed_multimodal(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder and projector on preprocessed images ``[n, channels, H, W]``: per image,
+        ``[tokens_per_image, hidden]`` in the model's dtype, ready to stand for its tokens."""
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: torch.Tensor | list[torch.Tensor] | None = None,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[T, hidden]`` text embeddings of ``input_ids`` with the rows at ``is_multimodal``
+        (a bool mask over ``input_ids``; default: where the id is the image token) replaced, in
+        order, by the rows of ``multimodal_embeddings`` (concatenated where a list). A chunk of
+        a prompt passes the rows of its own placeholders only, which may be part of an image."""
+
+
 # architecture (our name: HF model_type; GGUF names are mapped by formats) -> "module:Class"
 _REGISTRY = {
     "llama": "llama:LlamaForCausalLM",
@@ -73,6 +97,7 @@ _REGISTRY = {
     "mixtral": "mixtral:MixtralForCausalLM",
     "qwen2_moe": "qwen_moe:Qwen2MoeForCausalLM",
     "qwen3_moe": "qwen_moe:Qwen3MoeForCausalLM",
+    "llava": "llava:LlavaForConditionalGeneration",
 }
 # HF ``architectures`` class names -> our names
 HF_ARCHITECTURES = {
@@ -83,6 +108,7 @@ HF_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "LlavaForConditionalGeneration": "llava",
 }
 
 
