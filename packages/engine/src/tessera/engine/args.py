@@ -86,9 +86,20 @@ class EngineArgs:
     batch_invariant: bool = True  # a request's tokens do not depend on what runs beside it
     # JSON text, a dict or a SpeculativeConfig (vLLM's --speculative-config); None: no speculation
     speculative_config: SpeculativeConfig | str | dict | None = None
+    # vision-language models: images a prompt may hold, where local images may be read from
+    # (None: nowhere), hosts images may be fetched from (none: no http), the encoder's tokens
+    # per step (None: max_num_batched_tokens) and the encoder cache's bytes
+    limit_mm_per_prompt: int = 4
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] = ()
+    max_num_encoder_input_tokens: int | None = None
+    encoder_cache_memory: int = 256 << 20
 
     def __post_init__(self) -> None:
         self.gpu_memory_utilization = parse_memory_fraction(self.gpu_memory_utilization)
+        self.allowed_media_domains = tuple(self.allowed_media_domains)
+        if self.limit_mm_per_prompt < 0:
+            raise ValueError(f"limit_mm_per_prompt must be at least 0, got {self.limit_mm_per_prompt}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @staticmethod
@@ -197,6 +208,23 @@ class EngineArgs:
             "running requests. The output distribution is unchanged (exact rejection sampling)",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
+        m = parser.add_argument_group("images (vision-language models)")
+        m.add_argument(
+            "--limit-mm-per-prompt", type=int, default=EngineArgs.limit_mm_per_prompt, metavar="N",
+            help="images one prompt may hold (default: %(default)s)",
+        )  # fmt: skip
+        m.add_argument(
+            "--allowed-local-media-path", default=None, metavar="DIR",
+            help="image paths and file:// URLs are read only under this folder (default: none are)",
+        )  # fmt: skip
+        m.add_argument(
+            "--allowed-media-domains", nargs="*", default=(), metavar="HOST",
+            help="hosts whose http(s) image URLs may be fetched (default: none, as vLLM)",
+        )  # fmt: skip
+        m.add_argument(
+            "--max-num-encoder-input-tokens", type=int, default=None, metavar="N",
+            help="image tokens the vision encoder may take in one step (default: --max-num-batched-tokens)",
+        )  # fmt: skip
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:

@@ -38,6 +38,7 @@ class Prepared(msgspec.Struct, frozen=True):
 
     text: str | None
     ids: list[int]
+    mm: object = None  # llm.MultiModalInputs: a prompt's images (placeholder runs and pixels)
 
 
 @dataclass
@@ -184,15 +185,21 @@ class AsyncLLM:
 
     async def prepare(self, prompt: PromptType, params: SamplingParams) -> Prepared:
         """Tokenize and validate in a worker thread; raises ValueError naming the problem."""
-        if isinstance(prompt, str):
+        if isinstance(prompt, dict):
+            inner = prompt.get("prompt", prompt.get("prompt_token_ids", ""))
+            if isinstance(inner, str):
+                self.check_prompt_size(len(inner))
+        elif isinstance(prompt, str):
             self.check_prompt_size(len(prompt))
         elif len(prompt) > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt)} tokens, more than the maximum context length of "
                 f"{self.max_model_len}"
             )
-        text, ids = await anyio.to_thread.run_sync(self._prepare_sync, prompt, params, limiter=self._limiter)
-        return Prepared(text, ids)
+        text, ids, mm = await anyio.to_thread.run_sync(
+            self._prepare_sync, prompt, params, limiter=self._limiter
+        )
+        return Prepared(text, ids, mm)
 
     def _prepare_sync(self, prompt: PromptType, params: SamplingParams):
         if params.structured is not None:
@@ -248,7 +255,7 @@ class AsyncLLM:
         cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue one prepared request now; its outputs come through the returned stream."""
-        text, ids = prepared.text, prepared.ids
+        text, ids, mm = prepared.text, prepared.ids, prepared.mm
         rid = request_id or uuid.uuid4().hex
         send, recv = anyio.create_memory_object_stream[RequestOutput](math.inf)
         track = _Track(send, time.monotonic())
@@ -257,7 +264,9 @@ class AsyncLLM:
         def add() -> None:
             self._queued_adds -= 1
             try:
-                self.llm._add(text, ids, params, priority=priority, cache_salt=cache_salt, request_id=rid)
+                self.llm._add(
+                    text, ids, params, priority=priority, cache_salt=cache_salt, request_id=rid, mm=mm
+                )
             except Exception as e:  # refused by the scheduler: say so on the stream
                 failed = RequestOutput(
                     request_id=rid,

@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -22,10 +23,10 @@ from tessera.kvcache import (
     num_blocks_for_budget,
     plan_num_blocks,
 )
-from tessera.models import load_model
+from tessera.models import SupportsMultiModal, load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
-from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from tessera.scheduler import MultiModalFeature, Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
@@ -34,6 +35,7 @@ from .engine_core import EngineCore
 from .gpu_memory import gpu_kv_cache_budget
 from .model_runner import ModelRunner
 from .model_source import resolve_model
+from .multimodal_prompt import MultiModalPrompter, images_of
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 
@@ -43,7 +45,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _DEFAULT_KV_SHARE = 0.25
 _DEFAULT_KV_CAP = 4 * 2**30
 
-PromptType = str | list[int]
+# text, token ids, or vLLM's dict: {"prompt": text} or {"prompt_token_ids": ids}, with
+# "multi_modal_data": {"image": an image or a list} for a vision-language model
+PromptType = str | list[int] | dict
+
+
+@dataclass(frozen=True)
+class MultiModalInputs:
+    """A prompt's images as the engine hands them on: placeholder runs and pixels."""
+
+    features: list[MultiModalFeature]
+    pixels: list[torch.Tensor]
 
 
 class LLM:
@@ -158,6 +170,7 @@ class LLM:
             policy=args.scheduling_policy,
             # a draft model writes K/V for the k positions after the step's sampled token
             num_lookahead_tokens=spec.num_speculative_tokens if self.draft_model is not None else 0,
+            max_num_encoder_input_tokens=_encoder_budget(args, self.config),
         )
         kv = KVCacheManager(
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching, groups=groups
@@ -191,6 +204,7 @@ class LLM:
             enforce_eager=args.enforce_eager,
             speculative_config=args.speculative_config,
             proposer=proposer,
+            encoder_cache_bytes=args.encoder_cache_memory,
         )
         if self.draft_model is not None:
             # until measured: a drafted position costs what streaming the draft's weights does
@@ -198,12 +212,31 @@ class LLM:
                 checkpoint_bytes(checkpoint), 1
             )
         self.engine = EngineCore(scheduler, runner)
+        self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
+        if isinstance(self.model, SupportsMultiModal):
+            self.multimodal = MultiModalPrompter(
+                resolve_model(args.model), self.config, limit_images=args.limit_mm_per_prompt,
+                allowed_local_media_path=args.allowed_local_media_path,
+                allowed_media_domains=tuple(args.allowed_media_domains),
+            )  # fmt: skip
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _prepare(self, prompt: PromptType, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def _prepare(
+        self, prompt: PromptType, params: SamplingParams
+    ) -> tuple[str | None, list[int], MultiModalInputs | None]:
+        images = []
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
+            if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError(
+                    "a prompt dict holds 'prompt' (text) or 'prompt_token_ids', and may hold "
+                    f"'multi_modal_data'; got the keys {sorted(prompt)}"
+                )
+            images = images_of(prompt.get("multi_modal_data"))
+            prompt = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             text = prompt
@@ -211,6 +244,12 @@ class LLM:
             ids, text = [int(t) for t in prompt], None
         if not ids:
             raise ValueError("the prompt is empty")
+        mm = None
+        if images:
+            if self.multimodal is None:
+                raise ValueError(f"the model {self.args.model!r} takes text only: it takes no images")
+            ids, features, pixels = self.multimodal.prepare(ids, images)
+            mm = MultiModalInputs(features, pixels)
         if len(ids) > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, more than the maximum context length of "
@@ -225,7 +264,7 @@ class LLM:
         params.check_vocab(self.config.vocab_size)
         if params.structured is not None:
             self.grammars().validate(params.structured)
-        return text, ids
+        return text, ids, mm
 
     def grammars(self):
         """The structured-output compiler for this tokenizer, built on first use."""
@@ -247,8 +286,8 @@ class LLM:
     ) -> str:
         """Queue one request; returns its id. Refused (nothing queued) if invalid."""
         params = params or SamplingParams()
-        text, ids = self._prepare(prompt, params)
-        return self._add(text, ids, params, priority=priority, cache_salt=cache_salt)
+        text, ids, mm = self._prepare(prompt, params)
+        return self._add(text, ids, params, priority=priority, cache_salt=cache_salt, mm=mm)
 
     def _add(
         self,
@@ -259,9 +298,23 @@ class LLM:
         priority: int = 0,
         cache_salt: str | None = None,
         request_id: str | None = None,
+        mm: MultiModalInputs | None = None,
     ) -> str:
         rid = request_id if request_id is not None else str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
+        encoders = self.engine.runner.encoders
+        if mm is not None:
+            encoders.add_inputs(rid, mm.pixels)
+        try:
+            self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm)
+        except BaseException:
+            if mm is not None:
+                encoders.stop(rid, finished=True)
+            raise
+        self.output_processor.add_request(rid, text, ids, params)
+        return rid
+
+    def _admit(self, rid, ids, params, max_tokens, priority, cache_salt, mm) -> None:
         self.engine.add_request(
             Request(
                 rid,
@@ -276,10 +329,9 @@ class LLM:
                 priority=priority,
                 cache_salt=cache_salt,
                 skip_prefix_cache=params.prompt_logprobs is not None,
+                mm_features=mm.features if mm is not None else (),
             )
         )
-        self.output_processor.add_request(rid, text, ids, params)
-        return rid
 
     def abort(self, request_id: str) -> None:
         self.engine.abort_requests([request_id])
@@ -318,7 +370,7 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
         prepared = [self._prepare(p, sp) for p, sp in zip(prompts, sampling_params, strict=True)]
-        ids = [self._add(t, i, sp) for (t, i), sp in zip(prepared, sampling_params, strict=True)]
+        ids = [self._add(t, i, sp, mm=mm) for (t, i, mm), sp in zip(prepared, sampling_params, strict=True)]
         results: dict[str, RequestOutput] = {}
         try:
             while len(results) < len(ids):
@@ -376,6 +428,14 @@ def _device(name: str) -> torch.device:
     if name not in KNOWN_DEVICES:
         raise ValueError(f"device {name!r} is not one of {', '.join(KNOWN_DEVICES)}")
     return torch.device("cuda" if name == "rocm" else name)  # ROCm is "cuda" to torch
+
+
+def _encoder_budget(args: EngineArgs, config) -> int | None:
+    """Image tokens a step may encode: as asked, else (as vLLM) the step's token budget, raised
+    to one image's tokens so that an image always fits a step of its own."""
+    if args.max_num_encoder_input_tokens is not None or config.multimodal is None:
+        return args.max_num_encoder_input_tokens
+    return max(args.max_num_batched_tokens, config.multimodal.tokens_per_image)
 
 
 def _as_tuple(x) -> tuple[int, ...]:

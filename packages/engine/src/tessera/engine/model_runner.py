@@ -14,7 +14,7 @@ import msgspec
 import torch
 
 from tessera.kvcache import KVCacheGroups, KVCacheSpec, group_layers
-from tessera.models import CausalLM, LayerKVCache, build_attention_metadata
+from tessera.models import CausalLM, LayerKVCache, SupportsMultiModal, build_attention_metadata
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator, speculative_rows
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 from tessera.spec_decode import (
@@ -80,6 +80,7 @@ class ModelRunner:
         buffered: bool | None = None,
         speculative_config: SpeculativeConfig | None = None,
         proposer: Proposer | None = None,
+        encoder_cache_bytes: int = 256 << 20,
     ) -> None:
         """On a CUDA device (or with ``buffered``) the step's inputs go through persistent
         buffers and pure-decode steps replay CUDA graphs (unless ``enforce_eager``); sized by
@@ -136,6 +137,12 @@ class ModelRunner:
                 disable_by_batch_size=speculative_config.disable_by_batch_size,
             )
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
+        # a vision-language model's encoder outputs (encoder_runner.py); None for text models
+        self.encoders = None
+        if isinstance(model, SupportsMultiModal):
+            from .encoder_runner import EncoderRunner  # pillow and the processors: only for them
+
+            self.encoders = EncoderRunner(model, encoder_cache_bytes)
         self.requests: dict[str, CachedRequestState] = {}
         self.max_model_len = max_model_len or num_blocks * block_size
         self.inputs: InputBuffers | None = None
@@ -188,11 +195,19 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:
             self.requests.pop(rid, None)
+            if self.encoders is not None:
+                self.encoders.stop(rid, finished=True)
         for rid in so.preempted_request_ids:
             self.requests.pop(rid, None)
+            if self.encoders is not None:
+                self.encoders.stop(rid, finished=False)
         if self.proposer is not None and (so.finished_request_ids or so.preempted_request_ids):
             self.proposer.release([*so.finished_request_ids, *so.preempted_request_ids])
         for nr in so.new_requests:
+            if self.encoders is not None:
+                self.encoders.start(nr.request_id, nr.mm_features)
+            elif nr.mm_features:
+                raise RuntimeError(f"request {nr.request_id} has images but the model takes none")
             params = _decode_params(nr.sampling_params) or SamplingParams()
             state = CachedRequestState(
                 list(nr.token_ids),
@@ -230,6 +245,8 @@ class ModelRunner:
         self._update_states(so)
         if so.total_num_scheduled_tokens == 0:
             return ModelRunnerOutput({})
+        if so.scheduled_encoder_inputs:
+            self.encoders.encode(so.scheduled_encoder_inputs)
         t0 = time.perf_counter()
         ids: list[int] = []
         qsl = [0]
@@ -238,10 +255,12 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_reqs: list[str] = []
         drafts = so.scheduled_spec_tokens
+        chunks: list[tuple[str, int, int]] = []
         for rid, n in so.num_scheduled_tokens.items():
             st = self.requests[rid]
             start = st.num_computed_tokens
             end = start + n
+            chunks.append((rid, start, n))
             draft = drafts.get(rid, ())
             # a draft verifies in one chunk after the request's last token: k + 1 logit rows
             ids.extend(st.token_ids[start : end - len(draft)])
@@ -255,18 +274,22 @@ class ModelRunner:
         query_lens = list(so.num_scheduled_tokens.values())
         group_tables = [[t[g] for t in tables] for g in range(self.num_groups)]
         dev = self.device
-        hidden = None
-        if self.inputs is not None:
+        hidden = embeds = ids_t = None
+        if self.encoders is not None:  # a chunk over placeholders: the images' rows merged in
+            ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
+            embeds = self.encoders.embeds(ids_t, chunks)
+        if self.inputs is not None and embeds is None:
             hidden = self._forward_buffered(ids, query_lens, seq_lens, group_tables)
         if hidden is None:
             positions, metas = build_attention_metadata(
                 query_lens, seq_lens, group_tables, self.block_size, dev, self.batch_invariant
             )
             hidden = self.model.forward(
-                torch.tensor(ids, dtype=torch.int64, device=dev),
+                ids_t if ids_t is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
                 positions,
                 self.layer_caches,
                 [metas[g] for g in self.layer_group],
+                **({"inputs_embeds": embeds} if embeds is not None else {}),
             )
         prompt_lps = self._prompt_logprobs(so, hidden, qsl)
         if not sample_rows:

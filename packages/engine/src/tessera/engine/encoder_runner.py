@@ -1,0 +1,101 @@
+"""The model runner's multimodal side: each input's encoder output, computed when the scheduler
+says (``SchedulerOutput.scheduled_encoder_inputs``), kept per request until it finishes, shared
+across requests through a content-keyed cache, and merged into the step's input embeddings.
+
+The engine registers a request's processed inputs (``add_inputs``) before the scheduler sees
+the request; the scheduler decides when each input's encoder runs (once, before the first step
+whose tokens touch its placeholders, and again after a preemption); the runner asks this class
+for the step's embeddings whenever a scheduled chunk overlaps placeholders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tessera.multimodal import EncoderCache
+from tessera.scheduler import MultiModalFeature
+
+
+@dataclass
+class _RequestInputs:
+    pixels: list[torch.Tensor]  # per input (the request's mm_features, in order)
+    features: list[MultiModalFeature] = field(default_factory=list)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # encoded, by input index
+
+
+class EncoderRunner:
+    def __init__(self, model, cache_bytes: int) -> None:
+        self.model = model
+        self.cache = EncoderCache(cache_bytes)
+        self.requests: dict[str, _RequestInputs] = {}
+        self.encoder_runs = 0  # inputs encoded (cache misses)
+        self.encoder_cache_hits = 0
+
+    def add_inputs(self, request_id: str, pixels: list[torch.Tensor]) -> None:
+        self.requests[request_id] = _RequestInputs(list(pixels))
+
+    def start(self, request_id: str, features: list[MultiModalFeature]) -> None:
+        """The request (re)enters the runner: its inputs' placeholder runs; outputs start over."""
+        req = self.requests.get(request_id)
+        if features and req is None:
+            raise RuntimeError(f"request {request_id} has images but the runner was given none")
+        if req is not None:
+            if len(features) != len(req.pixels):
+                raise RuntimeError(
+                    f"request {request_id}: {len(features)} placeholder runs for {len(req.pixels)} inputs"
+                )
+            req.features, req.outputs = list(features), {}
+
+    def stop(self, request_id: str, finished: bool) -> None:
+        """A preempted request drops its outputs (the cache may keep them); a finished one goes."""
+        if finished:
+            self.requests.pop(request_id, None)
+        elif request_id in self.requests:
+            self.requests[request_id].outputs = {}
+
+    def encode(self, scheduled: dict[str, list[int]]) -> None:
+        """Each scheduled input's encoder output, from the cache or the model."""
+        for rid, indices in scheduled.items():
+            req = self.requests[rid]
+            for i in indices:
+                f = req.features[i]
+                out = self.cache.get(f.identifier)
+                if out is None:
+                    pixels = req.pixels[i].to(device=self.model.device, dtype=self.model.dtype)
+                    (out,) = self.model.embed_multimodal(pixels.unsqueeze(0))
+                    if out.shape[0] != f.length:
+                        raise RuntimeError(
+                            f"request {rid}: input {i} encodes to {out.shape[0]} rows for its {f.length} "
+                            "placeholder tokens"
+                        )
+                    self.cache.put(f.identifier, out)
+                    self.encoder_runs += 1
+                else:
+                    self.encoder_cache_hits += 1
+                req.outputs[i] = out
+
+    def embeds(self, ids: torch.Tensor, chunks: list[tuple[str, int, int]]) -> torch.Tensor | None:
+        """The step's input embeddings where a chunk overlaps placeholders, else None (the ids
+        path). ``chunks``: per scheduled request in row order, (id, first token, tokens)."""
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        row0 = 0
+        for rid, start, n in chunks:
+            req = self.requests.get(rid)
+            for i, f in enumerate(req.features if req is not None else ()):
+                lo, hi = max(start, f.offset), min(start + n, f.offset + f.length)
+                if lo >= hi:
+                    continue
+                out = req.outputs.get(i)
+                if out is None:
+                    raise RuntimeError(f"request {rid}: input {i} was not encoded before its tokens ran")
+                parts.append(out[lo - f.offset : hi - f.offset])
+                rows.extend(range(row0 + lo - start, row0 + hi - start))
+            row0 += n
+        if not parts:
+            return None
+        mask = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        mask[torch.tensor(rows, device=ids.device)] = True
+        return self.model.embed_input_ids(ids, parts, mask)
