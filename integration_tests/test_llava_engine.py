@@ -5,7 +5,9 @@ transformers' own processor and ``generate`` on the same weights and images (fp3
 Also: the encoder cache (a repeated image runs no encoder), images in the prefix-cache keys, and
 bad input refused with nothing queued."""
 
+import base64
 import io
+import json
 
 import pytest
 import torch
@@ -40,7 +42,13 @@ def tokenizer_files(folder) -> None:
     tok.add_special_tokens([AddedToken("<image>", special=True)])
     assert tok.token_to_id("<image>") == IMAGE_TOKEN
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 256, "chat_template": template})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +184,62 @@ def test_a_text_only_model_refuses_images():
     with pytest.raises(ValueError, match="takes text only"):
         llm.add_request({"prompt": "hi", "multi_modal_data": {"image": image(0)}})
     assert not llm.has_unfinished_requests()
+
+
+def data_url(img: Image.Image) -> str:
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+
+def test_the_server_takes_an_image_part_as_llm_generate_takes_the_image(
+    folder, llm, start_default_model_server
+):
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    url = start_default_model_server(
+        "--model", str(folder), "--dtype", "float32", "--device", "cpu", "--max-model-len", "256"
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        img = image(20)
+        parts = [{"type": "image_url", "image_url": {"url": data_url(img), "detail": "low"}},
+                 {"type": "text", "text": "what is it?"}]  # fmt: skip
+
+        def ask(content, **kw):
+            return client.chat.completions.create(
+                model=str(folder), messages=[{"role": "user", "content": content}], temperature=0,
+                max_tokens=6, **kw,
+            )  # fmt: skip
+
+        got = ask(parts).choices[0].message.content
+        prompt = "user: <image>\nwhat is it?\nassistant:"
+        want = llm.generate(
+            [{"prompt": prompt, "multi_modal_data": {"image": img}}],
+            SamplingParams(temperature=0, max_tokens=6),
+        )
+        assert got == want[0].text
+        # the same image again: its blocks come from the prefix cache, no encoder runs; behind
+        # other text (no prefix in common) its encoder output comes from the encoder cache
+        assert ask(parts).choices[0].message.content == got
+        ask([{"type": "text", "text": "look:"}, *parts])
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "tessera_encoder_runs_total 1.0" in metrics
+        assert "tessera_encoder_cache_hits_total 1.0" in metrics
+        bad = [
+            ([{"type": "image_url", "image_url": {"url": data_url(img)[:80]}}], "image 0"),
+            (
+                [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}],
+                "allows no media domains",
+            ),
+            ([{"type": "image_url", "image_url": {"url": data_url(img)}}] * 5, "limit of 4"),
+            ([{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}], "image"),
+        ]
+        for content, why in bad:
+            with pytest.raises(openai.BadRequestError, match=why):
+                ask(content)
+        assert ask(parts).choices[0].message.content == got  # still serving
+    finally:
+        url.proc.terminate()
+        url.proc.communicate(timeout=30)

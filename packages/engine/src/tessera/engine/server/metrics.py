@@ -74,8 +74,25 @@ def _spec_decode_metrics(s):
     )
 
 
+class _EncoderCollector:
+    """A vision-language model's encoder: inputs encoded, and those its cache answered."""
+
+    def __init__(self, encoders) -> None:
+        self._encoders = encoders
+
+    def collect(self):
+        e = self._encoders
+        yield CounterMetricFamily(
+            "tessera_encoder_runs", "Images run through the vision encoder", value=e.encoder_runs
+        )
+        yield CounterMetricFamily(
+            "tessera_encoder_cache_hits", "Images whose encoder output came from the encoder cache",
+            value=e.encoder_cache_hits,
+        )  # fmt: skip
+
+
 class Metrics:
-    def __init__(self, stats, num_waiting) -> None:
+    def __init__(self, stats, num_waiting, encoders=None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tessera_requests", "Finished requests by outcome", ["finish_reason"], registry=self.registry
@@ -99,6 +116,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_SchedulerCollector(stats, num_waiting))
+        if encoders is not None:
+            self.registry.register(_EncoderCollector(encoders))
 
     def on_finish(self, out, track) -> None:
         self.requests.labels(out.finish_reason or "unknown").inc()

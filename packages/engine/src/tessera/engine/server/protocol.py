@@ -50,9 +50,15 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=False)
     guided_json: Any = None
 
 
+class ImageURL(msgspec.Struct, forbid_unknown_fields=False):
+    url: str
+    detail: str | None = None  # "auto" | "low" | "high": accepted; the processor decides the size
+
+
 class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class FunctionCall(msgspec.Struct, forbid_unknown_fields=False):

@@ -41,6 +41,9 @@ class ServingChat(OpenAIServing):
         self, llm, model, limits, *, tool_call_parser: str = "auto", enable_auto_tool_choice: bool = True
     ) -> None:
         super().__init__(llm, model, limits)
+        # a vision-language model: an image part becomes its image token in the prompt text
+        mm = llm.llm.multimodal
+        self.image_token = llm.tokenizer.hf.id_to_token(mm.image_token_id) if mm is not None else None
         template = llm.tokenizer.chat_template
         self.tool_parser = tool_parser(tool_call_parser, template)
         self.template_knows_tools = template_knows_tools(template)
@@ -54,7 +57,8 @@ class ServingChat(OpenAIServing):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         tools = plan_tools(req, self.limits, auto_enabled=self.auto_tool_choice)
-        ids = await self.chat_ids(req.messages, req.add_generation_prompt, tools=tools.tools)
+        images: list[str] = []
+        ids = await self.chat_ids(req.messages, req.add_generation_prompt, tools=tools.tools, images=images)
         params = sampling_params(
             req,
             max_tokens=max_tokens if max_tokens is not None else self.room(ids),
@@ -65,8 +69,9 @@ class ServingChat(OpenAIServing):
             structured=tools.constraint,
         )
         try:
+            prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids
             prepared = await self.prepare(
-                ids, params, max_tokens_given=max_tokens is not None, param="messages"
+                prompt, params, max_tokens_given=max_tokens is not None, param="messages"
             )
         except APIError as e:  # the grammar came from a tool's parameters
             if tools.constraint is not None and e.param == "response_format":
@@ -104,9 +109,10 @@ class ServingChat(OpenAIServing):
 
     # -- messages -------------------------------------------------------------------------------
 
-    def plain_messages(self, messages) -> list[dict]:
-        """The messages as the template takes them (text parts joined); APIError(400) naming the
-        first message that is malformed."""
+    def plain_messages(self, messages, images: list[str] | None = None) -> list[dict]:
+        """The messages as the template takes them (text parts joined; for a vision-language
+        model, with ``images``, an image part as its image token and its URL appended to
+        ``images``); APIError(400) naming the first message that is malformed."""
         if not messages:
             raise APIError(400, "messages must hold at least one message", param="messages")
         if len(messages) > self.limits.max_messages:
@@ -126,6 +132,24 @@ class ServingChat(OpenAIServing):
             if isinstance(content, list):
                 texts = []
                 for j, part in enumerate(content):
+                    if part.type == "image_url" and self.image_token is not None and images is not None:
+                        if part.image_url is None or not part.image_url.url:
+                            raise APIError(
+                                400, f"{where}.content[{j}] is an image_url part without image_url.url",
+                                param=f"{where}.content",
+                            )  # fmt: skip
+                        images.append(part.image_url.url)
+                        texts.append(self.image_token + "\n")
+                        continue
+                    if (
+                        part.type in _MEDIA_PARTS
+                        and self.image_token is not None
+                        and part.type == "image_url"
+                    ):
+                        raise APIError(
+                            400, f"{where}.content[{j}] is an image_url part: this endpoint takes text only",
+                            param=f"{where}.content",
+                        )  # fmt: skip
                     if part.type in _MEDIA_PARTS:
                         raise APIError(
                             400,
@@ -159,12 +183,17 @@ class ServingChat(OpenAIServing):
         return plain
 
     async def chat_ids(
-        self, messages, add_generation_prompt: bool, tools: list[dict] | None = None, **context
+        self,
+        messages,
+        add_generation_prompt: bool,
+        tools: list[dict] | None = None,
+        images: list[str] | None = None,
+        **context,
     ) -> list[int]:
         """Token ids of chat messages (and the tools the prompt shows) through the model's
-        template, rendered off the event loop."""
+        template, rendered off the event loop; image URLs go to ``images`` (where given)."""
         plain, extra = template_inputs(
-            self.plain_messages(messages), tools or [], self.tool_parser, self.template_knows_tools
+            self.plain_messages(messages, images), tools or [], self.tool_parser, self.template_knows_tools
         )
         context |= extra
         chars = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in plain)
