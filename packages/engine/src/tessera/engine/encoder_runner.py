@@ -17,10 +17,13 @@ import torch
 from tessera.multimodal import EncoderCache
 from tessera.scheduler import MultiModalFeature
 
+from .multimodal_prompt import EncoderInput
+
 
 @dataclass
 class _RequestInputs:
-    pixels: list[torch.Tensor]  # per input (the request's mm_features, in order)
+    inputs: list[EncoderInput]  # per input (the request's mm_features, in order)
+    mrope: tuple[torch.Tensor, int] | None = None  # M-RoPE: the prompt's [3, n] positions, delta
     features: list[MultiModalFeature] = field(default_factory=list)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # encoded, by input index
 
@@ -28,13 +31,16 @@ class _RequestInputs:
 class EncoderRunner:
     def __init__(self, model, cache_bytes: int) -> None:
         self.model = model
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
         self.cache = EncoderCache(cache_bytes)
         self.requests: dict[str, _RequestInputs] = {}
         self.encoder_runs = 0  # inputs encoded (cache misses)
         self.encoder_cache_hits = 0
 
-    def add_inputs(self, request_id: str, pixels: list[torch.Tensor]) -> None:
-        self.requests[request_id] = _RequestInputs(list(pixels))
+    def add_inputs(
+        self, request_id: str, inputs: list[EncoderInput], mrope: tuple[torch.Tensor, int] | None = None
+    ) -> None:
+        self.requests[request_id] = _RequestInputs(list(inputs), mrope)
 
     def start(self, request_id: str, features: list[MultiModalFeature]) -> None:
         """The request (re)enters the runner: its inputs' placeholder runs; outputs start over."""
@@ -42,9 +48,9 @@ class EncoderRunner:
         if features and req is None:
             raise RuntimeError(f"request {request_id} has images but the runner was given none")
         if req is not None:
-            if len(features) != len(req.pixels):
+            if len(features) != len(req.inputs):
                 raise RuntimeError(
-                    f"request {request_id}: {len(features)} placeholder runs for {len(req.pixels)} inputs"
+                    f"request {request_id}: {len(features)} placeholder runs for {len(req.inputs)} inputs"
                 )
             req.features, req.outputs = list(features), {}
 
@@ -63,8 +69,12 @@ class EncoderRunner:
                 f = req.features[i]
                 out = self.cache.get(f.identifier)
                 if out is None:
-                    pixels = req.pixels[i].to(device=self.model.device, dtype=self.model.dtype)
-                    (out,) = self.model.embed_multimodal(pixels.unsqueeze(0))
+                    inp = req.inputs[i]
+                    pixels = inp.pixels.to(device=self.model.device, dtype=self.model.dtype)
+                    if inp.grid_thw is None:
+                        (out,) = self.model.embed_multimodal(pixels)
+                    else:
+                        (out,) = self.model.embed_multimodal(pixels, inp.grid_thw.to(self.model.device))
                     if out.shape[0] != f.length:
                         raise RuntimeError(
                             f"request {rid}: input {i} encodes to {out.shape[0]} rows for its {f.length} "
@@ -99,3 +109,24 @@ class EncoderRunner:
         mask = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         mask[torch.tensor(rows, device=ids.device)] = True
         return self.model.embed_input_ids(ids, parts, mask)
+
+    def positions(
+        self, chunks: list[tuple[str, int, int]], flat: torch.Tensor, prompt_lens: dict
+    ) -> torch.Tensor:
+        """An M-RoPE model's [3, T] positions for the step: a prompt token with vision inputs
+        takes its row of the prompt's positions, every later token (output, draft) j + delta;
+        requests without inputs (``flat``: token j at j) the same j in all three."""
+        pos = flat.unsqueeze(0).repeat(3, 1)
+        row0 = 0
+        for rid, start, n in chunks:
+            req = self.requests.get(rid)
+            if req is not None and req.mrope is not None:
+                prompt, delta = req.mrope
+                p_end = min(start + n, prompt_lens[rid])
+                if p_end > start:
+                    pos[:, row0 : row0 + p_end - start] = prompt[:, start:p_end].to(pos.device)
+                if start + n > p_end:
+                    lo = row0 + max(p_end - start, 0)
+                    pos[:, lo : row0 + n] += delta
+            row0 += n
+        return pos

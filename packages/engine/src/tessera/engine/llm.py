@@ -6,7 +6,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -26,7 +25,7 @@ from tessera.kvcache import (
 from tessera.models import SupportsMultiModal, load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
-from tessera.scheduler import MultiModalFeature, Request, RequestStatus, Scheduler, SchedulerConfig
+from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
@@ -35,7 +34,7 @@ from .engine_core import EngineCore
 from .gpu_memory import gpu_kv_cache_budget
 from .model_runner import ModelRunner
 from .model_source import resolve_model
-from .multimodal_prompt import MultiModalPrompter, images_of
+from .multimodal_prompt import MultiModalInputs, MultiModalPrompter, inputs_of
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
 
@@ -48,14 +47,6 @@ _DEFAULT_KV_CAP = 4 * 2**30
 # text, token ids, or vLLM's dict: {"prompt": text} or {"prompt_token_ids": ids}, with
 # "multi_modal_data": {"image": an image or a list} for a vision-language model
 PromptType = str | list[int] | dict
-
-
-@dataclass(frozen=True)
-class MultiModalInputs:
-    """A prompt's images as the engine hands them on: placeholder runs and pixels."""
-
-    features: list[MultiModalFeature]
-    pixels: list[torch.Tensor]
 
 
 class LLM:
@@ -215,7 +206,8 @@ class LLM:
         self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
         if isinstance(self.model, SupportsMultiModal):
             self.multimodal = MultiModalPrompter(
-                resolve_model(args.model), self.config, limit_images=args.limit_mm_per_prompt,
+                resolve_model(args.model), self.config, uses_mrope=runner.encoders.uses_mrope,
+                limit_images=args.limit_mm_per_prompt,
                 allowed_local_media_path=args.allowed_local_media_path,
                 allowed_media_domains=tuple(args.allowed_media_domains),
             )  # fmt: skip
@@ -227,7 +219,7 @@ class LLM:
     def _prepare(
         self, prompt: PromptType, params: SamplingParams
     ) -> tuple[str | None, list[int], MultiModalInputs | None]:
-        images = []
+        images, videos = [], []
         if isinstance(prompt, dict):
             unknown = set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}
             if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
@@ -235,7 +227,7 @@ class LLM:
                     "a prompt dict holds 'prompt' (text) or 'prompt_token_ids', and may hold "
                     f"'multi_modal_data'; got the keys {sorted(prompt)}"
                 )
-            images = images_of(prompt.get("multi_modal_data"))
+            images, videos = inputs_of(prompt.get("multi_modal_data"))
             prompt = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
@@ -245,11 +237,10 @@ class LLM:
         if not ids:
             raise ValueError("the prompt is empty")
         mm = None
-        if images:
+        if images or videos:
             if self.multimodal is None:
                 raise ValueError(f"the model {self.args.model!r} takes text only: it takes no images")
-            ids, features, pixels = self.multimodal.prepare(ids, images)
-            mm = MultiModalInputs(features, pixels)
+            ids, mm = self.multimodal.prepare(ids, images, videos)
         if len(ids) > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, more than the maximum context length of "
@@ -304,7 +295,7 @@ class LLM:
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
         encoders = self.engine.runner.encoders
         if mm is not None:
-            encoders.add_inputs(rid, mm.pixels)
+            encoders.add_inputs(rid, mm.inputs, mm.mrope)
         try:
             self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm)
         except BaseException:

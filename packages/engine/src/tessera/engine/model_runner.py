@@ -108,6 +108,9 @@ class ModelRunner:
             )
         ((kv_heads, head_dim),) = shapes
         buffered = self.device.type == "cuda" if buffered is None else buffered
+        # M-RoPE (Qwen2-VL) takes [3, T] positions, which the persistent buffers and the decode
+        # graphs do not hold: such a model runs eagerly
+        buffered = buffered and not getattr(model, "uses_mrope", False)
         # with buffers, one more page than the allocator knows: the slot that padding rows of a
         # replayed decode graph write to (the cache-write op would take slot -1 as the last slot)
         self.dummy_block = num_blocks
@@ -284,6 +287,9 @@ class ModelRunner:
             positions, metas = build_attention_metadata(
                 query_lens, seq_lens, group_tables, self.block_size, dev, self.batch_invariant
             )
+            if self.encoders is not None and self.encoders.uses_mrope:
+                prompt_lens = {rid: self.requests[rid].num_prompt_tokens for rid, _, _ in chunks}
+                positions = self.encoders.positions(chunks, positions, prompt_lens)
             hidden = self.model.forward(
                 ids_t if ids_t is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
                 positions,
