@@ -3,7 +3,7 @@ model configs."""
 
 from .chat_template import ChatTemplateError, render_chat_template
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import SUPPORTED_ARCHITECTURES, ModelConfig, MultiModalConfig, VisionConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, MultiModalConfig, Qwen2VLVisionConfig, VisionConfig
 from .errors import FormatError
 from .exl2 import EXL2Config, EXL2Tensor, exl2_config_from_hf
 from .exl2_write import exl2_parts, exl2_scale_grid, write_exl2_folder
@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "MultiModalConfig",
     "QuantizedTensor",
+    "Qwen2VLVisionConfig",
     "SUPPORTED_ARCHITECTURES",
     "Tokenizer",
     "VisionConfig",

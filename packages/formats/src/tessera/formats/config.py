@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES = (
     "qwen2_moe",
     "qwen3_moe",
     "llava",
+    "qwen2_vl",
 )
 
 
@@ -41,13 +42,46 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
-class MultiModalConfig:
-    """What a vision-language model (LLaVA) adds to its language model, whose parameters are the
-    ModelConfig's own fields."""
+class Qwen2VLVisionConfig:
+    """Qwen2-VL's vision transformer (HF's field names): images of any size (multiples of
+    ``patch_size * spatial_merge_size``) and videos cut into patches ``temporal_patch_size``
+    frames deep; each ``spatial_merge_size``-square window of patches becomes one token of
+    ``hidden_size`` (the language model's)."""
 
-    vision: VisionConfig
+    depth: int
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float
+    hidden_size: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0  # of the 2-D rotary over patch rows and columns
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def patch_features(self) -> int:
+        """Numbers per patch row of pixel_values: channels x frames x pixels."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    """What a vision-language model (LLaVA, Qwen2-VL) adds to its language model, whose
+    parameters are the ModelConfig's own fields (Qwen2-VL's M-RoPE sections are in its
+    ``rope_scaling``: ``{"rope_type": "mrope", "mrope_section": (t, h, w)}``)."""
+
+    vision: VisionConfig | Qwen2VLVisionConfig
     text_architecture: str  # the language model's: llama | mistral | qwen2
     image_token_id: int
+    video_token_id: int | None = None  # Qwen2-VL: a video's placeholder token
+    vision_start_token_id: int | None = None  # Qwen2-VL: the token before each image or video
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     # the encoder's hidden states (0: the embeddings, -1: the last layer's output) whose
@@ -56,8 +90,16 @@ class MultiModalConfig:
     vision_feature_select_strategy: str = "default"  # "default" drops the class token, "full" keeps it
 
     @property
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self) -> int | None:
+        """Placeholder tokens of every image; None where it depends on the image's size (Qwen2-VL)."""
+        if isinstance(self.vision, Qwen2VLVisionConfig):
+            return None
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+    @property
+    def spatial_merge_size(self) -> int:
+        """Patches per side of the window that becomes one token (1: none merged)."""
+        return getattr(self.vision, "spatial_merge_size", 1)
 
 
 @dataclass(frozen=True)
@@ -72,7 +114,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # HF's rope_scaling dict ("rope_type": "llama3" | "linear" | "dynamic", "factor", ...)
+    # HF's rope_scaling dict ("rope_type": "llama3" | "linear" | "dynamic", "factor", ...; or
+    # "mrope" with "mrope_section": (t, h, w), Qwen2-VL's 3-D positions)
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False

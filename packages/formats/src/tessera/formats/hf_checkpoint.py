@@ -50,6 +50,7 @@ from .gptq import (
 )
 from .json_file import read_json_object
 from .llava_config import llava_multimodal_config, llava_text_config
+from .qwen2_vl_config import mrope_scaling, qwen2_vl_multimodal_config, qwen2_vl_text_config
 from .tokenizer import Tokenizer
 
 # the language model's tensors: on their own, or in a LLaVA checkpoint as transformers 5
@@ -59,13 +60,17 @@ _LAYER_TENSOR = re.compile(_LM_PREFIX + r"layers\.(0|[1-9]\d{0,8})\..+")
 _EMBEDDING = re.compile(_LM_PREFIX + r"embed_tokens\.weight")
 
 
-def _rope_scaling(scaling, source) -> dict | None:
+def _rope_scaling(scaling, head_dim: int, source) -> dict | None:
     """HF's rope_scaling with its numbers checked (they divide frequencies and wavelengths)."""
     if not isinstance(scaling, dict):
         raise FormatError(f"{source}: rope_scaling is {shown(scaling)}, not an object")
     scaling = dict(scaling)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     scaling["rope_type"] = kind
+    if "mrope_section" in scaling:  # Qwen2-VL: 4.x says type "mrope", transformers 5 "default"
+        if kind not in ("default", "mrope"):
+            raise FormatError(f"{source}: rope scaling {shown(kind)} with mrope_section is not supported")
+        return mrope_scaling(scaling["mrope_section"], head_dim, source)
     if kind == "default":
         return None
     if kind not in ("llama3", "linear", "dynamic"):
@@ -107,6 +112,8 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
 
     if arch == "llava":
         return _llava_config(cfg, source)
+    if arch == "qwen2_vl":
+        return _qwen2_vl_config(cfg, source)
 
     def required(key: str, maximum: int = MAX_SIZE) -> int:
         if key not in cfg:
@@ -144,7 +151,7 @@ def config_from_hf_dict(cfg: dict, source: str) -> ModelConfig:
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     rope_theta = read_float(theta, "rope_theta", source)
     scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-    scaling = _rope_scaling(scaling, source) if scaling else None
+    scaling = _rope_scaling(scaling, head_dim, source) if scaling else None
 
     use_sliding = read_bool(cfg.get("use_sliding_window"), "use_sliding_window", source)
     sliding = cfg.get("sliding_window")
@@ -232,6 +239,29 @@ def _llava_config(cfg: dict, source: str) -> ModelConfig:
             f"(text_config.vocab_size {text.vocab_size})"
         )
     return replace(text, architecture="llava", multimodal=mm)
+
+
+def _qwen2_vl_config(cfg: dict, source: str) -> ModelConfig:
+    """A Qwen2-VL model: its Qwen2 language model with M-RoPE, the vision transformer beside."""
+    text = config_from_hf_dict(qwen2_vl_text_config(cfg, source), f"{source} (text_config)")
+    if text.rope_scaling is None:  # transformers' default sections (head_dim 128)
+        text = replace(text, rope_scaling=mrope_scaling([16, 24, 24], text.head_dim, source))
+    elif text.rope_scaling["rope_type"] != "mrope":
+        raise FormatError(
+            f"{source}: rope scaling {shown(text.rope_scaling['rope_type'])} is not supported in a Qwen2-VL "
+            "model (supported: mrope)"
+        )
+    mm = qwen2_vl_multimodal_config(cfg, text.hidden_size, source)
+    for name, token in (
+        ("image_token_id", mm.image_token_id),
+        ("video_token_id", mm.video_token_id),
+        ("vision_start_token_id", mm.vision_start_token_id),
+    ):
+        if token >= text.vocab_size:
+            raise FormatError(
+                f"{source}: {name} {token} is outside the vocabulary (vocab_size {text.vocab_size})"
+            )
+    return replace(text, architecture="qwen2_vl", multimodal=mm)
 
 
 def _check_layer_list(n_layers: int, source) -> None:

@@ -48,7 +48,7 @@ _LLAVA_CLIP = {
 }
 
 
-def _sub_config(cfg: dict, key: str, source) -> dict | None:
+def sub_config(cfg: dict, key: str, source) -> dict | None:
     sub = cfg.get(key)
     if sub is not None and not isinstance(sub, dict):
         raise FormatError(f"{source}: {key} is {shown(sub)}, not an object")
@@ -57,7 +57,7 @@ def _sub_config(cfg: dict, key: str, source) -> dict | None:
 
 def llava_text_config(cfg: dict, source) -> dict:
     """The language model's config.json fields, with the defaults of its config class."""
-    text = dict(_sub_config(cfg, "text_config", source) or {})
+    text = dict(sub_config(cfg, "text_config", source) or {})
     kind = text.setdefault("model_type", "llama")
     if kind not in TEXT_ARCHITECTURES:
         raise FormatError(
@@ -72,7 +72,7 @@ def llava_text_config(cfg: dict, source) -> dict:
     return text
 
 
-def _activation(value, key: str, source) -> str:
+def activation(value, key: str, source) -> str:
     if value not in ACTIVATIONS:
         raise FormatError(
             f"{source}: {key} {shown(value)} is not supported (supported: {', '.join(ACTIVATIONS)})"
@@ -82,7 +82,7 @@ def _activation(value, key: str, source) -> str:
 
 def llava_multimodal_config(cfg: dict, text_architecture: str, source) -> MultiModalConfig:
     """The vision tower and projector of a LLaVA config.json."""
-    given = _sub_config(cfg, "vision_config", source)
+    given = sub_config(cfg, "vision_config", source)
     vision = {**_CLIP_DEFAULTS, **(_LLAVA_CLIP if given is None else given)}
     kind = vision.get("model_type", "clip_vision_model")
     if kind != "clip_vision_model":
@@ -115,7 +115,7 @@ def llava_multimodal_config(cfg: dict, text_architecture: str, source) -> MultiM
         patch_size=patch,
         num_channels=size("num_channels"),
         layer_norm_eps=read_float(vision["layer_norm_eps"], "vision_config.layer_norm_eps", source),
-        hidden_act=_activation(vision["hidden_act"], "vision_config.hidden_act", source),
+        hidden_act=activation(vision["hidden_act"], "vision_config.hidden_act", source),
     )
 
     layers = cfg.get("vision_feature_layer", -2)
@@ -140,7 +140,7 @@ def llava_multimodal_config(cfg: dict, text_architecture: str, source) -> MultiM
         vision=tower,
         text_architecture=text_architecture,
         image_token_id=read_int(cfg.get(token_key, 32000), token_key, source, minimum=0),
-        projector_hidden_act=_activation(
+        projector_hidden_act=activation(
             cfg.get("projector_hidden_act", "gelu"), "projector_hidden_act", source
         ),
         projector_bias=read_bool(

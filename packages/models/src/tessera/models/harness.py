@@ -19,6 +19,7 @@ def forward_chunks(
     seed: int = 0,
     kv_dtype: torch.dtype | None = None,
     inputs_embeds: list[torch.Tensor | None] | None = None,
+    mrope_positions: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Run sequences given as lists of chunks; chunk k of every sequence rides in step k, over
     blocks scattered at random in a NaN-filled cache (one block table for every layer). Returns
@@ -26,7 +27,11 @@ def forward_chunks(
 
     ``inputs_embeds``, if given, holds per sequence the embeddings of all its tokens (a
     multimodal prompt's, from ``embed_input_ids``; None: its ids'); each step passes the rows of
-    its chunks to ``forward`` instead of ids."""
+    its chunks to ``forward`` instead of ids.
+
+    ``mrope_positions``, if given, holds per sequence the ``[3, len]`` M-RoPE positions of all
+    its tokens (None: its ordinary positions in all three rows); each step then passes
+    ``[3, T]`` positions."""
     rng = random.Random(seed)
     total = sum(len(t) for seq in chunks for t in seq)
     n_blocks = total // block_size + 4 * len(chunks) + 8
@@ -51,6 +56,14 @@ def forward_chunks(
             [len(p) for p in parts], list(done), [tables], block_size, model.device
         )
         ids = torch.tensor(ids, dtype=torch.long, device=model.device)
+        if mrope_positions is not None:
+            runs = []
+            for i, part in enumerate(parts):
+                mine = mrope_positions[i]
+                if mine is None:
+                    mine = torch.arange(done[i]).expand(3, -1)
+                runs.append(mine[:, done[i] - len(part) : done[i]])
+            positions = torch.cat(runs, dim=1).to(model.device)
         if inputs_embeds is None:
             hidden = model.forward(ids, positions, cache, metas[0])
         else:

@@ -256,7 +256,10 @@ class LlavaForConditionalGeneration:
     # -- images -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def embed_multimodal(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def embed_multimodal(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """``grid_thw`` is Qwen2-VL's (every LLaVA image has the tower's fixed size): ignored."""
         v = self.config.multimodal.vision
         want = (v.num_channels, v.image_size, v.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:

@@ -69,12 +69,23 @@ class SupportsMultiModal(Protocol):
     """What a model that takes images adds to ``CausalLM`` (text models lack it; test with
     ``isinstance(model, SupportsMultiModal)``). The engine runs the encoder once per image and
     may cache its output; a prompt holds one placeholder token (``config.multimodal.
-    image_token_id``) per row of the image's embeddings, ``config.multimodal.tokens_per_image``
-    of them, and ``forward`` then takes the merged rows as ``inputs_embeds``."""
+    image_token_id``, or ``video_token_id``) per row of the image's embeddings (LLaVA:
+    ``config.multimodal.tokens_per_image`` of them; Qwen2-VL: t*h*w / merge^2 of its grid), and
+    ``forward`` then takes the merged rows as ``inputs_embeds``.
 
-    def embed_multimodal(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The encoder and projector on preprocessed images ``[n, channels, H, W]``: per image,
-        ``[tokens_per_image, hidden]`` in the model's dtype, ready to stand for its tokens."""
+    A model with ``uses_mrope`` True (Qwen2-VL) takes ``positions`` ``[3, T]`` in ``forward``
+    (temporal, height, width; tessera.multimodal's ``mrope_positions`` for a prompt, and
+    ``j + delta`` in all three rows for the token at index j past it); its
+    ``spatial_merge_size`` is the processor's merge size. Models without the attribute take
+    ``[T]``."""
+
+    def embed_multimodal(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """The encoder and projector on preprocessed images: per image, ``[tokens, hidden]`` in
+        the model's dtype, ready to stand for its tokens. LLaVA: ``[n, channels, H, W]``
+        (``grid_thw`` ignored); Qwen2-VL: patch rows ``[patches, C*T*P*P]`` of the n images or
+        videos one after another and their ``grid_thw`` ``[n, 3]``."""
 
     def embed_input_ids(
         self,
@@ -98,6 +109,7 @@ _REGISTRY = {
     "qwen2_moe": "qwen_moe:Qwen2MoeForCausalLM",
     "qwen3_moe": "qwen_moe:Qwen3MoeForCausalLM",
     "llava": "llava:LlavaForConditionalGeneration",
+    "qwen2_vl": "qwen2_vl:Qwen2VLForConditionalGeneration",
 }
 # HF ``architectures`` class names -> our names
 HF_ARCHITECTURES = {
@@ -109,6 +121,7 @@ HF_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "LlavaForConditionalGeneration": "llava",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
 }
 
 

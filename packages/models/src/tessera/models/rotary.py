@@ -1,5 +1,6 @@
 """Rotary position embeddings: inverse frequencies for the default, linear, llama3 and dynamic
-(NTK) scalings, and per-token cos/sin."""
+(NTK) scalings, and per-token cos/sin; Qwen2-VL's multimodal RoPE (M-RoPE) from three position
+rows."""
 
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 class RotaryEmbedding:
     """cos/sin ``[T, D/2]`` for each token from its position (and, for dynamic NTK, the length of
-    its sequence)."""
+    its sequence).
+
+    With M-RoPE (``rope_type`` "mrope", ``mrope_section`` [t, h, w] summing to D/2) positions may
+    be ``[3, T]`` (temporal, height, width): the first t frequencies turn with row 0, the next h
+    with row 1, the last w with row 2 (transformers' ``apply_multimodal_rotary_pos_emb``).
+    ``[T]`` positions are all three rows equal, which is plain RoPE."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         self.dim = config.head_dim
@@ -41,6 +47,16 @@ class RotaryEmbedding:
         self.max_positions = config.max_position_embeddings
         self.device = device
         self.freq_factors: torch.Tensor | None = None  # GGUF rope_freqs (llama3 baked in)
+        # M-RoPE: for each of the D/2 frequencies, the position row (0 t, 1 h, 2 w) it turns with
+        self.mrope_rows: torch.Tensor | None = None
+        if self.kind == "mrope":
+            section = self.scaling["mrope_section"]
+            rows = torch.repeat_interleave(torch.arange(3), torch.tensor(section))
+            if rows.numel() != self.dim // 2:
+                raise ValueError(
+                    f"mrope_section {list(section)} does not sum to head_dim / 2 = {self.dim // 2}"
+                )
+            self.mrope_rows = rows.to(device)
         self._build()
 
     def _build(self) -> None:
@@ -68,6 +84,8 @@ class RotaryEmbedding:
     def cos_sin(
         self, positions: torch.Tensor, token_seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 2:
+            return self._mrope_cos_sin(positions)
         pos = positions.float()
         if (
             self.kind == "dynamic"
@@ -77,4 +95,14 @@ class RotaryEmbedding:
             freqs = pos[:, None] * self._dynamic_inv_freq(token_seq_lens)
         else:
             freqs = pos[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+    def _mrope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mrope_rows is None or positions.shape[0] != 3:
+            raise ValueError(
+                f"positions of shape {list(positions.shape)}: only an M-RoPE model takes [3, T] positions"
+            )
+        freqs = positions.float()[:, :, None] * self.inv_freq  # [3, T, D/2]
+        rows = self.mrope_rows.view(1, 1, -1).expand(1, positions.shape[1], -1)
+        freqs = freqs.gather(0, rows)[0]
         return freqs.cos(), freqs.sin()
