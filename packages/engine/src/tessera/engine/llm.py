@@ -84,6 +84,15 @@ class LLM:
         self.model = load_model(
             checkpoint, dtype, device, progress=progress, packed_weights=args.quantized_weights == "packed"
         )
+        self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
+        if isinstance(self.model, SupportsMultiModal):
+            mrope = bool(getattr(self.model, "uses_mrope", False))
+            self.multimodal = MultiModalPrompter(
+                resolve_model(args.model), self.config, uses_mrope=mrope,
+                limit_images=args.limit_mm_per_prompt,
+                allowed_local_media_path=args.allowed_local_media_path,
+                allowed_media_domains=tuple(args.allowed_media_domains),
+            )  # fmt: skip
         self.draft_model = None
         if draft_checkpoint is not None:
             self.draft_model = load_model(
@@ -161,7 +170,7 @@ class LLM:
             policy=args.scheduling_policy,
             # a draft model writes K/V for the k positions after the step's sampled token
             num_lookahead_tokens=spec.num_speculative_tokens if self.draft_model is not None else 0,
-            max_num_encoder_input_tokens=_encoder_budget(args, self.config),
+            max_num_encoder_input_tokens=_encoder_budget(args, self.multimodal),
         )
         kv = KVCacheManager(
             num_blocks, args.block_size, enable_caching=args.enable_prefix_caching, groups=groups
@@ -203,14 +212,6 @@ class LLM:
                 checkpoint_bytes(checkpoint), 1
             )
         self.engine = EngineCore(scheduler, runner)
-        self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
-        if isinstance(self.model, SupportsMultiModal):
-            self.multimodal = MultiModalPrompter(
-                resolve_model(args.model), self.config, uses_mrope=runner.encoders.uses_mrope,
-                limit_images=args.limit_mm_per_prompt,
-                allowed_local_media_path=args.allowed_local_media_path,
-                allowed_media_domains=tuple(args.allowed_media_domains),
-            )  # fmt: skip
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -421,12 +422,12 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "rocm" else name)  # ROCm is "cuda" to torch
 
 
-def _encoder_budget(args: EngineArgs, config) -> int | None:
+def _encoder_budget(args: EngineArgs, prompter) -> int | None:
     """Image tokens a step may encode: as asked, else (as vLLM) the step's token budget, raised
-    to one image's tokens so that an image always fits a step of its own."""
-    if args.max_num_encoder_input_tokens is not None or config.multimodal is None:
+    to the most tokens one input can have, so that any input fits a step of its own."""
+    if args.max_num_encoder_input_tokens is not None or prompter is None:
         return args.max_num_encoder_input_tokens
-    return max(args.max_num_batched_tokens, config.multimodal.tokens_per_image)
+    return max(args.max_num_batched_tokens, prompter.max_tokens_per_input)
 
 
 def _as_tuple(x) -> tuple[int, ...]:

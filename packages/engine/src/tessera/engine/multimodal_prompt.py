@@ -78,6 +78,15 @@ class MultiModalPrompter:
                     f"{folder}: the processor gives {self.processor.num_tokens(side, side)} tokens an "
                     f"image, the model's encoder {mm.tokens_per_image}"
                 )
+        # the most placeholder tokens one input can have: Qwen2-VL's at the processor's pixel cap
+        if uses_mrope:
+            f, v = self.processor.factor, self.video_processor.factor
+            self.max_tokens_per_input = max(
+                self.processor.max_pixels // (f * f),
+                self.video_processor.max_pixels // (v * v) * (MAX_VIDEO_FRAMES // 2),
+            )
+        else:
+            self.max_tokens_per_input = mm.tokens_per_image
         self.limit_images = limit_images
         self.media = {
             "allowed_local_media_path": allowed_local_media_path,
