@@ -8,6 +8,8 @@ bad input refused with nothing queued."""
 import base64
 import io
 import json
+import struct
+import zlib
 
 import pytest
 import torch
@@ -186,10 +188,22 @@ def test_a_text_only_model_refuses_images():
     assert not llm.has_unfinished_requests()
 
 
-def data_url(img: Image.Image) -> str:
-    png = io.BytesIO()
-    img.save(png, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+def data_url(img: Image.Image | bytes) -> str:
+    if isinstance(img, Image.Image):
+        png = io.BytesIO()
+        img.save(png, format="PNG")
+        img = png.getvalue()
+    return "data:image/png;base64," + base64.b64encode(img).decode()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` RGB pixels and holds none (a bomb's header)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
 def test_the_server_takes_an_image_part_as_llm_generate_takes_the_image(
@@ -234,6 +248,14 @@ def test_the_server_takes_an_image_part_as_llm_generate_takes_the_image(
                 "allows no media domains",
             ),
             ([{"type": "image_url", "image_url": {"url": data_url(img)}}] * 5, "limit of 4"),
+            (
+                [{"type": "image_url", "image_url": {"url": data_url(png_header(30_000, 30_000))}}],
+                "refused before",
+            ),
+            (
+                [{"type": "image_url", "image_url": {"url": data_url(png_header(0, 0))}}],
+                r"empty image \(0x0\)",
+            ),
             ([{"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}], "image"),
         ]
         for content, why in bad:
