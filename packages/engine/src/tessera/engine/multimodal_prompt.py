@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from tessera.formats import ModelConfig
 from tessera.multimodal import (
@@ -23,6 +24,7 @@ from tessera.multimodal import (
     Qwen2VLImageProcessor,
     expand_placeholders,
     load_image,
+    load_video,
     load_video_frames,
     mrope_positions,
 )
@@ -120,12 +122,15 @@ class MultiModalPrompter:
                 raise MediaError(f"image {i}: {e}") from None
         if videos:
             done[self.video_token_id] = []
-            for i, frames in enumerate(videos):
+            for i, video in enumerate(videos):
                 try:
-                    sampled = load_video_frames(list(frames), max_frames=MAX_VIDEO_FRAMES, **self.media)
+                    if isinstance(video, (list, tuple)):
+                        sampled = load_video_frames(list(video), max_frames=MAX_VIDEO_FRAMES, **self.media)
+                    else:  # a file: a data:video/... URL, a path, an allowed http(s) URL, bytes
+                        sampled = load_video(video, max_frames=MAX_VIDEO_FRAMES, **self.media)
                     done[self.video_token_id].append(self.video_processor.process_video(sampled))
                 except (MediaError, TypeError) as e:
-                    raise MediaError(f"video {i} (a list of frames): {e}") from None
+                    raise MediaError(f"video {i}: {e}") from None
         ids, runs = expand_placeholders(ids, {tok: [p.num_tokens for p in ps] for tok, ps in done.items()})
         pairs = sorted(
             ((r, p) for tok, ps in done.items() for r, p in zip(runs.get(tok, []), ps, strict=True)),
@@ -152,8 +157,9 @@ class MultiModalPrompter:
 
 
 def inputs_of(data: dict | None) -> tuple[list, list]:
-    """(images, videos) of vLLM's ``multi_modal_data`` (``{"image": one or a list, "video": a
-    list of frames or a list of such lists}``); a ValueError for any other key."""
+    """(images, videos) of vLLM's ``multi_modal_data``: ``"image"``, one or a list; ``"video"``,
+    one video (a list of PIL frames, or a file: URL, path or bytes) or a list of videos. A
+    ValueError for any other key."""
     if not data:
         return [], []
     unknown = set(data) - {"image", "video"}
@@ -162,6 +168,6 @@ def inputs_of(data: dict | None) -> tuple[list, list]:
     images = data.get("image", [])
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     videos = data.get("video", [])
-    if videos and not isinstance(videos[0], (list, tuple)):
-        videos = [videos]  # one video: a list of frames
+    if not isinstance(videos, (list, tuple)) or (videos and isinstance(videos[0], Image.Image)):
+        videos = [videos]  # one video: a file, or a list of frames
     return images, list(videos)

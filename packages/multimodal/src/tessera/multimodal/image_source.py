@@ -38,33 +38,52 @@ def load_image(
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image(bytes(source), "image bytes", max_pixels=max_pixels)
-    if isinstance(source, os.PathLike):
-        path = os.fspath(source)
-        data = read_local_media(path, allowed_local_media_path, max_bytes=max_bytes)
-        return decode_image(data, path, max_pixels=max_pixels)
-    if not isinstance(source, str):
+    if not isinstance(source, (str, os.PathLike)):
         raise MediaError(
             f"an image source must be a URL, a path, bytes or a PIL image, not {type(source).__name__}"
         )
+    data, what = media_bytes(
+        source, "image", allowed_local_media_path=allowed_local_media_path,
+        allowed_media_domains=allowed_media_domains, max_bytes=max_bytes, timeout_s=timeout_s,
+    )  # fmt: skip
+    return decode_image(data, what, max_pixels=max_pixels)
+
+
+def media_bytes(
+    source: str | os.PathLike,
+    kind: str,
+    *,
+    allowed_local_media_path: str | os.PathLike | None = None,
+    allowed_media_domains: Collection[str] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> tuple[bytes, str]:
+    """(the bytes of a URL or path under the media policy, a short name of it for messages);
+    ``kind`` ("image" or "video") is the media type a data URL must declare."""
+    if isinstance(source, os.PathLike):
+        path = os.fspath(source)
+        return read_local_media(path, allowed_local_media_path, max_bytes=max_bytes), path
     scheme = urlsplit(source).scheme.lower() if ":" in source else ""
     if scheme == "data":
-        data, mime = decode_data_url(source, max_bytes=max_bytes)
-        return decode_image(data, f"data URL ({mime}, {len(data):,} bytes)", max_pixels=max_pixels)
+        data, mime = decode_data_url(source, max_bytes=max_bytes, kind=kind)
+        return data, f"data URL ({mime}, {len(data):,} bytes)"
     if scheme in ("http", "https"):
-        data = fetch_url(source, allowed_media_domains, timeout_s=timeout_s, max_bytes=max_bytes)
-        return decode_image(data, shorten(source), max_pixels=max_pixels)
+        return fetch_url(source, allowed_media_domains, timeout_s=timeout_s, max_bytes=max_bytes), shorten(
+            source
+        )
     if scheme == "file":
         path = url2pathname(urlsplit(source).path)
     elif len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise MediaError(f"{shorten(source)}: URL scheme {scheme!r} is not allowed for media")
     else:
         path = source
-    data = read_local_media(path, allowed_local_media_path, max_bytes=max_bytes)
-    return decode_image(data, path, max_pixels=max_pixels)
+    return read_local_media(path, allowed_local_media_path, max_bytes=max_bytes), path
 
 
-def decode_data_url(url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
-    """The bytes and media type of a ``data:<type>;base64,<payload>`` URL (type ``image/*`` or
+def decode_data_url(
+    url: str, *, max_bytes: int = DEFAULT_MAX_BYTES, kind: str = "image"
+) -> tuple[bytes, str]:
+    """The bytes and media type of a ``data:<type>;base64,<payload>`` URL (type ``<kind>/*`` or
     left out)."""
     header, comma, payload = url.partition(",")
     if not comma:
@@ -72,8 +91,10 @@ def decode_data_url(url: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[by
     mime, *params = (p.strip().lower() for p in header[len("data:") :].split(";"))
     if "base64" not in params:
         raise MediaError(f"data URL ({mime or 'no type'}): only base64 payloads are read")
-    if mime and not mime.startswith("image/"):
-        raise MediaError(f"data URL of type {mime!r}: expected an image/* type")
+    if mime and not mime.startswith(kind + "/"):
+        raise MediaError(
+            f"data URL of type {mime!r}: expected {'an' if kind == 'image' else 'a'} {kind}/* type"
+        )
     payload = "".join(payload.split())  # line breaks some clients insert
     if (size := len(payload) // 4 * 3) > max_bytes:
         raise MediaError(f"data URL ({mime}): about {size:,} bytes exceeds the limit of {max_bytes:,} bytes")

@@ -55,10 +55,15 @@ class ImageURL(msgspec.Struct, forbid_unknown_fields=False):
     detail: str | None = None  # "auto" | "low" | "high": accepted; the processor decides the size
 
 
+class VideoURL(msgspec.Struct, forbid_unknown_fields=False):
+    url: str
+
+
 class ContentPart(msgspec.Struct, forbid_unknown_fields=False):
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
 
 class FunctionCall(msgspec.Struct, forbid_unknown_fields=False):

@@ -44,6 +44,8 @@ class ServingChat(OpenAIServing):
         # a vision-language model: an image part becomes its image token in the prompt text
         mm = llm.llm.multimodal
         self.image_token = llm.tokenizer.hf.id_to_token(mm.image_token_id) if mm is not None else None
+        video = mm.video_token_id if mm is not None and mm.video_processor is not None else None
+        self.video_token = llm.tokenizer.hf.id_to_token(video) if video is not None else None
         template = llm.tokenizer.chat_template
         self.tool_parser = tool_parser(tool_call_parser, template)
         self.template_knows_tools = template_knows_tools(template)
@@ -58,7 +60,10 @@ class ServingChat(OpenAIServing):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         tools = plan_tools(req, self.limits, auto_enabled=self.auto_tool_choice)
         images: list[str] = []
-        ids = await self.chat_ids(req.messages, req.add_generation_prompt, tools=tools.tools, images=images)
+        videos: list[str] = []
+        ids = await self.chat_ids(
+            req.messages, req.add_generation_prompt, tools=tools.tools, images=images, videos=videos
+        )
         params = sampling_params(
             req,
             max_tokens=max_tokens if max_tokens is not None else self.room(ids),
@@ -69,7 +74,9 @@ class ServingChat(OpenAIServing):
             structured=tools.constraint,
         )
         try:
-            prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids
+            media = {"image": images} if images else {}
+            media |= {"video": videos} if videos else {}
+            prompt = {"prompt_token_ids": ids, "multi_modal_data": media} if media else ids
             prepared = await self.prepare(
                 prompt, params, max_tokens_given=max_tokens is not None, param="messages"
             )
@@ -109,7 +116,9 @@ class ServingChat(OpenAIServing):
 
     # -- messages -------------------------------------------------------------------------------
 
-    def plain_messages(self, messages, images: list[str] | None = None) -> list[dict]:
+    def plain_messages(
+        self, messages, images: list[str] | None = None, videos: list[str] | None = None
+    ) -> list[dict]:
         """The messages as the template takes them (text parts joined; for a vision-language
         model, with ``images``, an image part as its image token and its URL appended to
         ``images``); APIError(400) naming the first message that is malformed."""
@@ -140,6 +149,15 @@ class ServingChat(OpenAIServing):
                             )  # fmt: skip
                         images.append(part.image_url.url)
                         texts.append(self.image_token + "\n")
+                        continue
+                    if part.type == "video_url" and self.video_token is not None and videos is not None:
+                        if part.video_url is None or not part.video_url.url:
+                            raise APIError(
+                                400, f"{where}.content[{j}] is a video_url part without video_url.url",
+                                param=f"{where}.content",
+                            )  # fmt: skip
+                        videos.append(part.video_url.url)
+                        texts.append(self.video_token + "\n")
                         continue
                     if (
                         part.type in _MEDIA_PARTS
@@ -188,12 +206,16 @@ class ServingChat(OpenAIServing):
         add_generation_prompt: bool,
         tools: list[dict] | None = None,
         images: list[str] | None = None,
+        videos: list[str] | None = None,
         **context,
     ) -> list[int]:
         """Token ids of chat messages (and the tools the prompt shows) through the model's
         template, rendered off the event loop; image URLs go to ``images`` (where given)."""
         plain, extra = template_inputs(
-            self.plain_messages(messages, images), tools or [], self.tool_parser, self.template_knows_tools
+            self.plain_messages(messages, images, videos),
+            tools or [],
+            self.tool_parser,
+            self.template_knows_tools,
         )
         context |= extra
         chars = sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""))) for m in plain)
