@@ -181,6 +181,21 @@ def test_bad_image_input_is_refused_and_nothing_is_queued(llm):
     assert not llm.has_unfinished_requests() and llm.engine.runner.encoders.requests == held
 
 
+def test_an_aborted_image_request_gives_back_its_blocks_and_its_inputs(folder):
+    small = LLM(str(folder), dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=8,
+                block_size=16)  # fmt: skip
+    kv = small.engine.scheduler.kv
+    free = kv.num_free_blocks
+    rid = small.add_request({"prompt_token_ids": [*text(3, 13), IMAGE_TOKEN, *text(3, 14)],
+                             "multi_modal_data": {"image": image(13)}})  # fmt: skip
+    small.step()  # 8 of its 22 tokens: its image encoded, half of it computed
+    assert rid in small.engine.runner.encoders.requests and kv.num_free_blocks < free
+    small.abort(rid)
+    small.step()  # the runner hears of it with the next step
+    assert kv.num_free_blocks == free and rid not in small.engine.runner.encoders.requests
+    assert not small.has_unfinished_requests()
+
+
 def test_a_text_only_model_refuses_images():
     llm = LLM("smollm2-135m-instruct", device="cpu", max_model_len=256)
     with pytest.raises(ValueError, match="takes text only"):
