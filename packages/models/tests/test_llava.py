@@ -220,7 +220,7 @@ def test_other_feature_layers_and_strategies_match_transformers(tmp_path, overri
 def test_placeholder_count_must_match_the_image_rows(pair):
     _, ours, _ = pair
     ids = torch.tensor(prompt_with_images(1) + [IMAGE_TOKEN])  # one placeholder too many
-    with pytest.raises(ValueError, match="17 image placeholder positions but 16"):
+    with pytest.raises(ValueError, match="17 placeholder positions but 16 embedding rows"):
         ours.embed_input_ids(ids, ours.embed_multimodal(images(1)))
     with pytest.raises(ValueError, match="expected \\[n, 3, 32, 32\\]"):
         ours.embed_multimodal(torch.zeros(1, 3, 64, 64))

@@ -302,5 +302,5 @@ def test_bad_vision_inputs_are_refused_with_what_was_expected(pair):
         ours.embed_multimodal(item.pixel_values[:, :100], grid)
     with pytest.raises(ValueError, match="24 patch rows but grid_thw says 48"):
         ours.embed_multimodal(item.pixel_values, grid * torch.tensor([2, 1, 1]))
-    with pytest.raises(ValueError, match="7 image/video placeholder positions but 6"):
+    with pytest.raises(ValueError, match="7 placeholder positions but 6 embedding rows"):
         ours.embed_input_ids(torch.tensor([IMAGE] * 7), ours.embed_multimodal(item.pixel_values, grid))

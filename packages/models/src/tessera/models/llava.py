@@ -20,11 +20,9 @@ import torch.nn.functional as F
 from tessera.formats import ModelConfig, VisionConfig
 from tessera.kernels import ops
 
-from .attention_metadata import AttentionMetadata
-from .kv_cache import LayerKVCache
 from .linear import LoadOptions, MergedColumnParallelLinear, ReplicatedLinear
 from .llama import LlamaForCausalLM
-from .registry import KVCacheSpec
+from .vision_language import VisionLanguageModel
 from .weight_map import WeightMap
 
 
@@ -216,7 +214,7 @@ class LlavaProjector:
         return self.linear_2.forward(self.act(self.linear_1.forward(x)))
 
 
-class LlavaForConditionalGeneration:
+class LlavaForConditionalGeneration(VisionLanguageModel):
     """The contract of a text model (``CausalLM``, delegated to the language model) and of one
     that takes images (``SupportsMultiModal``)."""
 
@@ -224,6 +222,7 @@ class LlavaForConditionalGeneration:
         mm = config.multimodal
         self.config, self.opts, self.dtype, self.device = config, opts, opts.dtype, opts.device
         self.image_token_id = mm.image_token_id
+        self.placeholder_ids = (mm.image_token_id,)
         self.tokens_per_image = mm.tokens_per_image
         text = replace(config, architecture=mm.text_architecture, multimodal=None)
         self.language_model = LlamaForCausalLM(text, opts)
@@ -271,46 +270,3 @@ class LlavaForConditionalGeneration:
         features = self.vision_tower.forward(pixel_values.to(device=self.device, dtype=self.dtype))
         out = self.multi_modal_projector.forward(features.reshape(-1, features.shape[-1]))
         return list(out.reshape(n, -1, out.shape[-1]).unbind(0))
-
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        multimodal_embeddings: torch.Tensor | list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.language_model.embed_input_ids(input_ids)
-        if multimodal_embeddings is None:
-            return x
-        if isinstance(multimodal_embeddings, (list, tuple)):
-            if not multimodal_embeddings:
-                return x
-            multimodal_embeddings = torch.cat(list(multimodal_embeddings))
-        mask = input_ids == self.image_token_id if is_multimodal is None else is_multimodal
-        if mask.dtype != torch.bool or mask.shape != input_ids.shape:
-            raise ValueError(f"is_multimodal must be a bool mask of shape {list(input_ids.shape)}")
-        rows = int(mask.sum())
-        if rows != multimodal_embeddings.shape[0]:
-            raise ValueError(
-                f"{rows} image placeholder positions but "
-                f"{multimodal_embeddings.shape[0]} image embedding rows"
-            )
-        x[mask] = multimodal_embeddings.to(device=x.device, dtype=x.dtype)
-        return x
-
-    # -- the language model -------------------------------------------------------------------
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        kv_caches: list[LayerKVCache],
-        attn_metadata: AttentionMetadata | list[AttentionMetadata],
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.language_model.forward(input_ids, positions, kv_caches, attn_metadata, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_spec(self) -> list[KVCacheSpec]:
-        return self.language_model.kv_cache_spec()

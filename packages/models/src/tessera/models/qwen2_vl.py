@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from tessera.formats import ModelConfig, Qwen2VLVisionConfig
 from tessera.kernels import ops
 
-from .attention_metadata import AttentionMetadata
-from .kv_cache import LayerKVCache
 from .linear import LoadOptions, ReplicatedLinear
 from .llama import LlamaForCausalLM
 from .llava import ACTIVATIONS, LayerNorm
-from .registry import KVCacheSpec
 from .rotary import base_inv_freq
+from .vision_language import VisionLanguageModel
 from .weight_map import WeightMap
 
 # checkpoint names -> ours (the language model's as a text checkpoint names them): transformers 5
@@ -187,7 +185,7 @@ class Qwen2VisionTransformer:
         return self.merger.forward(x)
 
 
-class Qwen2VLForConditionalGeneration:
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     """The contract of a text model (``CausalLM``, delegated to the Qwen2 language model) and of
     one that takes images and videos (``SupportsMultiModal``), with M-RoPE positions."""
 
@@ -197,6 +195,7 @@ class Qwen2VLForConditionalGeneration:
         mm = config.multimodal
         self.config, self.opts, self.dtype, self.device = config, opts, opts.dtype, opts.device
         self.image_token_id, self.video_token_id = mm.image_token_id, mm.video_token_id
+        self.placeholder_ids = (mm.image_token_id, mm.video_token_id)
         text = replace(config, architecture=mm.text_architecture, multimodal=None)
         self.language_model = LlamaForCausalLM(text, opts)
         self.visual = Qwen2VisionTransformer(mm.vision)
@@ -249,49 +248,3 @@ class Qwen2VLForConditionalGeneration:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patch rows but grid_thw says {total}")
         out = self.visual.forward(pixel_values.to(device=self.device, dtype=self.dtype), grids)
         return list(out.split([t * h * w // m**2 for t, h, w in grids]))
-
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        multimodal_embeddings: torch.Tensor | list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """As LLaVA's; the default mask is where the id is the image or the video token."""
-        x = self.language_model.embed_input_ids(input_ids)
-        if multimodal_embeddings is None:
-            return x
-        if isinstance(multimodal_embeddings, (list, tuple)):
-            if not multimodal_embeddings:
-                return x
-            multimodal_embeddings = torch.cat(list(multimodal_embeddings))
-        if is_multimodal is None:
-            is_multimodal = (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
-        if is_multimodal.dtype != torch.bool or is_multimodal.shape != input_ids.shape:
-            raise ValueError(f"is_multimodal must be a bool mask of shape {list(input_ids.shape)}")
-        rows = int(is_multimodal.sum())
-        if rows != multimodal_embeddings.shape[0]:
-            raise ValueError(
-                f"{rows} image/video placeholder positions but "
-                f"{multimodal_embeddings.shape[0]} embedding rows"
-            )
-        x[is_multimodal] = multimodal_embeddings.to(device=x.device, dtype=x.dtype)
-        return x
-
-    # -- the language model -------------------------------------------------------------------
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        kv_caches: list[LayerKVCache],
-        attn_metadata: AttentionMetadata | list[AttentionMetadata],
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``positions``: ``[3, T]`` M-RoPE rows, or ``[T]`` (all three rows equal)."""
-        return self.language_model.forward(input_ids, positions, kv_caches, attn_metadata, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_spec(self) -> list[KVCacheSpec]:
-        return self.language_model.kv_cache_spec()

@@ -141,40 +141,10 @@ class ServingChat(OpenAIServing):
             if isinstance(content, list):
                 texts = []
                 for j, part in enumerate(content):
-                    if part.type == "image_url" and self.image_token is not None and images is not None:
-                        if part.image_url is None or not part.image_url.url:
-                            raise APIError(
-                                400, f"{where}.content[{j}] is an image_url part without image_url.url",
-                                param=f"{where}.content",
-                            )  # fmt: skip
-                        images.append(part.image_url.url)
-                        texts.append(self.image_token + "\n")
+                    stand_in = self._media_part(part, f"{where}.content[{j}]", images, videos)
+                    if stand_in is not None:
+                        texts.append(stand_in)
                         continue
-                    if part.type == "video_url" and self.video_token is not None and videos is not None:
-                        if part.video_url is None or not part.video_url.url:
-                            raise APIError(
-                                400, f"{where}.content[{j}] is a video_url part without video_url.url",
-                                param=f"{where}.content",
-                            )  # fmt: skip
-                        videos.append(part.video_url.url)
-                        texts.append(self.video_token + "\n")
-                        continue
-                    if (
-                        part.type in _MEDIA_PARTS
-                        and self.image_token is not None
-                        and part.type == "image_url"
-                    ):
-                        raise APIError(
-                            400, f"{where}.content[{j}] is an image_url part: this endpoint takes text only",
-                            param=f"{where}.content",
-                        )  # fmt: skip
-                    if part.type in _MEDIA_PARTS:
-                        raise APIError(
-                            400,
-                            f"{where}.content[{j}] is an {part.type} part: the model {self.model!r} takes "
-                            f"text only, so {_MEDIA_PARTS[part.type]} inputs are not supported",
-                            param=f"{where}.content",
-                        )
                     if part.type != "text" or not isinstance(part.text, str):
                         raise APIError(
                             400,
@@ -199,6 +169,38 @@ class ServingChat(OpenAIServing):
                 entry["tool_call_id"] = m.tool_call_id
             plain.append(entry)
         return plain
+
+    def _media_part(self, part, at: str, images: list | None, videos: list | None) -> str | None:
+        """The prompt text standing for a media part this model and endpoint take (its URL
+        appended to ``images`` or ``videos``); None for any other part; APIError(400) for media
+        they do not take."""
+        token, sink = {"image_url": (self.image_token, images), "video_url": (self.video_token, videos)}.get(
+            part.type, (None, None)
+        )
+        param = at.rsplit("[", 1)[0]
+        if token is not None and sink is not None:
+            url = getattr(part, part.type)
+            if url is None or not url.url:
+                raise APIError(400, f"{at} is a {part.type} part without {part.type}.url", param=param)
+            sink.append(url.url)
+            return token + "\n"
+        if part.type not in _MEDIA_PARTS:
+            return None
+        if token is not None:
+            raise APIError(400, f"{at} is an {part.type} part: this endpoint takes text only", param=param)
+        takes = (
+            "text only"
+            if self.image_token is None
+            else "images"
+            if self.video_token is None
+            else "images and video"
+        )
+        raise APIError(
+            400,
+            f"{at} is an {part.type} part: the model {self.model!r} takes {takes}, so "
+            f"{_MEDIA_PARTS[part.type]} inputs are not supported",
+            param=param,
+        )
 
     async def chat_ids(
         self,
