@@ -86,9 +86,10 @@ class EncoderRunner:
                     self.encoder_cache_hits += 1
                 req.outputs[i] = out
 
-    def embeds(self, ids: torch.Tensor, chunks: list[tuple[str, int, int]]) -> torch.Tensor | None:
+    def embeds(self, ids: list[int], chunks: list[tuple[str, int, int]], device) -> torch.Tensor | None:
         """The step's input embeddings where a chunk overlaps placeholders, else None (the ids
-        path). ``chunks``: per scheduled request in row order, (id, first token, tokens)."""
+        path: nothing built). ``chunks``: per scheduled request in row order, (id, first token,
+        tokens)."""
         rows: list[int] = []
         parts: list[torch.Tensor] = []
         row0 = 0
@@ -106,9 +107,9 @@ class EncoderRunner:
             row0 += n
         if not parts:
             return None
-        mask = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        mask[torch.tensor(rows, device=ids.device)] = True
-        return self.model.embed_input_ids(ids, parts, mask)
+        mask = torch.zeros(len(ids), dtype=torch.bool, device=device)
+        mask[torch.tensor(rows, device=device)] = True
+        return self.model.embed_input_ids(torch.tensor(ids, dtype=torch.int64, device=device), parts, mask)
 
     def positions(
         self, chunks: list[tuple[str, int, int]], flat: torch.Tensor, prompt_lens: dict

@@ -277,10 +277,9 @@ class ModelRunner:
         query_lens = list(so.num_scheduled_tokens.values())
         group_tables = [[t[g] for t in tables] for g in range(self.num_groups)]
         dev = self.device
-        hidden = embeds = ids_t = None
+        hidden = embeds = None
         if self.encoders is not None:  # a chunk over placeholders: the images' rows merged in
-            ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
-            embeds = self.encoders.embeds(ids_t, chunks)
+            embeds = self.encoders.embeds(ids, chunks, dev)
         if self.inputs is not None and embeds is None:
             hidden = self._forward_buffered(ids, query_lens, seq_lens, group_tables)
         if hidden is None:
@@ -291,7 +290,7 @@ class ModelRunner:
                 prompt_lens = {rid: self.requests[rid].num_prompt_tokens for rid, _, _ in chunks}
                 positions = self.encoders.positions(chunks, positions, prompt_lens)
             hidden = self.model.forward(
-                ids_t if ids_t is not None else torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(ids, dtype=torch.int64, device=dev),
                 positions,
                 self.layer_caches,
                 [metas[g] for g in self.layer_group],
