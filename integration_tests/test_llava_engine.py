@@ -176,6 +176,8 @@ def test_bad_image_input_is_refused_and_nothing_is_queued(llm):
         llm.add_request({"prompt_token_ids": ids, "multi_modal_data": {"image": [image(0)] * 5}})
     with pytest.raises(ValueError, match="not videos"):
         llm.add_request({"prompt_token_ids": ids, "multi_modal_data": {"video": [image(0)]}})
+    with pytest.raises(ValueError, match="names 1 images .* but 0 were given"):
+        llm.add_request(ids)  # the image token with no image
     with pytest.raises(MediaError, match="not allowed|allowed"):
         llm.add_request({"prompt_token_ids": ids, "multi_modal_data": {"image": "/etc/passwd"}})
     assert not llm.has_unfinished_requests() and llm.engine.runner.encoders.requests == held

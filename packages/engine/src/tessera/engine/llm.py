@@ -238,9 +238,9 @@ class LLM:
         if not ids:
             raise ValueError("the prompt is empty")
         mm = None
-        if images or videos:
-            if self.multimodal is None:
-                raise ValueError(f"the model {self.args.model!r} takes text only: it takes no images")
+        if (images or videos) and self.multimodal is None:
+            raise ValueError(f"the model {self.args.model!r} takes text only: it takes no images")
+        if self.multimodal is not None:  # also a text prompt: no image token without its image
             ids, mm = self.multimodal.prepare(ids, images, videos)
         if len(ids) > self.max_model_len:
             raise ValueError(
