@@ -94,8 +94,22 @@ class EngineArgs:
     allowed_media_domains: tuple[str, ...] = ()
     max_num_encoder_input_tokens: int | None = None
     encoder_cache_memory: int = 256 << 20
+    # tensor parallelism: ranks (worker processes, torch.distributed: gloo on the CPU, NCCL on
+    # GPUs); the executor: "uni" (this process; one rank only) or "mp" (a worker process per rank)
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in (None, "uni", "mp"):
+            backend = self.distributed_executor_backend
+            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', got {backend!r}")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} needs a process per rank: "
+                "distributed_executor_backend 'mp' (the default for more than one rank)"
+            )
         self.gpu_memory_utilization = parse_memory_fraction(self.gpu_memory_utilization)
         self.allowed_media_domains = tuple(self.allowed_media_domains)
         if self.limit_mm_per_prompt < 0:
@@ -208,6 +222,17 @@ class EngineArgs:
             "running requests. The output distribution is unchanged (exact rejection sampling)",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
+        g.add_argument(
+            "--tensor-parallel-size", "-tp", type=int, default=EngineArgs.tensor_parallel_size, metavar="N",
+            help="split the model over N ranks, a worker process each (torch.distributed: gloo on the "
+            "CPU, NCCL on GPUs): attention heads, MLP and vocabulary are divided, each rank holds "
+            "its share of the weights and the KV cache (default: %(default)s)",
+        )  # fmt: skip
+        g.add_argument(
+            "--distributed-executor-backend", choices=["uni", "mp"], default=None,
+            help="uni: the model runs in this process (one rank); mp: a worker process per rank, "
+            "talking to the engine through pipes (default: uni for one rank, mp for more)",
+        )  # fmt: skip
         m = parser.add_argument_group("images (vision-language models)")
         m.add_argument(
             "--limit-mm-per-prompt", type=int, default=EngineArgs.limit_mm_per_prompt, metavar="N",

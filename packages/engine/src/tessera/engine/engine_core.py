@@ -1,4 +1,4 @@
-"""The step loop: schedule -> execute -> update."""
+"""The step loop: schedule -> execute (through an executor) -> update."""
 
 from __future__ import annotations
 
@@ -7,19 +7,53 @@ import time
 
 from tessera.scheduler import EngineCoreOutput, Request, RequestStatus, Scheduler
 
+from .executor import Executor, StepFailedError, UniprocExecutor, WorkerDiedError
 from .model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 SPEC_LOG_INTERVAL_S = 10.0
 
 
+class EngineDeadError(RuntimeError):
+    """The engine can run no more steps: a worker process died. Every request it held ended with
+    an error; new ones are refused."""
+
+
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner) -> None:
+    def __init__(self, scheduler: Scheduler, executor: Executor | ModelRunner) -> None:
         self.scheduler = scheduler
-        self.runner = runner
+        self.executor = executor if isinstance(executor, Executor) else UniprocExecutor(executor)
+        self.dead: str | None = None  # why the engine can't go on, once it can't
         self._spec_logged_at = time.monotonic()
 
+    @property
+    def runner(self) -> ModelRunner | None:
+        """The in-process runner (None when the ranks run in worker processes)."""
+        return self.executor.runner
+
+    def check_health(self) -> None:
+        """Raises ``EngineDeadError`` if the engine can't run steps (a worker died, even between
+        steps): its requests are failed and their blocks freed here."""
+        if self.dead is None:
+            try:
+                self.executor.check_health()
+            except WorkerDiedError as e:
+                self._die(str(e))
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+
+    def _die(self, reason: str) -> None:
+        self.dead = f"the engine stopped: {reason}"
+        self.scheduler.finish_requests(list(self.scheduler.requests), RequestStatus.FINISHED_ERROR)
+        self.scheduler.reset_prefix_cache()
+        self.executor.shutdown()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
     def add_request(self, request: Request) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str], status=RequestStatus.FINISHED_ABORTED) -> None:
@@ -29,9 +63,19 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
         so = self.scheduler.schedule()
         try:
-            ro = self.runner.execute_model(so)
+            ro = self.executor.execute_model(so)
+        except WorkerDiedError as e:
+            # every request ends in error and gives its blocks back; the engine takes no more
+            self._die(str(e))
+            raise EngineDeadError(self.dead) from e
+        except StepFailedError:
+            self.scheduler.finish_requests(list(so.num_scheduled_tokens), RequestStatus.FINISHED_ERROR)
+            self.scheduler.reset_prefix_cache()
+            raise
         except BaseException:
             # The step's requests end in error and give their blocks back. Blocks registered in
             # the prefix cache for this step were never written: forget every hash.

@@ -22,21 +22,22 @@ from tessera.kvcache import (
     num_blocks_for_budget,
     plan_num_blocks,
 )
-from tessera.models import SupportsMultiModal, load_model
+from tessera.models import SupportsMultiModal, TPInfo, model_class
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
 from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
-from .draft_runner import DraftRunner, check_draft_vocabulary, checkpoint_bytes
+from .draft_runner import check_draft_vocabulary
 from .engine_core import EngineCore
+from .executor import MultiprocExecutor, UniprocExecutor
 from .gpu_memory import gpu_kv_cache_budget
-from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .multimodal_prompt import MultiModalInputs, MultiModalPrompter, inputs_of
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
+from .worker import RunnerPlan, build_runner, engine_args_dict, load_models, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -81,39 +82,57 @@ class LLM:
             raise ValueError(
                 f"quantized_weights must be 'packed' or 'dequantize', got {args.quantized_weights!r}"
             )
-        self.model = load_model(
-            checkpoint, dtype, device, progress=progress, packed_weights=args.quantized_weights == "packed"
-        )
+        tp_size = args.tensor_parallel_size
+        backend = args.distributed_executor_backend or ("mp" if tp_size > 1 else "uni")
+        if tp_size > 1:  # before any process starts or weight loads
+            from tessera.models import check_tensor_parallel
+
+            check_tensor_parallel(self.config, tp_size)
+        on_gpu = torch.device(device).type == "cuda"
+        self.model = self.draft_model = None  # in this process only with the "uni" executor
         self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
-        if isinstance(self.model, SupportsMultiModal):
-            mrope = bool(getattr(self.model, "uses_mrope", False))
-            self.multimodal = MultiModalPrompter(
-                resolve_model(args.model), self.config, uses_mrope=mrope,
-                limit_images=args.limit_mm_per_prompt,
-                allowed_local_media_path=args.allowed_local_media_path,
-                allowed_media_domains=tuple(args.allowed_media_domains),
-            )  # fmt: skip
-        self.draft_model = None
-        if draft_checkpoint is not None:
-            self.draft_model = load_model(
-                draft_checkpoint,
-                dtype,
-                device,
-                progress=progress,
-                packed_weights=args.quantized_weights == "packed",
+        executor = None
+        if backend == "mp":
+            if hasattr(model_class(self.config.architecture), "embed_multimodal"):
+                raise ValueError(
+                    f"{args.model!r} is a vision-language model: it runs in one process "
+                    "(--tensor-parallel-size 1, --distributed-executor-backend uni)"
+                )
+            executor = MultiprocExecutor(
+                engine_args_dict(args),
+                tp_size,
+                str(device),
+                str(dtype).removeprefix("torch."),
+                worker_threads(tp_size),
             )
+            specs = [s.spec() for s in executor.loaded[0].kv_specs]
+            draft_specs = [s.spec() for s in executor.loaded[0].draft_kv_specs]
+        else:
+            self.model, self.draft_model = load_models(
+                args, checkpoint, draft_checkpoint, dtype, device, TPInfo(), progress
+            )
+            if isinstance(self.model, SupportsMultiModal):
+                mrope = bool(getattr(self.model, "uses_mrope", False))
+                self.multimodal = MultiModalPrompter(
+                    resolve_model(args.model), self.config, uses_mrope=mrope,
+                    limit_images=args.limit_mm_per_prompt,
+                    allowed_local_media_path=args.allowed_local_media_path,
+                    allowed_media_domains=tuple(args.allowed_media_domains),
+                )  # fmt: skip
+            specs = self.model.kv_cache_spec()
+            draft_specs = self.draft_model.kv_cache_spec() if self.draft_model is not None else []
 
         c = self.config
         kv_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
         kv_name = args.kv_cache_dtype if args.kv_cache_dtype != "auto" else str(dtype).removeprefix("torch.")
         # layers grouped by KV kind (full, sliding window): each group has its own block tables
-        # over one pool, and a block id is a page in each of the group_size tensors
-        groups = group_layers(
-            [KVCacheSpec(s.sliding_window, s.num_kv_heads, s.head_dim) for s in self.model.kv_cache_spec()]
-        )
+        # over one pool, and a block id is a page in each of the group_size tensors. With tensor
+        # parallelism these are one rank's (its share of the KV heads): every rank has as many
+        # blocks, each of its own heads.
+        groups = group_layers([KVCacheSpec(s.sliding_window, s.num_kv_heads, s.head_dim) for s in specs])
         self.kv_groups = groups
-        per_token = kv_bytes_per_token(groups.group_size, c.num_key_value_heads, c.head_dim, kv_name)
-        if self.draft_model is not None:
+        per_token = kv_bytes_per_token(groups.group_size, specs[0].num_kv_heads, specs[0].head_dim, kv_name)
+        if draft_specs:
             if not any(g.spec.sliding_window is None for g in groups.groups):
                 raise ValueError(
                     "a draft model needs a target with full-attention layers: its K/V goes at the "
@@ -121,22 +140,21 @@ class LLM:
                     "sliding-window layers"
                 )
             # its own K/V tensors, one per layer, with as many pages as the target's pool
-            per_token += sum(
-                kv_bytes_per_token(1, s.num_kv_heads, s.head_dim, kv_name)
-                for s in self.draft_model.kv_cache_spec()
-            )
-        on_gpu = torch.device(device).type == "cuda"
-        budget = args.kv_cache_memory
+            per_token += sum(kv_bytes_per_token(1, s.num_kv_heads, s.head_dim, kv_name) for s in draft_specs)
+        budget = args.kv_cache_memory  # one rank's
         if budget is None and on_gpu:
-            budget = gpu_kv_cache_budget(
-                self.model,
-                args.gpu_memory_utilization,
-                args.max_num_batched_tokens,
-                args.max_num_seqs,
-                min(args.max_model_len or c.max_position_embeddings, args.max_num_batched_tokens),
-                args.block_size,
-                kv_dtype,
-            )
+            if executor is not None:
+                budget = min(w.kv_budget for w in executor.loaded)
+            else:
+                budget = gpu_kv_cache_budget(
+                    self.model,
+                    args.gpu_memory_utilization,
+                    args.max_num_batched_tokens,
+                    args.max_num_seqs,
+                    min(args.max_model_len or c.max_position_embeddings, args.max_num_batched_tokens),
+                    args.block_size,
+                    kv_dtype,
+                )
             # the runner adds one block no request gets: padding rows of decode graphs write there
             budget -= args.block_size * per_token
         elif budget is None:
@@ -147,7 +165,9 @@ class LLM:
                     args.gpu_memory_utilization,
                     torch.device(device).type,
                 )
+            # the ranks of one machine share its memory
             budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
+            budget //= tp_size
         max_model_len = args.max_model_len
         if max_model_len is None:
             max_model_len = _longest_context(
@@ -161,7 +181,7 @@ class LLM:
             raise ValueError(f"max_model_len must be at least 1, got {max_model_len}")
         num_blocks = plan_num_blocks(budget, args.block_size, per_token, max(max_model_len, args.block_size))
         self.max_model_len = max_model_len
-        self.kv_cache_bytes = num_blocks * args.block_size * per_token
+        self.kv_cache_bytes = num_blocks * args.block_size * per_token  # per rank
         sched_config = SchedulerConfig(
             max_model_len=max_model_len,
             max_num_seqs=args.max_num_seqs,
@@ -169,7 +189,7 @@ class LLM:
             enable_chunked_prefill=args.enable_chunked_prefill,
             policy=args.scheduling_policy,
             # a draft model writes K/V for the k positions after the step's sampled token
-            num_lookahead_tokens=spec.num_speculative_tokens if self.draft_model is not None else 0,
+            num_lookahead_tokens=spec.num_speculative_tokens if draft_specs else 0,
             max_num_encoder_input_tokens=_encoder_budget(args, self.multimodal),
         )
         kv = KVCacheManager(
@@ -182,36 +202,29 @@ class LLM:
             *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        if self.draft_model is not None:
-            draft = DraftRunner(self.draft_model, num_blocks, args.block_size, kv_dtype, args.batch_invariant)
-            proposer = make_proposer(
-                spec,
-                draft,
-                eos_token_ids=self.eos_token_ids,
-                max_catch_up=args.max_num_batched_tokens,
+        if executor is not None:
+            executor.start_runners(
+                RunnerPlan(
+                    num_blocks, max_model_len, str(kv_dtype).removeprefix("torch."), list(self.eos_token_ids)
+                )
             )
-        runner = ModelRunner(
-            self.model,
-            num_blocks,
-            args.block_size,
-            kv_dtype,
-            self.eos_token_ids,
-            args.batch_invariant,
-            groups,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=max_model_len,
-            enforce_eager=args.enforce_eager,
-            speculative_config=args.speculative_config,
-            proposer=proposer,
-            encoder_cache_bytes=args.encoder_cache_memory,
-        )
-        if self.draft_model is not None:
-            # until measured: a drafted position costs what streaming the draft's weights does
-            runner.spec_policy.draft_cost = checkpoint_bytes(draft_checkpoint) / max(
-                checkpoint_bytes(checkpoint), 1
+        else:
+            runner = build_runner(
+                args,
+                self.model,
+                self.draft_model,
+                draft_checkpoint,
+                checkpoint,
+                groups,
+                num_blocks,
+                kv_dtype,
+                self.eos_token_ids,
+                max_model_len,
+                proposer,
             )
-        self.engine = EngineCore(scheduler, runner)
+            executor = UniprocExecutor(runner)
+        self._grammars = None
+        self.engine = EngineCore(scheduler, executor)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -259,14 +272,17 @@ class LLM:
         return text, ids, mm
 
     def grammars(self):
-        """The structured-output compiler for this tokenizer, built on first use."""
-        if self.engine.runner.grammars is None:
+        """The structured-output compiler for this tokenizer, built on first use (shared with the
+        in-process runner; a worker's rank 0 builds its own)."""
+        if self._grammars is None:
             from tessera.sampling import GrammarCompiler
 
-            self.engine.runner.grammars = GrammarCompiler(
+            self._grammars = GrammarCompiler(
                 self.tokenizer.hf.to_str(), self.tokenizer.vocab_size, self.eos_token_ids
             )
-        return self.engine.runner.grammars
+            if self.engine.runner is not None:
+                self.engine.runner.grammars = self._grammars
+        return self._grammars
 
     def add_request(
         self,
@@ -294,7 +310,7 @@ class LLM:
     ) -> str:
         rid = request_id if request_id is not None else str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
-        encoders = self.engine.runner.encoders
+        encoders = self.engine.runner.encoders if mm is not None else None
         if mm is not None:
             encoders.add_inputs(rid, mm.inputs, mm.mrope)
         try:
@@ -345,6 +361,10 @@ class LLM:
 
     def reset_prefix_cache(self) -> int:
         return self.engine.scheduler.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (also done at exit)."""
+        self.engine.shutdown()
 
     # -- batch and streaming APIs -------------------------------------------------------------
 

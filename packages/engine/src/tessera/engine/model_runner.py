@@ -14,7 +14,8 @@ import msgspec
 import torch
 
 from tessera.kvcache import KVCacheGroups, KVCacheSpec, group_layers
-from tessera.models import CausalLM, LayerKVCache, SupportsMultiModal, build_attention_metadata
+from tessera.models import CausalLM, LayerKVCache, SupportsMultiModal, TPInfo, build_attention_metadata
+from tessera.models.parallel import NO_TP
 from tessera.sampling import Sampler, SamplingParams, SamplingRow, make_generator, speculative_rows
 from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 from tessera.spec_decode import (
@@ -81,6 +82,7 @@ class ModelRunner:
         speculative_config: SpeculativeConfig | None = None,
         proposer: Proposer | None = None,
         encoder_cache_bytes: int = 256 << 20,
+        tp: TPInfo = NO_TP,
     ) -> None:
         """On a CUDA device (or with ``buffered``) the step's inputs go through persistent
         buffers and pure-decode steps replay CUDA graphs (unless ``enforce_eager``); sized by
@@ -88,8 +90,12 @@ class ModelRunner:
 
         With ``speculative_config`` every request that sampled proposes a draft (``proposer``, by
         default the one the config names) of as many tokens as the adaptive policy chooses; the
-        scheduler sends it back to verify in the next step."""
+        scheduler sends it back to verify in the next step.
+
+        With ``tp`` of several ranks, rank 0 samples (and proposes); it broadcasts each step's
+        tokens and the other ranks append those, so every rank's state is rank 0's."""
         self.model = model
+        self.tp = tp
         self.batch_invariant = batch_invariant
         self.device = model.device
         self.block_size = block_size
@@ -132,7 +138,7 @@ class ModelRunner:
         self.spec_policy: AdaptivePolicy | None = None
         self.step_times = StepTimes()  # decode steps' seconds against their tokens
         self.max_num_batched_tokens = max_num_batched_tokens
-        if speculative_config is not None:
+        if speculative_config is not None and tp.rank == 0:
             self.proposer = proposer or make_proposer(speculative_config)
             self.spec_policy = AdaptivePolicy(
                 speculative_config.num_speculative_tokens,
@@ -140,6 +146,7 @@ class ModelRunner:
                 disable_by_batch_size=speculative_config.disable_by_batch_size,
             )
         self.grammars = None  # a GrammarCompiler, set by the engine when structured output is used
+        self.grammar_factory = None  # or built here on first use (a worker process)
         # a vision-language model's encoder outputs (encoder_runner.py); None for text models
         self.encoders = None
         if isinstance(model, SupportsMultiModal):
@@ -165,8 +172,8 @@ class ModelRunner:
             )
             if sizes:
                 self._capture_graphs(sizes)
-        if self.proposer is not None and speculative_config.adaptive and num_blocks >= 1:
-            self._measure_step_times()
+        if speculative_config is not None and speculative_config.adaptive and num_blocks >= 1:
+            self._measure_step_times()  # every rank: the forwards hold collectives
 
     @torch.inference_mode()
     def _measure_step_times(self, repeats: int = 3) -> None:
@@ -192,8 +199,9 @@ class ModelRunner:
             self.model.compute_logits(hidden).argmax(dim=-1).tolist()
             if i:  # the first pays for first-use set-up
                 self.step_times.observe(n, time.perf_counter() - t0)
-        self.proposer.measure([0] if self.full_group is not None else [], self.block_size, repeats)
-        self._calibrate(1)
+        if self.proposer is not None:
+            self.proposer.measure([0] if self.full_group is not None else [], self.block_size, repeats)
+            self._calibrate(1)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_request_ids:
@@ -224,7 +232,9 @@ class ModelRunner:
                 state.prompt_logprobs = []
             if self.spec_policy is not None:
                 state.acceptance = self.spec_policy.new_acceptance()
-            if params.structured is not None:
+            if params.structured is not None and self.tp.rank == 0:  # only rank 0 samples
+                if self.grammars is None and self.grammar_factory is not None:
+                    self.grammars = self.grammar_factory()
                 state.matcher = self.grammars.matcher(params.structured)
                 state.matcher_vocab = self.grammars.vocab_size
                 # a request resumed after preemption replays the output it already has
@@ -303,15 +313,26 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         else:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        if drafts:
-            new_tokens, logprobs = self._verify(logits, sample_reqs, drafts)
-        else:
-            states = [self.requests[r] for r in sample_reqs]
-            sampled = self.sampler(logits, [s.sampling_row() for s in states])
-            new_tokens = {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)}
-            logprobs = {
-                rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
-            }
+        if self.tp.rank > 0:  # rank 0's tokens are the step's
+            for rid, toks in self._receive_tokens(sample_reqs, drafts).items():
+                self.requests[rid].token_ids.extend(toks)
+            return ModelRunnerOutput({})
+        try:
+            if drafts:
+                new_tokens, logprobs = self._verify(logits, sample_reqs, drafts)
+            else:
+                states = [self.requests[r] for r in sample_reqs]
+                sampled = self.sampler(logits, [s.sampling_row() for s in states])
+                new_tokens = {rid: [tok] for rid, tok in zip(sample_reqs, sampled.token_ids, strict=True)}
+                logprobs = {
+                    rid: [lp] for rid, lp in zip(sample_reqs, sampled.logprobs, strict=True) if lp is not None
+                }
+        except BaseException:
+            if self.tp.size > 1:  # the other ranks wait for the tokens: tell them the step failed
+                self._share_tokens(None, sample_reqs, drafts)
+            raise
+        if self.tp.size > 1:
+            self._share_tokens(new_tokens, sample_reqs, drafts)
         for rid, toks in new_tokens.items():
             self.requests[rid].token_ids.extend(toks)
         if self.proposer is not None and so.total_num_scheduled_tokens == len(sample_reqs) + sum(
@@ -321,6 +342,39 @@ class ModelRunner:
         return ModelRunnerOutput(
             new_tokens, logprobs, prompt_lps, self._propose(sample_reqs) if self.proposer else {}
         )
+
+    # -- tensor parallelism: rank 0's tokens to the other ranks ----------------------------------
+
+    def _token_buffer(self, sample_reqs: list[str], drafts: dict[str, list[int]]) -> torch.Tensor:
+        """Per sampling request its count, then room for its k + 1 tokens: every rank knows the
+        size from the step it was sent."""
+        n = len(sample_reqs) + sum(len(drafts.get(r, ())) + 1 for r in sample_reqs)
+        dev = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        return torch.zeros(n, dtype=torch.int64, device=dev)
+
+    def _share_tokens(self, new_tokens, sample_reqs: list[str], drafts: dict[str, list[int]]) -> None:
+        buf = self._token_buffer(sample_reqs, drafts)
+        if new_tokens is None:
+            buf[0] = -1  # the step failed on rank 0
+        else:
+            flat = [len(new_tokens[r]) for r in sample_reqs]
+            for r in sample_reqs:
+                toks = new_tokens[r]
+                flat += toks + [0] * (len(drafts.get(r, ())) + 1 - len(toks))
+            buf.copy_(torch.tensor(flat, dtype=torch.int64))
+        torch.distributed.broadcast(buf, src=0)
+
+    def _receive_tokens(self, sample_reqs: list[str], drafts: dict[str, list[int]]) -> dict[str, list[int]]:
+        buf = self._token_buffer(sample_reqs, drafts)
+        torch.distributed.broadcast(buf, src=0)
+        values = buf.tolist()
+        if values and values[0] < 0:
+            raise RuntimeError("rank 0 failed to sample this step")
+        out, at = {}, len(sample_reqs)
+        for i, r in enumerate(sample_reqs):
+            out[r] = values[at : at + values[i]]
+            at += len(drafts.get(r, ())) + 1
+        return out
 
     # -- speculative decoding ------------------------------------------------------------------
 
