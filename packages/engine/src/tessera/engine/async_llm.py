@@ -123,10 +123,10 @@ class AsyncLLM:
                 continue
             try:
                 outputs = await anyio.to_thread.run_sync(self.llm.step)
-            except Exception:
+            except Exception as e:
                 logger.exception("engine step failed; its requests end with an error")
                 self.errored_steps += 1
-                self._fail_all()
+                self._fail_all(self.llm.engine.dead or f"{type(e).__name__}: {e}")
                 continue
             now = time.monotonic()
             for out in outputs:
@@ -158,11 +158,13 @@ class AsyncLLM:
         if self.on_finish is not None:
             self.on_finish(out, track)
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, reason: str | None = None) -> None:
         for rid in list(self._tracks):
             self.llm.abort(rid)
             track = self._tracks[rid]
-            failed = RequestOutput(request_id=rid, prompt=None, prompt_token_ids=[], finish_reason="error")
+            failed = RequestOutput(
+                request_id=rid, prompt=None, prompt_token_ids=[], finish_reason="error", stop_reason=reason
+            )
             try:
                 track.send.send_nowait(failed)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -42,6 +42,16 @@ class EngineCore:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
 
+    def health(self) -> str | None:
+        """Why the engine can't run steps, or None; reads only (safe beside a running step)."""
+        if self.dead is not None:
+            return self.dead
+        try:
+            self.executor.check_health()
+        except WorkerDiedError as e:
+            return f"the engine stopped: {e}"
+        return None
+
     def _die(self, reason: str) -> None:
         self.dead = f"the engine stopped: {reason}"
         self.scheduler.finish_requests(list(self.scheduler.requests), RequestStatus.FINISHED_ERROR)
@@ -52,8 +62,7 @@ class EngineCore:
         self.executor.shutdown()
 
     def add_request(self, request: Request) -> None:
-        if self.dead is not None:
-            raise EngineDeadError(self.dead)
+        self.check_health()
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str], status=RequestStatus.FINISHED_ABORTED) -> None:

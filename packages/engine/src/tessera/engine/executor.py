@@ -149,11 +149,13 @@ class MultiprocExecutor(Executor):
         return decode_runner_output(replies[0].output)
 
     def check_health(self) -> None:
+        """Reads only (safe beside a running step): the step itself notices a death and stops
+        the rest."""
         if self.error is not None:
             raise WorkerDiedError(self.error)
         for rank, p in enumerate(self.procs):
             if not p.is_alive():
-                self._die(f"worker rank {rank} (pid {p.pid}) {_exit_text(p.exitcode)}")
+                raise WorkerDiedError(f"worker rank {rank} (pid {p.pid}) {_exit_text(p.exitcode)}")
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -161,7 +163,10 @@ class MultiprocExecutor(Executor):
     # -- the pipes --------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        self.check_health()
+        try:
+            self.check_health()
+        except WorkerDiedError as e:
+            self._die(str(e))
         for rank, c in enumerate(self.conns):
             try:
                 c.send_bytes(data)

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..async_llm import AsyncLLM
+from ..engine_core import EngineDeadError
 from .errors import APIError, overloaded, quote
 from .limits import ServerLimits
 from .metrics import Metrics
@@ -132,7 +133,8 @@ def build_app(
     enable_auto_tool_choice: bool = True,
 ) -> Starlette:
     limits = limits or ServerLimits()
-    metrics = Metrics(llm.stats, llm.num_waiting, llm.llm.engine.runner.encoders)
+    runner = llm.llm.engine.runner  # in this process with the "uni" executor
+    metrics = Metrics(llm.stats, llm.num_waiting, runner.encoders if runner is not None else None)
     llm.on_finish = metrics.on_finish
     life = Lifecycle(limits.shutdown_timeout)
     tool_options = dict(tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
@@ -168,6 +170,11 @@ def build_app(
             except APIError as e:
                 metrics.rejected.labels(str(e.status)).inc()
                 return e.response(headers)
+            except EngineDeadError as e:
+                metrics.rejected.labels("503").inc()
+                return APIError(503, str(e), "service_unavailable_error", code="engine_dead").response(
+                    headers
+                )
             except ClientGone:
                 metrics.rejected.labels("499").inc()
                 logger.debug("request %s: the client left before its body was read", rid)
@@ -195,6 +202,9 @@ def build_app(
     async def health(request: Request) -> Response:
         if life.draining:
             raise overloaded("the server is shutting down", retry_after=5)
+        dead = llm.llm.engine.health()
+        if dead is not None:  # a worker process died: this server can't answer any more
+            raise APIError(503, dead, "service_unavailable_error", code="engine_dead")
         return Response(status_code=200)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -228,6 +238,7 @@ def build_app(
                 on_ready()
             yield
             tg.cancel_scope.cancel()
+        llm.llm.shutdown()  # the worker processes, if any
 
     routes = [
         Route("/v1/chat/completions", endpoint(chat_create, body=ChatCompletionRequest), methods=["POST"]),

@@ -13,7 +13,7 @@ from tessera.sampling import SamplingParams
 
 from ..async_llm import AsyncLLM, Prepared, RequestStream
 from ..outputs import RequestOutput
-from .errors import APIError
+from .errors import APIError, engine_failed
 
 
 def start_choices(
@@ -71,8 +71,7 @@ async def run_to_end(request: Request, gens) -> list[RequestOutput]:
         raise APIError(499, "client disconnected")
     for f in finals:
         if f.finish_reason == "error":
-            reason = f": {f.stop_reason}" if f.stop_reason else ""
-            raise APIError(500, f"the engine failed on this request{reason}", "server_error")
+            raise engine_failed(f)
     return finals
 
 

@@ -67,3 +67,15 @@ def overloaded(message: str, retry_after: int = 1) -> APIError:
 
 
 ENGINE_FAILED = APIError(500, "the engine failed on this request", "server_error")
+ENGINE_STOPPED = "the engine stopped"  # how EngineCore's reason begins when a worker died
+
+
+def engine_failed(out) -> APIError:
+    """The error for a request that ended with finish reason "error": 503 when the engine can't
+    run any more (a worker process died), else 500 with the reason."""
+    reason = out.stop_reason or ""
+    if reason.startswith(ENGINE_STOPPED):
+        return APIError(503, reason, "service_unavailable_error", code="engine_dead")
+    if reason:
+        return APIError(500, f"the engine failed on this request: {reason}", "server_error")
+    return ENGINE_FAILED

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from ..outputs import RequestOutput
 from .choices import merged, run_to_end, safe_delta, start_choices
-from .errors import ENGINE_FAILED, APIError, quote
+from .errors import APIError, engine_failed, quote
 from .params import sampling_params
 from .protocol import (
     AssistantMessage,
@@ -268,7 +268,7 @@ class ServingChat(OpenAIServing):
             yield chunk(i, ChatDelta(role="assistant", content=""))
         async for i, out in merged(gens):
             if out.finish_reason == "error":
-                raise ENGINE_FAILED
+                raise engine_failed(out)
             delta = safe_delta(out, emitted, i, holdback)
             logprobs = None
             if params.logprobs is not None and out.logprobs:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from ..outputs import RequestOutput
 from .choices import merged, run_to_end, safe_delta, start_choices
-from .errors import ENGINE_FAILED, APIError
+from .errors import APIError, engine_failed
 from .params import sampling_params
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving_engine import OpenAIServing
@@ -138,7 +138,7 @@ class ServingCompletion(OpenAIServing):
                 yield chunk(CompletionChoice(index=i, text=self._prompt_text(p)))
         async for i, out in merged(gens):
             if out.finish_reason == "error":
-                raise ENGINE_FAILED
+                raise engine_failed(out)
             if echo_pending[i]:
                 echo_pending[i] = False
                 p = meta[i]
