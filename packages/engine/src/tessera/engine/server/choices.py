@@ -95,9 +95,14 @@ async def merged(gens) -> AsyncIterator[tuple[int, RequestOutput]]:
                         inner.start_soon(pump, i, g)
 
             tg.start_soon(run_all)
-            async with recv:
-                async for item in recv:
-                    yield item
+            try:
+                async with recv:
+                    async for item in recv:
+                        yield item
+            except GeneratorExit:
+                # closed early (an error ended the stream, the client left): stop the pumps and
+                # end here; left to the task group, GeneratorExit would come out as a group
+                tg.cancel_scope.cancel()
     finally:
         for g in gens:  # a client gone before every choice started: abort the rest too
             g.close()

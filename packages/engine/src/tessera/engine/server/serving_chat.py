@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -266,32 +267,36 @@ class ServingChat(OpenAIServing):
 
         for i in range(len(gens)):
             yield chunk(i, ChatDelta(role="assistant", content=""))
-        async for i, out in merged(gens):
-            if out.finish_reason == "error":
-                raise engine_failed(out)
-            delta = safe_delta(out, emitted, i, holdback)
-            logprobs = None
-            if params.logprobs is not None and out.logprobs:
-                logprobs = ChatLogprobs(content=self._logprobs(out.logprobs[lp_sent[i] :]))
-                lp_sent[i] = len(out.logprobs)
-            if calls[i] is not None:  # text that may start a call is held back until it is known
-                deltas = calls[i].deltas(delta, out.finished)
-                if out.finished:
+        # closed here, in this task, also when an error ends the stream early
+        async with contextlib.aclosing(merged(gens)) as outs:
+            async for i, out in outs:
+                if out.finish_reason == "error":
+                    raise engine_failed(out)
+                delta = safe_delta(out, emitted, i, holdback)
+                logprobs = None
+                if params.logprobs is not None and out.logprobs:
+                    logprobs = ChatLogprobs(content=self._logprobs(out.logprobs[lp_sent[i] :]))
+                    lp_sent[i] = len(out.logprobs)
+                if calls[i] is not None:  # text that may start a call is held back until it is known
+                    deltas = calls[i].deltas(delta, out.finished)
+                    if out.finished:
+                        finals[i] = out
+                        finish = finish_reason(out.finish_reason, calls[i].has_calls)
+                        last = deltas.pop() if deltas else ChatDelta()
+                    for d in deltas:
+                        yield chunk(i, d, None, logprobs)
+                        logprobs = None
+                    if out.finished:
+                        yield chunk(i, last, finish, logprobs, out.stop_reason)
+                    elif logprobs:
+                        yield chunk(i, ChatDelta(), None, logprobs)
+                elif out.finished:
                     finals[i] = out
-                    finish = finish_reason(out.finish_reason, calls[i].has_calls)
-                    last = deltas.pop() if deltas else ChatDelta()
-                for d in deltas:
-                    yield chunk(i, d, None, logprobs)
-                    logprobs = None
-                if out.finished:
-                    yield chunk(i, last, finish, logprobs, out.stop_reason)
-                elif logprobs:
-                    yield chunk(i, ChatDelta(), None, logprobs)
-            elif out.finished:
-                finals[i] = out
-                yield chunk(i, ChatDelta(content=delta or None), out.finish_reason, logprobs, out.stop_reason)
-            elif delta or logprobs:
-                yield chunk(i, ChatDelta(content=delta), None, logprobs)
+                    yield chunk(
+                        i, ChatDelta(content=delta or None), out.finish_reason, logprobs, out.stop_reason
+                    )
+                elif delta or logprobs:
+                    yield chunk(i, ChatDelta(content=delta), None, logprobs)
         if include_usage:
             done = [f for f in finals if f is not None]
             yield ChatCompletionChunk(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import msgspec
@@ -136,36 +137,38 @@ class ServingCompletion(OpenAIServing):
         if req.echo and req.logprobs is None:
             for i, p in enumerate(meta):
                 yield chunk(CompletionChoice(index=i, text=self._prompt_text(p)))
-        async for i, out in merged(gens):
-            if out.finish_reason == "error":
-                raise engine_failed(out)
-            if echo_pending[i]:
-                echo_pending[i] = False
-                p = meta[i]
-                yield chunk(
-                    CompletionChoice(
-                        index=i,
-                        text=self._prompt_text(p),
-                        logprobs=self._echo_logprobs(p.ids, out.prompt_logprobs),
+        # closed here, in this task, also when an error ends the stream early
+        async with contextlib.aclosing(merged(gens)) as outs:
+            async for i, out in outs:
+                if out.finish_reason == "error":
+                    raise engine_failed(out)
+                if echo_pending[i]:
+                    echo_pending[i] = False
+                    p = meta[i]
+                    yield chunk(
+                        CompletionChoice(
+                            index=i,
+                            text=self._prompt_text(p),
+                            logprobs=self._echo_logprobs(p.ids, out.prompt_logprobs),
+                        )
                     )
-                )
-            delta = safe_delta(out, emitted, i, holdback)
-            logprobs = None
-            if req.logprobs is not None and out.logprobs:
-                logprobs = self._logprobs(out.logprobs[lp_sent[i] :], emitted[i] - len(delta))
-                lp_sent[i] = len(out.logprobs)
-            if out.finished:
-                finals[i] = out
-            if delta or out.finished or logprobs:
-                yield chunk(
-                    CompletionChoice(
-                        index=i,
-                        text=delta,
-                        logprobs=logprobs,
-                        finish_reason=out.finish_reason,
-                        stop_reason=out.stop_reason,
+                delta = safe_delta(out, emitted, i, holdback)
+                logprobs = None
+                if req.logprobs is not None and out.logprobs:
+                    logprobs = self._logprobs(out.logprobs[lp_sent[i] :], emitted[i] - len(delta))
+                    lp_sent[i] = len(out.logprobs)
+                if out.finished:
+                    finals[i] = out
+                if delta or out.finished or logprobs:
+                    yield chunk(
+                        CompletionChoice(
+                            index=i,
+                            text=delta,
+                            logprobs=logprobs,
+                            finish_reason=out.finish_reason,
+                            stop_reason=out.stop_reason,
+                        )
                     )
-                )
         if include_usage:
             done = [f for f in finals if f is not None]
             cached = sum(f.num_cached_tokens for f in done[:: max(1, req.n)])
