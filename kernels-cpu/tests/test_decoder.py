@@ -177,3 +177,35 @@ def test_a_plan_follows_replaced_weights_and_goes_with_its_model():
     del model
     gc.collect()
     assert len(decoder._plans) == n - 1
+
+
+def test_tensor_parallel_layers_run_op_by_op_and_sum_after_o_and_the_mlp(monkeypatch):
+    """A rank's part of a layer: o's and down's outputs are partial sums to all-reduce between
+    ops, which one C call cannot do. With a stand-in all-reduce (the other ranks adding zeros)
+    the logits are the one-rank stack's to the bit."""
+    model = random_model(["Q4_0"], False, None)
+    (want,) = forward_chunks(model, CHUNKS[:1], block_size=4)
+    model.layer_specs = [dataclasses.replace(s, tp_size=2) for s in model.layer_specs]
+    reduced = []
+
+    def all_reduce(x):
+        reduced.append(tuple(x.shape))
+        return x
+
+    calls = []
+    real = reference.decoder_layers
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(decoder.reference, "decoder_layers", spy)
+    registry.register("all_reduce", "cpu")(all_reduce)
+    try:
+        (got,) = forward_chunks(model, CHUNKS[:1], block_size=4)
+    finally:
+        registry.unregister("all_reduce", "cpu")
+    steps = len(CHUNKS[0])
+    assert len(calls) == steps and torch.equal(got, want)
+    tokens = [len(chunk) for chunk in CHUNKS[0]]
+    assert reduced == [(t, 256) for t in tokens for _ in range(2 * 3)]  # o and down of 3 layers

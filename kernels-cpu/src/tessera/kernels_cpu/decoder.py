@@ -4,8 +4,8 @@ segments.py), a bf16 cache. Same kernels in the same order as the op-by-op path,
 results are the same to the bit, without the Python call, tensors and thread wake-ups of ~10
 ops per layer (at one sequence, those cost more than the arithmetic).
 
-Anything else (fp32, dequantized weights, a quantized cache, ...) runs op by op; the reason is
-logged once.
+Anything else (fp32, dequantized weights, a quantized cache, tensor-parallel layers, ...) runs
+op by op; the reason is logged once.
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ class _Plan:
         self.scratch = torch.empty(0, dtype=torch.bfloat16)  # the step's intermediates
         self.keep: list = []
         first = layers[0]
+        if any(ly.tp_size > 1 for ly in layers):
+            self.reason = "tensor-parallel layers: o's and the MLP's outputs are summed across ranks"
+            return
         self.H, self.KH, self.D = first.num_heads, first.num_kv_heads, first.head_dim
         self.eps, self.scale = float(first.eps), float(first.scale)
         packed = (PackedWeight, RowStack, InputSegments)

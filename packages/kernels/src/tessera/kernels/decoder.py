@@ -40,7 +40,12 @@ class DecoderLayerSpec:
     rotate-half rotary on q and k; K/V into the paged cache; paged attention (causal, optionally
     a sliding window); o; add the residual and RMSNorm; gate|up in one matmul; SiLU(gate) * up;
     down. ``scale`` multiplies q.k; norms are ``w * x / rms(x)`` with ``eps``. With ``moe`` set
-    the MLP is that mixture of experts instead (``gate_up`` and ``down`` are None)."""
+    the MLP is that mixture of experts instead (``gate_up`` and ``down`` are None).
+
+    With ``tp_size`` > 1 the layer is one tensor-parallel rank's part: its query and KV heads,
+    its slice of the MLP's (or each expert's) intermediate size. The outputs of o and of down (or
+    of the experts) are then partial sums, which ``ops.all_reduce`` adds across the ranks before
+    each residual add."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
@@ -55,6 +60,7 @@ class DecoderLayerSpec:
     eps: float
     sliding_window: int | None = None
     moe: MoEWeights | None = None
+    tp_size: int = 1
 
     @property
     def hidden_size(self) -> int:

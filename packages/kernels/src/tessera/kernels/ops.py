@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import moe as _moe  # noqa: F401  (declares the references)
+from . import collectives as _collectives  # noqa: F401  (declares the references)
+from . import moe as _moe  # noqa: F401
 from . import reference as _reference  # noqa: F401
 from .registry import lookup
 
@@ -89,3 +90,13 @@ def paged_attention(
 
 def decoder_layers(layers, x, residual, cos, sin, kv_caches, meta):
     return lookup("decoder_layers", x.device.type)(layers, x, residual, cos, sin, kv_caches, meta)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the tensor-parallel ranks, in place (returns ``x``)."""
+    return lookup("all_reduce", x.device.type)(x)
+
+
+def all_gather(x: torch.Tensor, dim: int = -1, sizes: list[int] | None = None) -> torch.Tensor:
+    """The ranks' parts concatenated along ``dim``; ``sizes``: each rank's length where they differ."""
+    return lookup("all_gather", x.device.type)(x, dim, sizes)

@@ -207,7 +207,8 @@ def paged_attention(
 def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
     """A stack of ``DecoderLayerSpec`` layers, op by op; ``attn_metadata`` is one
     AttentionMetadata per layer. Returns ``(x, residual)`` where the caller adds and norms last.
-    A backend may run the stack fused, with the same ops in the same order."""
+    A backend may run the stack fused, with the same ops in the same order. Tensor-parallel
+    layers (``tp_size`` > 1) sum o's and the MLP's partial outputs across the ranks."""
     from . import ops  # ops imports this module
 
     for ly, cache, meta in zip(layers, kv_caches, attn_metadata, strict=True):
@@ -239,6 +240,8 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
             max_seq_len=meta.max_seq_len,
         )
         h = ops.linear(out.reshape(t, q_size), ly.o.weight, ly.o.bias)
+        if ly.tp_size > 1:
+            ops.all_reduce(h)
         h, residual = ops.fused_add_rms_norm(h, residual, ly.post_attention_norm, ly.eps)
         if ly.moe is not None:
             m = ly.moe
@@ -250,4 +253,6 @@ def decoder_layers(layers, x, residual, cos, sin, kv_caches, attn_metadata):
                 ly.down.weight,
                 ly.down.bias,
             )
+        if ly.tp_size > 1:
+            ops.all_reduce(x)
     return x, residual

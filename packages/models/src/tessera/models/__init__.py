@@ -10,8 +10,8 @@ from .linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from .loader import expected_shapes, load_model
-from .parallel import TPInfo
+from .loader import expected_shapes, kv_cache_spec, load_model
+from .parallel import TPInfo, check_tensor_parallel, tensor_parallel_sizes
 from .registry import CausalLM, KVCacheSpec, SupportsMultiModal, model_class, supported_architectures
 from .rotary import RotaryEmbedding
 
@@ -30,9 +30,12 @@ __all__ = [
     "SupportsMultiModal",
     "TPInfo",
     "build_attention_metadata",
+    "check_tensor_parallel",
     "expected_shapes",
+    "kv_cache_spec",
     "load_model",
     "model_class",
     "per_layer",
     "supported_architectures",
+    "tensor_parallel_sizes",
 ]

@@ -12,12 +12,14 @@ from .parallel import NO_TP, TPInfo, narrow_rows, to_dense
 
 
 class VocabEmbedding:
-    """``[vocab, hidden]`` rows looked up by token id. Rank r holds rows ``r*V/size ...``;
-    the ranks' lookups (zero outside their rows) are summed."""
+    """``[vocab, hidden]`` rows looked up by token id. Each rank holds a run of rows
+    (``TPInfo.sizes``: the vocabulary need not split evenly); the ranks' lookups (zero outside
+    their rows) are summed."""
 
     def __init__(self, vocab_size: int, hidden: int, tp: TPInfo = NO_TP) -> None:
         self.vocab_size, self.hidden, self.tp = vocab_size, hidden, tp
-        self.start, self.rows = tp.part(vocab_size, "vocabulary")
+        self.sizes = tp.sizes(vocab_size)
+        self.start, self.rows = tp.uneven_part(vocab_size)
         self.weight = None  # a tensor, or a packed weight with rows(ids, dtype) when tied
         self._loaded = None
 
@@ -44,14 +46,13 @@ class VocabEmbedding:
         w = self.weight
         x = w[local] if isinstance(w, torch.Tensor) else w.rows(local, dtype)
         if self.tp.size > 1:
-            x = x.masked_fill(outside[:, None], 0)
-            torch.distributed.all_reduce(x)
+            x = ops.all_reduce(x.masked_fill(outside[:, None], 0))
         return x
 
 
 class LMHead:
     """Logits ``hidden @ W.T`` in fp32; ``W`` is its own weight or the embedding table. With
-    several ranks each computes its vocabulary rows and they are gathered."""
+    several ranks each computes the logits of its vocabulary rows and they are gathered."""
 
     def __init__(self, embedding: VocabEmbedding, tied: bool) -> None:
         self.embedding, self.tied = embedding, tied
@@ -70,11 +71,8 @@ class LMHead:
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = ops.linear(hidden, self.weight, out_dtype=torch.float32)
-        tp = self.embedding.tp
-        if tp.size > 1:
-            parts = [torch.empty_like(logits) for _ in range(tp.size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+        if self.embedding.tp.size > 1:
+            logits = ops.all_gather(logits, -1, self.embedding.sizes)
         return logits
 
 

@@ -148,6 +148,7 @@ class LlamaDecoderLayer:
             scale=a.scale,
             eps=self.input_layernorm.eps,
             sliding_window=a.sliding_window,
+            tp_size=a.o_proj.tp.size,
         )
 
 

@@ -8,8 +8,8 @@ import torch
 from tessera.formats import Checkpoint, FormatError
 
 from .linear import LoadOptions
-from .parallel import TPInfo
-from .registry import model_class
+from .parallel import TPInfo, check_tensor_parallel
+from .registry import KVCacheSpec, model_class
 
 
 def load_model(
@@ -28,12 +28,14 @@ def load_model(
     ``dtype``, except that with ``packed_weights`` they become GGUF blocks behind an input
     permutation and stay packed (``GroupQuant.blocks``, ``GroupsPacked``). ``progress``, if
     given, is called as ``progress(done, total)`` while tensors load. ``tp`` is this process's
-    tensor-parallel rank.
+    tensor-parallel rank: a model that does not split over ``tp.size`` ranks is a ValueError
+    before anything loads (``check_tensor_parallel``).
     """
-    config = checkpoint.config
+    config, tp = checkpoint.config, tp or TPInfo()
+    check_tensor_parallel(config, tp.size)
     try:
         cls = model_class(config.architecture)
-        opts = LoadOptions(dtype, torch.device(device), packed_weights, tp or TPInfo())
+        opts = LoadOptions(dtype, torch.device(device), packed_weights, tp)
         model = cls(config, opts)
         model.load_weights(checkpoint.weights(), progress)
     except FormatError as e:
@@ -44,3 +46,11 @@ def load_model(
 def expected_shapes(config, style: str = "hf") -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint of ``config`` must hold, by their HF (or GGUF) names."""
     return model_class(config.architecture)(config, LoadOptions()).weight_map().shapes(style)
+
+
+def kv_cache_spec(config, tp: TPInfo | None = None) -> list[KVCacheSpec]:
+    """The KV cache spec per layer of the model of ``config`` on tensor-parallel rank ``tp``
+    (its share of the KV heads: ``max(1, kv_heads // size)``), without loading weights."""
+    tp = tp or TPInfo()
+    check_tensor_parallel(config, tp.size)
+    return model_class(config.architecture)(config, LoadOptions(tp=tp)).kv_cache_spec()

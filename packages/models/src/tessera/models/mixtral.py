@@ -69,6 +69,7 @@ class MoEDecoderLayer:
             scale=a.scale,
             eps=self.input_layernorm.eps,
             sliding_window=a.sliding_window,
+            tp_size=a.o_proj.tp.size,
             moe=MoEWeights(m.router.weight, m.gate_up, m.down, m.top_k, m.renormalize),
         )
 
@@ -146,10 +147,10 @@ class MixtralForCausalLM(DecoderModel):
 
     def loaded(self) -> None:
         # whole layers for the kernels where the spec describes them (plain routed experts, no
-        # QK-norm, one rank): a backend may run the stack fused
+        # QK-norm): a backend may run the stack fused
         c = self.config
         plain = all(type(ly.mlp) is FusedMoE for ly in self.layers)
-        if plain and not c.qk_norm and self.opts.tp.size == 1:
+        if plain and not c.qk_norm:
             self.layer_specs = [layer.describe() for layer in self.layers]
 
     # -- the contract -----------------------------------------------------------------------

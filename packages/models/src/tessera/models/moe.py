@@ -165,5 +165,5 @@ class FusedMoE:
         logits = self.router.forward(x, out_dtype=torch.float32)
         out = ops.fused_moe(x, logits, self.gate_up, self.down, self.top_k, self.renormalize)
         if reduce and self.tp.size > 1:
-            torch.distributed.all_reduce(out)
+            ops.all_reduce(out)
         return out

@@ -1,5 +1,6 @@
-"""Which part of a weight a tensor-parallel rank holds. Size 1 is the whole weight; a packed
-(GGUF) weight is cut along whole rows, or along whole blocks of its inputs."""
+"""Which part of a weight a tensor-parallel rank holds, and which numbers of ranks a model splits
+over. Size 1 is the whole weight; a packed (GGUF) weight is cut along whole rows, or along whole
+blocks of its inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import BLOCK_LAYOUT, EXL2Tensor, FormatError, GPTQTensor, QuantizedTensor
+from tessera.formats import BLOCK_LAYOUT, EXL2Tensor, FormatError, GPTQTensor, ModelConfig, QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,16 @@ class TPInfo:
             raise FormatError(f"{what} of {n} does not split over {self.size} tensor-parallel ranks")
         k = n // self.size
         return self.rank * k, k
+
+    def sizes(self, n: int) -> list[int]:
+        """Every rank's share of ``n`` where it need not split evenly (a vocabulary): the first
+        ``n % size`` ranks hold one more."""
+        return [n // self.size + (r < n % self.size) for r in range(self.size)]
+
+    def uneven_part(self, n: int) -> tuple[int, int]:
+        """(start, length) of this rank's share of ``n`` as ``sizes`` splits it."""
+        sizes = self.sizes(n)
+        return sum(sizes[: self.rank]), sizes[self.rank]
 
 
 NO_TP = TPInfo()  # one rank: every layer holds its whole weight
@@ -77,3 +88,55 @@ def to_dense(t, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(t, (QuantizedTensor, *_GROUPED)):
         return t.to(device).dequantize(dtype)
     return t.to(device=device, dtype=dtype)
+
+
+# -- which numbers of ranks a model splits over -----------------------------------------------
+
+
+def _refusal(config: ModelConfig, n: int) -> str | None:
+    """Why ``config``'s model does not split over ``n`` ranks, or None where it does. Query
+    heads split; KV heads split, or are replicated where there are fewer than ranks (each rank
+    then holds the one its query heads use); MLP and expert intermediate sizes split; the
+    vocabulary splits unevenly."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % n:
+        return f"{heads} attention heads do not split over {n} tensor-parallel ranks"
+    if kv >= n and kv % n:
+        return f"{kv} key/value heads do not split over {n} tensor-parallel ranks"
+    if kv < n and n % kv:
+        return f"{n} tensor-parallel ranks do not share {kv} key/value heads evenly"
+    dense = config.num_experts == 0 or bool(config.dense_layers)
+    sizes = (
+        ("MLP intermediate size", config.intermediate_size if dense else 0),
+        ("experts' intermediate size", config.moe_intermediate_size if config.num_experts else 0),
+        ("shared expert's intermediate size", config.shared_expert_intermediate_size),
+    )
+    for what, size in sizes:
+        if size % n:
+            return f"the {what} {size} does not split over {n} tensor-parallel ranks"
+    if config.vocab_size < n:
+        return f"a vocabulary of {config.vocab_size} does not split over {n} tensor-parallel ranks"
+    return None
+
+
+def tensor_parallel_sizes(config: ModelConfig, max_size: int = 8) -> list[int]:
+    """The numbers of tensor-parallel ranks, up to ``max_size``, that ``config``'s model splits
+    over (as far as the config tells: a packed checkpoint's weights split only at whole blocks
+    of inputs, which loading checks)."""
+    return [n for n in range(1, max_size + 1) if _refusal(config, n) is None]
+
+
+def check_tensor_parallel(config: ModelConfig, size: int) -> None:
+    """ValueError, before any weight loads, where ``config``'s model does not split over
+    ``size`` tensor-parallel ranks: it names the heads and the sizes that would work."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"the tensor-parallel size must be a positive integer, not {size!r}")
+    why = _refusal(config, size)
+    if why is None:
+        return
+    works = [str(n) for n in tensor_parallel_sizes(config, max(8, size))]
+    either = works[0] if len(works) == 1 else f"{', '.join(works[:-1])} or {works[-1]}"
+    raise ValueError(
+        f"{why} (the model has {config.num_attention_heads} attention heads and "
+        f"{config.num_key_value_heads} key/value heads); --tensor-parallel-size {either} would work"
+    )

@@ -78,7 +78,7 @@ class Qwen2MoeSparseBlock:
             shared = ops.linear(ops.silu_and_mul(s.gate_up_proj.forward(x)), s.down_proj.weight)
             out = out + torch.sigmoid(self.shared_expert_gate.forward(x)) * shared
         if self.tp.size > 1:
-            torch.distributed.all_reduce(out)
+            ops.all_reduce(out)
         return out
 
 

@@ -129,7 +129,10 @@ class WeightMap:
             if shape_of(value) != slot.shape and shape_of(value) not in slot.other_shapes:
                 got, want = list(shape_of(value)), list(slot.shape)
                 raise FormatError(f"tensor {name} has shape {got}, expected {want} from the config")
-            slot.load(value)
+            try:
+                slot.load(value)
+            except FormatError as e:  # a rank's part that can't be cut, a converter's quirk
+                raise FormatError(f"tensor {name}: {e}") from None
             done.update(keys)
             styles.add(slot.style)
             if progress is not None:
