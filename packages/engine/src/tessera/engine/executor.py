@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import time
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 # after one rank reported an error, how long the others may take to report theirs; a rank still
 # silent then is stuck in a collective its peer left: the group can't continue
 ERROR_GRACE_S = 10.0
+_THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 class WorkerDiedError(RuntimeError):
@@ -94,6 +96,10 @@ class MultiprocExecutor(Executor):
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.procs: list[mp.Process] = []
         self.conns = []
+        # each worker's thread pools (torch's OpenMP, Numba's) get its share of the cores: pools
+        # sized for the whole machine in every rank starve each other. Read at the child's start.
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        os.environ.update({k: str(threads) for k in _THREAD_VARS})
         for rank in range(world_size):
             dev = f"cuda:{rank}" if device == "cuda" else device
             init = WorkerInit(engine_args, rank, world_size, init_method, backend, dev, dtype, threads)
@@ -108,6 +114,11 @@ class MultiprocExecutor(Executor):
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
         logger.info(
             "started %d worker processes (%s, %s): pids %s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -82,7 +83,7 @@ class LLM:
             raise ValueError(
                 f"quantized_weights must be 'packed' or 'dequantize', got {args.quantized_weights!r}"
             )
-        tp_size = args.tensor_parallel_size
+        tp_size = _suite_tp_size(args, self.config)
         backend = args.distributed_executor_backend or ("mp" if tp_size > 1 else "uni")
         if tp_size > 1:  # before any process starts or weight loads
             from tessera.models import check_tensor_parallel
@@ -412,6 +413,22 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
+
+
+def _suite_tp_size(args: EngineArgs, config) -> int:
+    """``args.tensor_parallel_size``; or, where it is left at 1 and the executor unset, the
+    environment's ``TESSERA_TENSOR_PARALLEL_SIZE`` if the model splits that way (how the test
+    suite's engine tests run at several ranks where the model allows)."""
+    n = os.environ.get("TESSERA_TENSOR_PARALLEL_SIZE")
+    if not n or args.tensor_parallel_size != 1 or args.distributed_executor_backend is not None:
+        return args.tensor_parallel_size
+    from tessera.models import tensor_parallel_sizes
+
+    size = int(n)
+    if size in tensor_parallel_sizes(config, max_size=size):
+        return size
+    logger.info("TESSERA_TENSOR_PARALLEL_SIZE=%d: this model does not split so; one rank", size)
+    return 1
 
 
 def _longest_context(groups, num_blocks: int, block_size: int, step_tokens: int | None, limit: int) -> int:
