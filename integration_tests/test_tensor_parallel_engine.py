@@ -136,3 +136,31 @@ def test_the_default_model_over_three_ranks_and_refused_over_two():
         assert got[2].text.startswith("{") and tp.stats().spec_num_drafts > 0
     finally:
         tp.shutdown()
+
+
+def test_torchrun_launch_of_two_ranks_prints_one_ranks_answer(tmp_path):
+    """The documented multi-node launch (`torchrun --nnodes/--node-rank/--master-addr`), here with
+    one node of two processes: rank 0 runs the engine and prints; rank 1 runs its steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from integration_tests.conftest import _free_port
+
+    path = build(tmp_path / "m", *MODELS["llama-8h-4kv"])
+    args = ["generate", "t5 t9 t33 t5 t9 t33", "--model", path, "--dtype", "float32", "--kv-cache-memory",
+            "1MiB", "--max-model-len", "128", "--max-tokens", "16", "--json"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "tessera.engine.cli", *args], capture_output=True, text=True,
+                         env=env, timeout=120)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
+              "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port]  # fmt: skip
+    two = subprocess.run([*launch, "-m", "tessera.engine.cli", *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, env=env, timeout=180)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    lines = [json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone answers
+    assert lines[0]["token_ids"] == json.loads(one.stdout)["token_ids"]

@@ -97,14 +97,17 @@ class EngineArgs:
     # tensor parallelism: ranks (worker processes, torch.distributed: gloo on the CPU, NCCL on
     # GPUs); the executor: "uni" (this process; one rank only) or "mp" (a worker process per rank)
     tensor_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # None: "uni" for one rank, else "mp"
+    # None: "uni" for one rank, else "torchrun" where torchrun started this process, else "mp"
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
-        if self.distributed_executor_backend not in (None, "uni", "mp"):
+        if self.distributed_executor_backend not in (None, "uni", "mp", "torchrun"):
             backend = self.distributed_executor_backend
-            raise ValueError(f"distributed_executor_backend must be 'uni' or 'mp', got {backend!r}")
+            raise ValueError(
+                f"distributed_executor_backend must be 'uni', 'mp' or 'torchrun', got {backend!r}"
+            )
         if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
             raise ValueError(
                 f"tensor_parallel_size {self.tensor_parallel_size} needs a process per rank: "
@@ -229,9 +232,12 @@ class EngineArgs:
             "its share of the weights and the KV cache (default: %(default)s)",
         )  # fmt: skip
         g.add_argument(
-            "--distributed-executor-backend", choices=["uni", "mp"], default=None,
+            "--distributed-executor-backend", choices=["uni", "mp", "torchrun"], default=None,
             help="uni: the model runs in this process (one rank); mp: a worker process per rank, "
-            "talking to the engine through pipes (default: uni for one rank, mp for more)",
+            "talking to the engine through pipes; torchrun: every process torchrun started is a "
+            "rank (across machines: --nnodes/--node-rank/--master-addr), rank 0 runs the engine "
+            "and sends each step to the others (default: uni for one rank, else torchrun under "
+            "torchrun, else mp)",
         )  # fmt: skip
         m = parser.add_argument_group("images (vision-language models)")
         m.add_argument(

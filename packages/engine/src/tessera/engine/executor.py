@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -280,3 +281,98 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- launched by torchrun: every process is a rank ---------------------------------------------
+
+
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when this process was started by torchrun (or another launcher that
+    sets torch.distributed's environment), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+class ControlChannel:
+    """Bytes from rank 0 to every rank over a gloo group (on GPUs too: the NCCL group carries the
+    model's collectives, this one the engine's messages): a length, then the bytes."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo")
+
+    def broadcast(self, data: bytes | None = None) -> bytes:
+        import torch
+        import torch.distributed as dist
+
+        size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.group)
+        n = int(size.item())
+        buf = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data is not None and n
+            else torch.empty(n, dtype=torch.uint8)
+        )
+        if n:
+            dist.broadcast(buf, 0, group=self.group)
+        return data if data is not None else buf.numpy().tobytes()
+
+
+class TorchrunExecutor(Executor):
+    """Rank 0 of a torchrun launch: the engine core and rank 0's runner live here; each step's
+    ``SchedulerOutput`` goes to the other ranks (``serve_torchrun_steps``) through the control
+    channel. The ranks can't be re-synchronised after a failed collective, so any failure of a
+    step ends the engine (``WorkerDiedError``)."""
+
+    def __init__(self, runner: ModelRunner, channel: ControlChannel, world_size: int) -> None:
+        self.runner, self.channel, self.world_size = runner, channel, world_size
+        self.error: str | None = None
+        self._stopped = False
+        atexit.register(self.shutdown)  # the other ranks wait for word from this one
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        if self.error is not None:
+            raise WorkerDiedError(self.error)
+        try:
+            self.channel.broadcast(msgspec.msgpack.encode(so))
+            return self.runner.execute_model(so)
+        except Exception as e:
+            self.error = f"a tensor-parallel step failed across the torchrun ranks: {type(e).__name__}: {e}"
+            logger.error("%s", self.error)
+            raise WorkerDiedError(self.error) from e
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise WorkerDiedError(self.error)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.error is None:
+            try:
+                self.channel.broadcast(SHUTDOWN)
+            except Exception:  # a rank already gone: nothing to tell it
+                pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def serve_torchrun_steps(runner: ModelRunner, channel: ControlChannel, rank: int) -> None:
+    """Ranks 1.. of a torchrun launch: run each step rank 0 broadcasts, until it says stop."""
+    import torch.distributed as dist
+
+    while True:
+        try:
+            data = channel.broadcast()
+        except Exception as e:  # rank 0 is gone
+            logger.error("rank %d: rank 0 is gone (%s); exiting", rank, e)
+            return
+        if data == SHUTDOWN:
+            break
+        runner.execute_model(msgspec.msgpack.decode(data, type=SchedulerOutput))
+    dist.destroy_process_group()

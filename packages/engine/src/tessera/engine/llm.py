@@ -32,7 +32,14 @@ from tessera.spec_decode import make_proposer
 from .args import EngineArgs
 from .draft_runner import check_draft_vocabulary
 from .engine_core import EngineCore
-from .executor import MultiprocExecutor, UniprocExecutor
+from .executor import (
+    ControlChannel,
+    MultiprocExecutor,
+    TorchrunExecutor,
+    UniprocExecutor,
+    serve_torchrun_steps,
+    torchrun_rank,
+)
 from .gpu_memory import gpu_kv_cache_budget
 from .model_source import resolve_model
 from .multimodal_prompt import MultiModalInputs, MultiModalPrompter, inputs_of
@@ -84,7 +91,7 @@ class LLM:
                 f"quantized_weights must be 'packed' or 'dequantize', got {args.quantized_weights!r}"
             )
         tp_size = _suite_tp_size(args, self.config)
-        backend = args.distributed_executor_backend or ("mp" if tp_size > 1 else "uni")
+        backend = args.distributed_executor_backend or _default_backend(tp_size)
         if tp_size > 1:  # before any process starts or weight loads
             from tessera.models import check_tensor_parallel
 
@@ -93,12 +100,21 @@ class LLM:
         self.model = self.draft_model = None  # in this process only with the "uni" executor
         self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
         executor = None
-        if backend == "mp":
-            if hasattr(model_class(self.config.architecture), "embed_multimodal"):
-                raise ValueError(
-                    f"{args.model!r} is a vision-language model: it runs in one process "
-                    "(--tensor-parallel-size 1, --distributed-executor-backend uni)"
-                )
+        torchrun = None  # (rank, world size, control channel) when torchrun started the ranks
+        if backend != "uni" and hasattr(model_class(self.config.architecture), "embed_multimodal"):
+            raise ValueError(
+                f"{args.model!r} is a vision-language model: it runs in one process "
+                "(--tensor-parallel-size 1, --distributed-executor-backend uni)"
+            )
+        if backend == "torchrun":
+            torchrun, device = _join_torchrun(tp_size, device)
+            self.model, self.draft_model = load_models(
+                args, checkpoint, draft_checkpoint, dtype, device, TPInfo(torchrun[0], tp_size),
+                progress if torchrun[0] == 0 else None,
+            )  # fmt: skip
+            specs = self.model.kv_cache_spec()
+            draft_specs = self.draft_model.kv_cache_spec() if self.draft_model is not None else []
+        elif backend == "mp":
             executor = MultiprocExecutor(
                 engine_args_dict(args),
                 tp_size,
@@ -144,7 +160,7 @@ class LLM:
             per_token += sum(kv_bytes_per_token(1, s.num_kv_heads, s.head_dim, kv_name) for s in draft_specs)
         budget = args.kv_cache_memory  # one rank's
         if budget is None and on_gpu:
-            if executor is not None:
+            if isinstance(executor, MultiprocExecutor):
                 budget = min(w.kv_budget for w in executor.loaded)
             else:
                 budget = gpu_kv_cache_budget(
@@ -168,7 +184,9 @@ class LLM:
                 )
             # the ranks of one machine share its memory
             budget = min(int(platform_for(device).free_memory() * _DEFAULT_KV_SHARE), _DEFAULT_KV_CAP)
-            budget //= tp_size
+            budget //= int(os.environ.get("LOCAL_WORLD_SIZE", tp_size)) if torchrun else tp_size
+        if torchrun is not None:  # every rank plans from the smallest: the same blocks everywhere
+            budget = _smallest(budget, torchrun[2])
         max_model_len = args.max_model_len
         if max_model_len is None:
             max_model_len = _longest_context(
@@ -203,7 +221,7 @@ class LLM:
             *_as_tuple(checkpoint.generation_config.get("eos_token_id")),
         )
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        if executor is not None:
+        if isinstance(executor, MultiprocExecutor):
             executor.start_runners(
                 RunnerPlan(
                     num_blocks, max_model_len, str(kv_dtype).removeprefix("torch."), list(self.eos_token_ids)
@@ -222,8 +240,15 @@ class LLM:
                 self.eos_token_ids,
                 max_model_len,
                 proposer,
+                TPInfo(torchrun[0], tp_size) if torchrun else TPInfo(),
             )
-            executor = UniprocExecutor(runner)
+            if torchrun is None:
+                executor = UniprocExecutor(runner)
+            elif torchrun[0] == 0:
+                executor = TorchrunExecutor(runner, torchrun[2], tp_size)
+            else:  # ranks 1..: run rank 0's steps until it stops, then end this process
+                serve_torchrun_steps(runner, torchrun[2], torchrun[0])
+                raise SystemExit(0)
         self._grammars = None
         self.engine = EngineCore(scheduler, executor)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -413,6 +438,45 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.tokenizer.encode_chat(messages)], params)[0]
+
+
+def _default_backend(tp_size: int) -> str:
+    """One rank: this process; several: torchrun's processes where it started this one, else
+    worker processes of ours."""
+    if tp_size == 1:
+        return "uni"
+    return "torchrun" if torchrun_rank() is not None else "mp"
+
+
+def _join_torchrun(tp_size: int, device: torch.device):
+    """Join the torch.distributed group torchrun set up: ``((rank, world, channel), device)``."""
+    import torch.distributed as dist
+
+    where = torchrun_rank()
+    if where is None:
+        raise ValueError(
+            "distributed_executor_backend 'torchrun' needs the environment torchrun sets (RANK, "
+            "WORLD_SIZE, MASTER_ADDR, MASTER_PORT): start with `torchrun --nproc-per-node N ...`"
+        )
+    rank, world = where
+    if world != tp_size:
+        raise ValueError(
+            f"torchrun started {world} processes but --tensor-parallel-size is {tp_size}: they must be equal"
+        )
+    if torch.device(device).type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return (rank, world, ControlChannel()), device
+
+
+def _smallest(value: int, channel) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=channel.group)
+    return int(t.item())
 
 
 def _suite_tp_size(args: EngineArgs, config) -> int:
