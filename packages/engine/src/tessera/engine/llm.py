@@ -25,13 +25,14 @@ from tessera.kvcache import (
 from tessera.models import SupportsMultiModal, load_model
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
-from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from tessera.scheduler import KVTransferParams, Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
 from .draft_runner import DraftRunner, check_draft_vocabulary, checkpoint_bytes
 from .engine_core import EngineCore
 from .gpu_memory import gpu_kv_cache_budget
+from .kv_connector import check_kv_transfer, make_kv_connector
 from .model_runner import ModelRunner
 from .model_source import resolve_model
 from .multimodal_prompt import MultiModalInputs, MultiModalPrompter, inputs_of
@@ -212,6 +213,8 @@ class LLM:
                 checkpoint_bytes(checkpoint), 1
             )
         self.engine = EngineCore(scheduler, runner)
+        # disaggregated prefill/decode: moves prompts' KV blocks between engines (kv_connector.py)
+        self.kv_connector = make_kv_connector(args.kv_transfer_config, self)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -291,14 +294,19 @@ class LLM:
         cache_salt: str | None = None,
         request_id: str | None = None,
         mm: MultiModalInputs | None = None,
+        kv_transfer: KVTransferParams | None = None,
     ) -> str:
+        if kv_transfer is not None and not (kv_transfer.do_remote_decode or kv_transfer.do_remote_prefill):
+            kv_transfer = None  # vLLM's clients may send empty params: an ordinary request
+        if kv_transfer is not None:
+            check_kv_transfer(self.kv_connector, ids, params, kv_transfer, self.config.vocab_size)
         rid = request_id if request_id is not None else str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
         encoders = self.engine.runner.encoders
         if mm is not None:
             encoders.add_inputs(rid, mm.inputs, mm.mrope)
         try:
-            self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm)
+            self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm, kv_transfer)
         except BaseException:
             if mm is not None:
                 encoders.stop(rid, finished=True)
@@ -306,7 +314,7 @@ class LLM:
         self.output_processor.add_request(rid, text, ids, params)
         return rid
 
-    def _admit(self, rid, ids, params, max_tokens, priority, cache_salt, mm) -> None:
+    def _admit(self, rid, ids, params, max_tokens, priority, cache_salt, mm, kv_transfer=None) -> None:
         self.engine.add_request(
             Request(
                 rid,
@@ -322,6 +330,7 @@ class LLM:
                 cache_salt=cache_salt,
                 skip_prefix_cache=params.prompt_logprobs is not None,
                 mm_features=mm.features if mm is not None else (),
+                kv_transfer=kv_transfer,
             )
         )
 

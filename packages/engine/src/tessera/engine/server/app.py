@@ -132,7 +132,9 @@ def build_app(
     enable_auto_tool_choice: bool = True,
 ) -> Starlette:
     limits = limits or ServerLimits()
-    metrics = Metrics(llm.stats, llm.num_waiting, llm.llm.engine.runner.encoders)
+    metrics = Metrics(
+        llm.stats, llm.num_waiting, llm.llm.engine.runner.encoders, getattr(llm.llm, "kv_connector", None)
+    )
     llm.on_finish = metrics.on_finish
     life = Lifecycle(limits.shutdown_timeout)
     tool_options = dict(tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
