@@ -155,7 +155,7 @@ def summary(streams: list[Stream]) -> dict:
         "short_itl_ms": {q: 1e3 * pct(itl, q) for q in (50, 90, 99)} | {"max": 1e3 * max(itl, default=0)},
         "short_ttft_ms": {q: 1e3 * pct([s.ttft for s in short], q) for q in (50, 99)},
         "long_ttft_ms": {50: 1e3 * pct([s.ttft for s in long], 50)},
-        "short_itl_s": itl,
+        "short_itl_s": [round(x, 5) for x in itl],
     }
 
 
@@ -223,13 +223,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--short", type=int, default=24, help="short chats (default: %(default)s)")
-    p.add_argument("--short-every", type=float, default=0.5, help="seconds between them")
-    p.add_argument("--short-tokens", type=int, default=48, help="tokens each streams")
+    p.add_argument("--short-every", type=float, default=0.4, help="seconds between them")
+    p.add_argument("--short-tokens", type=int, default=128, help="tokens each streams")
     p.add_argument("--long", type=int, default=4, help="long prompts mixed in")
     p.add_argument("--long-tokens", type=int, default=1536, help="their prompt's tokens")
     p.add_argument("--long-output", type=int, default=16)
-    p.add_argument("--long-start", type=float, default=1.0)
-    p.add_argument("--long-every", type=float, default=3.0)
+    # off the chats' arrival grid: a long prompt lands while chats are mid-stream
+    p.add_argument("--long-start", type=float, default=1.3)
+    p.add_argument("--long-every", type=float, default=2.5)
     p.add_argument("--chunk", type=int, default=256, help="colocated-chunked's --max-num-batched-tokens")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-memory", default="128MiB")
@@ -247,7 +248,7 @@ def main() -> None:
     report["results"] = results
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "disagg_itl.json").write_text(json.dumps(report, indent=1, default=str))
+        (a.out / "disagg_itl.json").write_text(json.dumps(report, default=str) + "\n")
         plot(results, a.out / "disagg_itl.png")
     if a.json:
         print(json.dumps(report, default=str))
