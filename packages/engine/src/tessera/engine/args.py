@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from tessera.kvcache import QUANTIZED_KV_DTYPES
 from tessera.spec_decode import SpeculativeConfig
 
+from .kv_transfer_config import KVTransferConfig
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1,
@@ -57,6 +59,13 @@ def _speculative_config_arg(text: str) -> SpeculativeConfig:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _kv_transfer_config_arg(text: str) -> KVTransferConfig:
+    try:
+        return KVTransferConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _fraction_arg(text: str) -> float:
     try:
         return parse_memory_fraction(text)
@@ -99,6 +108,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     # None: "uni" for one rank, else "torchrun" where torchrun started this process, else "mp"
     distributed_executor_backend: str | None = None
+    # JSON text, a dict or a KVTransferConfig (vLLM's --kv-transfer-config): this engine's role in
+    # disaggregated prefill/decode; None: an ordinary engine
+    kv_transfer_config: KVTransferConfig | str | dict | None = None
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -118,6 +130,13 @@ class EngineArgs:
         if self.limit_mm_per_prompt < 0:
             raise ValueError(f"limit_mm_per_prompt must be at least 0, got {self.limit_mm_per_prompt}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        self.kv_transfer_config = KVTransferConfig.parse(self.kv_transfer_config)
+        spec = self.speculative_config
+        if self.kv_transfer_config is not None and spec is not None and spec.method == "draft_model":
+            raise ValueError(
+                "kv_transfer_config: disaggregated serving with a draft model is not supported (the "
+                "draft's K/V would have to move too); use the n-gram proposer or none"
+            )
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +242,18 @@ class EngineArgs:
             "chooses each request's k per step from its measured acceptance and the batch size, and "
             'none where speculation would not pay; "disable_by_batch_size": N turns it off above N '
             "running requests. The output distribution is unchanged (exact rejection sampling)",
+        )
+        g.add_argument(
+            "--kv-transfer-config",
+            type=_kv_transfer_config_arg,
+            default=None,
+            metavar="JSON",
+            help='disaggregated prefill/decode, as vLLM spells it: \'{"kv_role": "kv_producer", '
+            '"kv_connector": "TCPConnector"}\' computes prompts and holds their KV blocks for a consumer '
+            '(also "kv_ip", "kv_port": where it serves them, default 127.0.0.1 and any free port; '
+            '"kv_hold_timeout": seconds they wait, default 60); "kv_consumer" decodes requests whose '
+            'prompt a producer computed, pulling its blocks ("kv_transfer_timeout", default 30 s). '
+            "`tessera router` sends each request to both",
         )
         g.add_argument("--device", default=None, help="cpu | cuda | rocm | xpu (default: detected)")
         g.add_argument(

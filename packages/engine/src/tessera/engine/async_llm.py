@@ -9,6 +9,7 @@ request can hold the event loop for long.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # worker threads for tokenizing and templating: more would only compete with the engine's step
 _PREPROCESS_THREADS = 2
+# with KV transfers in flight and nothing to run, the loop looks at the connector this often (it
+# also wakes at once when a transfer ends, where it can be told)
+_KV_POLL_S = 0.25
 
 
 class Prepared(msgspec.Struct, frozen=True):
@@ -108,18 +112,27 @@ class AsyncLLM:
         self._limiter = anyio.CapacityLimiter(_PREPROCESS_THREADS)
         self._grammar_lock = threading.Lock()
         self._token_text: dict[int, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         """The step loop; run it in a task group for the life of the server."""
+        connector = getattr(self.llm, "kv_connector", None)
+        scheduler = self.llm.engine.scheduler
+        if connector is not None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:  # another event loop: the connector is polled instead
+                self._loop = None
+            connector.notify = self._notify_from_thread
         while True:
             while self._inbox:
                 self._inbox.popleft()()
+            if connector is not None:
+                scheduler.poll_kv_connector()  # frees released holds even while idle
             if not self.llm.has_unfinished_requests():
-                self._wake = anyio.Event()
-                if not self._inbox:
-                    await self._wake.wait()
+                await self._idle(connector)
                 continue
             try:
                 outputs = await anyio.to_thread.run_sync(self.llm.step)
@@ -131,6 +144,31 @@ class AsyncLLM:
             now = time.monotonic()
             for out in outputs:
                 self._deliver(out, now)
+            if (
+                connector is not None
+                and not scheduler.num_scheduled_last_step
+                and scheduler.kv_transfers_in_flight()
+            ):
+                await self._idle(connector)  # only KV transfers to wait for: don't spin
+
+    async def _idle(self, connector) -> None:
+        """Wait for something to do: an operation in the inbox, or news from the KV connector
+        (polled every _KV_POLL_S while it has transfers or holds in flight)."""
+        self._wake = anyio.Event()
+        if self._inbox:
+            return
+        if connector is None or not self.llm.engine.scheduler.kv_transfers_in_flight():
+            await self._wake.wait()
+            return
+        if connector.has_events():
+            return
+        with anyio.move_on_after(_KV_POLL_S):
+            await self._wake.wait()
+
+    def _notify_from_thread(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(lambda: self._wake.set())
 
     def _deliver(self, out: RequestOutput, now: float) -> None:
         track = self._tracks.get(out.request_id)
@@ -255,8 +293,10 @@ class AsyncLLM:
         request_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        kv_transfer=None,
     ) -> RequestStream:
-        """Queue one prepared request now; its outputs come through the returned stream."""
+        """Queue one prepared request now; its outputs come through the returned stream.
+        ``kv_transfer``: its KVTransferParams in disaggregated serving."""
         text, ids, mm = prepared.text, prepared.ids, prepared.mm
         rid = request_id or uuid.uuid4().hex
         send, recv = anyio.create_memory_object_stream[RequestOutput](math.inf)
@@ -267,8 +307,9 @@ class AsyncLLM:
             self._queued_adds -= 1
             try:
                 self.llm._add(
-                    text, ids, params, priority=priority, cache_salt=cache_salt, request_id=rid, mm=mm
-                )
+                    text, ids, params, priority=priority, cache_salt=cache_salt, request_id=rid, mm=mm,
+                    kv_transfer=kv_transfer,
+                )  # fmt: skip
             except Exception as e:  # refused by the scheduler: say so on the stream
                 failed = RequestOutput(
                     request_id=rid,

@@ -1,4 +1,4 @@
-"""The ``tessera`` command: generate, chat, serve, convert, eval, recommend, info, bench."""
+"""The ``tessera`` command: generate, chat, serve, router, convert, eval, recommend, info, bench."""
 
 from __future__ import annotations
 
@@ -311,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     EngineArgs.add_cli_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from . import router
+
+    rt = sub.add_parser(
+        "router",
+        help="disaggregated serving: each request's prompt to a prefill server, the rest to a decode server",
+        description=router.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    router.add_args(rt)
+    rt.set_defaults(func=router.run)
 
     _add_convert_parser(sub)
     from . import bench_serve, info

@@ -26,7 +26,7 @@ from tessera.kvcache import (
 from tessera.models import SupportsMultiModal, TPInfo, model_class
 from tessera.platform import KNOWN_DEVICES, current_platform, platform_for
 from tessera.sampling import SamplingParams
-from tessera.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
+from tessera.scheduler import KVTransferParams, Request, RequestStatus, Scheduler, SchedulerConfig
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
@@ -41,6 +41,7 @@ from .executor import (
     torchrun_rank,
 )
 from .gpu_memory import gpu_kv_cache_budget
+from .kv_connector import check_kv_transfer, make_kv_connector
 from .model_source import resolve_model
 from .multimodal_prompt import MultiModalInputs, MultiModalPrompter, inputs_of
 from .output_processor import OutputProcessor
@@ -99,6 +100,12 @@ class LLM:
         on_gpu = torch.device(device).type == "cuda"
         self.model = self.draft_model = None  # in this process only with the "uni" executor
         self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
+        if backend != "uni" and args.kv_transfer_config is not None:
+            raise ValueError(
+                "disaggregated prefill/decode (--kv-transfer-config) moves the KV blocks of an "
+                "engine whose model runs in its own process: --tensor-parallel-size 1 and "
+                "--distributed-executor-backend uni"
+            )
         executor = None
         torchrun = None  # (rank, world size, control channel) when torchrun started the ranks
         if backend != "uni" and hasattr(model_class(self.config.architecture), "embed_multimodal"):
@@ -251,6 +258,8 @@ class LLM:
                 raise SystemExit(0)
         self._grammars = None
         self.engine = EngineCore(scheduler, executor)
+        # disaggregated prefill/decode: moves prompts' KV blocks between engines (kv_connector.py)
+        self.kv_connector = make_kv_connector(args.kv_transfer_config, self)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -333,14 +342,19 @@ class LLM:
         cache_salt: str | None = None,
         request_id: str | None = None,
         mm: MultiModalInputs | None = None,
+        kv_transfer: KVTransferParams | None = None,
     ) -> str:
+        if kv_transfer is not None and not (kv_transfer.do_remote_decode or kv_transfer.do_remote_prefill):
+            kv_transfer = None  # vLLM's clients may send empty params: an ordinary request
+        if kv_transfer is not None:
+            check_kv_transfer(self.kv_connector, ids, params, kv_transfer, self.config.vocab_size)
         rid = request_id if request_id is not None else str(next(self._ids))
         max_tokens = params.max_tokens or (self.max_model_len - len(ids)) or 1
         encoders = self.engine.runner.encoders if mm is not None else None
         if mm is not None:
             encoders.add_inputs(rid, mm.inputs, mm.mrope)
         try:
-            self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm)
+            self._admit(rid, ids, params, max_tokens, priority, cache_salt, mm, kv_transfer)
         except BaseException:
             if mm is not None:
                 encoders.stop(rid, finished=True)
@@ -348,7 +362,7 @@ class LLM:
         self.output_processor.add_request(rid, text, ids, params)
         return rid
 
-    def _admit(self, rid, ids, params, max_tokens, priority, cache_salt, mm) -> None:
+    def _admit(self, rid, ids, params, max_tokens, priority, cache_salt, mm, kv_transfer=None) -> None:
         self.engine.add_request(
             Request(
                 rid,
@@ -364,6 +378,7 @@ class LLM:
                 cache_salt=cache_salt,
                 skip_prefix_cache=params.prompt_logprobs is not None,
                 mm_features=mm.features if mm is not None else (),
+                kv_transfer=kv_transfer,
             )
         )
 

@@ -58,6 +58,9 @@ class OutputProcessor:
             if eco.logprobs is not None:
                 out.logprobs = (out.logprobs or []) + list(eco.logprobs[: len(new)])
             out.delta_text = delta
+            if eco.kv_transfer_params is not None or eco.kv_transfer_failure is not None:
+                out.kv_transfer_params = eco.kv_transfer_params
+                out.kv_transfer_failure = eco.kv_transfer_failure
             out.text = st.detok.text
             if st.detok.stopped_by is not None and eco.finish_reason is None:
                 out.finish_reason, out.stop_reason = "stop", st.detok.stopped_by

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from tessera.scheduler import KVTransferFailure, KVTransferParams
+
 
 class RequestOutput(msgspec.Struct, kw_only=True):
     request_id: str
@@ -19,6 +21,10 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     logprobs: list[list[tuple[int, float]]] | None = None
     # per prompt token after the first, when params.prompt_logprobs is set
     prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    # disaggregated serving: a producer's answer, where a consumer may pull the prompt's K/V; a
+    # consumer's failed pull (finish_reason "error"): why, and whether a retry may succeed
+    kv_transfer_params: KVTransferParams | None = None
+    kv_transfer_failure: KVTransferFailure | None = None
 
     @property
     def finished(self) -> bool:

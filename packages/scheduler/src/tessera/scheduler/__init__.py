@@ -1,6 +1,7 @@
 """Request state machine and the continuous-batching step. No torch."""
 
 from .config import SchedulerConfig
+from .kv_transfer import KVConnector, KVConnectorEvents, KVTransferFailure, KVTransferParams
 from .outputs import (
     NO_SAMPLING_PARAMS,
     CachedRequestData,
@@ -19,6 +20,10 @@ __all__ = [
     "CachedRequestData",
     "EngineCoreOutput",
     "IllegalTransition",
+    "KVConnector",
+    "KVConnectorEvents",
+    "KVTransferFailure",
+    "KVTransferParams",
     "ModelRunnerOutput",
     "MultiModalFeature",
     "NewRequestData",

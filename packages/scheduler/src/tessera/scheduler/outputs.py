@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from .kv_transfer import KVTransferFailure, KVTransferParams
+
 # Sampling parameters travel as the msgpack encoding their owner (the engine) made: the
 # scheduler passes them through without importing their type, the runner decodes them.
 # msgpack nil: no parameters, the runner's defaults.
@@ -94,6 +96,10 @@ class EngineCoreOutput(msgspec.Struct, omit_defaults=True):
     num_cached_tokens: int = 0
     logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[list[tuple[int, float]]] | None = None
+    # disaggregated serving: a producer's finished request, where a consumer may pull its
+    # prompt's blocks; a consumer's request whose pull failed (finish_reason "error"), why
+    kv_transfer_params: KVTransferParams | None = None
+    kv_transfer_failure: KVTransferFailure | None = None
 
 
 class SchedulerStats(msgspec.Struct):
@@ -109,6 +115,11 @@ class SchedulerStats(msgspec.Struct):
     spec_num_drafts: int = 0  # drafts verified (one per request and step)
     spec_num_draft_tokens: int = 0  # tokens in them
     spec_num_accepted_tokens: int = 0  # of which accepted
+    # prompt tokens run through the model since start (prefix-cache hits and prompts whose K/V a
+    # disaggregated consumer pulled are not computed: zero on a consumer that only decodes)
+    prompt_tokens_computed: int = 0
+    num_waiting_for_remote_kvs: int = 0  # consumer: requests whose prompt's K/V is on its way
+    num_kv_held: int = 0  # producer: finished requests whose blocks are held for a consumer
 
     @property
     def prefix_cache_hit_rate(self) -> float:

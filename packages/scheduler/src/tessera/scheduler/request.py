@@ -6,6 +6,7 @@ import enum
 
 import msgspec
 
+from .kv_transfer import KVTransferParams
 from .outputs import NO_SAMPLING_PARAMS, MultiModalFeature
 
 
@@ -17,10 +18,13 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
     FINISHED_ERROR = 6
+    # a disaggregated consumer's request: its blocks are allocated and its prompt's K/V is being
+    # pulled from the producer; it runs (from the end of its prompt) once they have all arrived
+    WAITING_FOR_REMOTE_KVS = 7
 
     @property
     def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
@@ -43,9 +47,12 @@ _FINISHED = {
 _ALLOWED: dict[RequestStatus, set[RequestStatus]] = {
     RequestStatus.WAITING: {
         RequestStatus.RUNNING,
+        RequestStatus.WAITING_FOR_REMOTE_KVS,
         RequestStatus.FINISHED_ABORTED,
         RequestStatus.FINISHED_ERROR,
     },
+    # it may finish without running: the producer's first token may already end it
+    RequestStatus.WAITING_FOR_REMOTE_KVS: {RequestStatus.RUNNING} | _FINISHED,
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED} | _FINISHED,
     RequestStatus.PREEMPTED: {
         RequestStatus.RUNNING,
@@ -79,12 +86,18 @@ class Request:
         cache_salt: str | None = None,
         skip_prefix_cache: bool = False,
         mm_features: list[MultiModalFeature] | tuple[MultiModalFeature, ...] = (),
+        kv_transfer: KVTransferParams | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: the prompt is empty")
         _check_features(request_id, mm_features, len(prompt_token_ids))
         if max_tokens < 1:
             raise ValueError(f"request {request_id}: max_tokens must be at least 1, got {max_tokens}")
+        if kv_transfer is not None and kv_transfer.do_remote_prefill and not kv_transfer.first_token_ids:
+            raise ValueError(
+                f"request {request_id}: a remote prefill needs the token(s) the producer sampled "
+                "(kv_transfer_params.first_token_ids)"
+            )
         if isinstance(sampling_params, bytes):
             sampling_params = msgspec.Raw(sampling_params)
         if not isinstance(sampling_params, msgspec.Raw):
@@ -120,6 +133,12 @@ class Request:
         # request last started running (a preempted request's runner state is gone)
         self.mm_features = list(mm_features)
         self.encoded: set[int] = set()
+        # disaggregated serving: see kv_transfer.py. A consumer's request pulls its prompt's
+        # blocks once (then it is an ordinary request: preempted, it recomputes); a producer's
+        # answer carries ``kv_transfer_result``, where a consumer may pull them from
+        self.kv_transfer = kv_transfer
+        self.needs_remote_kvs = kv_transfer is not None and kv_transfer.do_remote_prefill
+        self.kv_transfer_result: KVTransferParams | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

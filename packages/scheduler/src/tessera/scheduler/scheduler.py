@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 
-from tessera.kvcache import KVCacheManager
+from tessera.kvcache import KVCacheManager, cdiv
 
 from .config import SchedulerConfig
+from .kv_transfer import KVConnector, KVTransferFailure
 from .outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -20,9 +22,20 @@ from .request_queue import FCFSQueue, PriorityQueue
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv_cache: KVCacheManager, connector: KVConnector | None = None
+    ) -> None:
         self.config = config
         self.kv = kv_cache
+        # disaggregated prefill/decode (kv_transfer.py); one KV cache group: tables are group 0's
+        self.connector = connector
+        self._loading: dict[str, Request] = {}  # consumer: their prompt's blocks are being written
+        self._ready: deque[Request] = deque()  # consumer: loaded, to run from the end of the prompt
+        self._reaping: set[str] = set()  # aborted while loading: blocks freed once the load ends
+        self._held: set[str] = set()  # producer: finished, blocks held until a consumer pulled them
+        self._pending: list[EngineCoreOutput] = []  # outputs made between steps, sent with the next
+        self.prompt_tokens_computed = 0
+        self.num_scheduled_last_step = 0
         self.requests: dict[str, Request] = {}
         self.waiting = PriorityQueue() if config.policy == "priority" else FCFSQueue()
         self.running: list[Request] = []
@@ -48,8 +61,13 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; refused (nothing changes) if it can never run."""
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self._held | self._reaping:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.kv_transfer is not None and self.connector is None:
+            raise ValueError(
+                f"request {request.request_id} has kv_transfer_params, but this engine has no KV "
+                "connector (start it with a kv_transfer_config)"
+            )
         if request.num_prompt_tokens > self.config.max_model_len:
             raise ValueError(
                 f"the prompt has {request.num_prompt_tokens} tokens, more than the maximum "
@@ -79,13 +97,130 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         was = req.status
         req.transition(status)
+        rid = req.request_id
+        free = True
         if was == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif was == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            if rid in self._loading:  # the connector may still be writing into its blocks
+                del self._loading[rid]
+                self._reaping.add(rid)
+                self.connector.cancel_load(rid)
+                free = False
+            elif req in self._ready:
+                self._ready.remove(req)
         else:
             self.waiting.remove(req)
-        self.kv.free(req.request_id)
-        del self.requests[req.request_id]
-        self._finished_ids.append(req.request_id)
+        if free and not self._hold_for_consumer(req, status):
+            self.kv.free(rid)
+        del self.requests[rid]
+        self._finished_ids.append(rid)
+
+    # -- disaggregated prefill/decode ---------------------------------------------------------
+
+    def _hold_for_consumer(self, req: Request, status: RequestStatus) -> bool:
+        """A producer's request that computed its prompt and ended by length (its one token):
+        its prompt's blocks stay allocated (and cached) until the connector releases them."""
+        kvt = req.kv_transfer
+        if (
+            kvt is None
+            or not kvt.do_remote_decode
+            or status != RequestStatus.FINISHED_LENGTH
+            or req.num_computed_tokens < req.num_prompt_tokens
+        ):
+            return False
+        n = cdiv(req.num_prompt_tokens, self.kv.block_size)
+        params = self.connector.request_finished(req, self.kv.block_ids(req.request_id)[0][:n])
+        if params is None:
+            return False
+        req.kv_transfer_result = params
+        self._held.add(req.request_id)
+        return True
+
+    def _start_load(self, req: Request) -> bool:
+        """Blocks for a consumer's request (its prompt and the producer's tokens), prefix-cache
+        hits first; the connector pulls the prompt's other blocks while the request waits. False
+        (nothing changed) if the pool can't serve it now."""
+        rid = req.request_id
+        hits, num_hit = self.kv.get_computed_blocks(rid, req.all_token_ids, cache_salt=req.cache_salt)
+        num_first = len(req.kv_transfer.first_token_ids)
+        total = min(req.num_tokens + num_first, self.config.max_model_len)
+        if self.kv.allocate_slots(rid, total, new_computed_blocks=hits) is None:
+            return False
+        self.waiting.pop()
+        req.transition(RequestStatus.WAITING_FOR_REMOTE_KVS)
+        req.num_cached_tokens = num_hit
+        self._loading[rid] = req
+        first = num_hit // self.kv.block_size
+        table = self.kv.block_ids(rid)[0][: cdiv(req.num_prompt_tokens, self.kv.block_size)]
+        self.connector.start_load(req, table[first:], first)
+        return True
+
+    def poll_kv_connector(self) -> None:
+        """Apply what the connector finished: free released holds, make loaded requests runnable
+        (their first tokens are output now), end failed ones. Called at every step and by an
+        idle engine loop."""
+        if self.connector is None:
+            return
+        events = self.connector.poll()
+        for rid in events.released:
+            if rid in self._held:
+                self._held.discard(rid)
+                self.kv.free(rid)
+        for rid in events.loaded:
+            self._load_ended(rid, None)
+        for rid, failure in events.failed.items():
+            self._load_ended(rid, failure)
+
+    def _load_ended(self, rid: str, failure: KVTransferFailure | None) -> None:
+        if rid in self._reaping:
+            self._reaping.discard(rid)
+            self.kv.free(rid)
+            return
+        req = self._loading.pop(rid, None)
+        if req is None:
+            return
+        if failure is not None:
+            # its pulled blocks were never hashed: freed, no half-written block is ever found
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+            self._pending.append(
+                EngineCoreOutput(
+                    rid,
+                    [],
+                    finish_reason="error",
+                    stop_reason=failure.message,
+                    num_cached_tokens=req.num_cached_tokens,
+                    kv_transfer_failure=failure,
+                )
+            )
+            return
+        req.needs_remote_kvs = False
+        self.kv.cache_blocks(rid, req.all_token_ids, req.num_prompt_tokens)
+        appended: list[int] = []
+        status = None
+        for token in req.kv_transfer.first_token_ids:
+            req.append_output_token(token)
+            appended.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                break
+        if status is not None:
+            self._finish(req, status)
+        else:
+            self._ready.append(req)
+        self._pending.append(
+            EngineCoreOutput(
+                rid,
+                appended,
+                finish_reason=status.finish_reason if status is not None else None,
+                stop_reason=req.stop_reason,
+                num_cached_tokens=req.num_cached_tokens,
+            )
+        )
+
+    def kv_transfers_in_flight(self) -> bool:
+        """Loads running or blocks held: the connector has news to poll for."""
+        return bool(self._loading or self._reaping or self._held)
 
     def _pick_victim(self, first_unscheduled: int) -> Request:
         """Latest arrival (FCFS) or lowest priority, among requests not yet scheduled this step:
@@ -109,7 +244,7 @@ class Scheduler:
         self._preempted_ids.append(req.request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests or self._pending)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -122,6 +257,7 @@ class Scheduler:
         encoder_inputs: dict[str, list[int]] = {}
         encoder_budget = self.config.encoder_budget
         preempted_now = False
+        self.poll_kv_connector()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -161,10 +297,37 @@ class Scheduler:
             )
             i = self.running.index(req) + 1
 
+        # a consumer's requests whose prompt's K/V has arrived: only the producer's tokens to compute
+        while (
+            not preempted_now and self._ready and budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
+            req = self._ready.popleft()
+            req.transition(RequestStatus.RUNNING)
+            req.num_computed_tokens = req.num_prompt_tokens
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            self.running.append(req)
+            new.append(
+                NewRequestData(
+                    req.request_id,
+                    list(req.all_token_ids),
+                    self.kv.block_ids(req.request_id),
+                    req.num_computed_tokens,
+                    req.sampling_params,
+                    req.num_prompt_tokens,
+                    req.mm_features,
+                )
+            )
+            num_scheduled[req.request_id] = n
+            budget -= n
+
         while (
             not preempted_now and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting.peek()
+            if req.needs_remote_kvs:
+                if not self._start_load(req):
+                    break
+                continue
             extra = block_extra_keys(req.mm_features, req.num_prompt_tokens, self.kv.block_size)
             hits, num_hit = self.kv.get_computed_blocks(
                 req.request_id, req.all_token_ids, cache_salt=req.cache_salt, extra_keys=extra
@@ -226,6 +389,7 @@ class Scheduler:
             scheduled_encoder_inputs=encoder_inputs,
         )
         self._finished_ids, self._preempted_ids = [], []
+        self.num_scheduled_last_step = out.total_num_scheduled_tokens
         self.num_steps += out.total_num_scheduled_tokens > 0
         self.num_spec_steps += bool(spec_tokens)
         return out
@@ -287,12 +451,14 @@ class Scheduler:
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Advance computed counts, append sampled tokens, apply stop rules, free finished."""
-        outputs = []
+        outputs, self._pending = self._pending, []
         for rid, n in scheduler_output.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted or preempted while the step ran
             sampled = runner_output.sampled_token_ids.get(rid, ())
+            start = req.num_computed_tokens
+            self.prompt_tokens_computed += max(0, min(start + n, req.num_prompt_tokens) - start)
             req.num_computed_tokens += n
             draft = scheduler_output.scheduled_spec_tokens.get(rid)
             if draft:
@@ -325,6 +491,7 @@ class Scheduler:
                         num_cached_tokens=req.num_cached_tokens,
                         logprobs=lp[: len(appended)] if lp else None,
                         prompt_logprobs=runner_output.prompt_logprobs.get(rid),
+                        kv_transfer_params=req.kv_transfer_result,
                     )
                 )
         return outputs
@@ -356,4 +523,7 @@ class Scheduler:
             spec_num_drafts=self.spec_num_drafts,
             spec_num_draft_tokens=self.spec_num_draft_tokens,
             spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            prompt_tokens_computed=self.prompt_tokens_computed,
+            num_waiting_for_remote_kvs=len(self._loading) + len(self._ready),
+            num_kv_held=len(self._held),
         )

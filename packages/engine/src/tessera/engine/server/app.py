@@ -134,7 +134,12 @@ def build_app(
 ) -> Starlette:
     limits = limits or ServerLimits()
     runner = llm.llm.engine.runner  # in this process with the "uni" executor
-    metrics = Metrics(llm.stats, llm.num_waiting, runner.encoders if runner is not None else None)
+    metrics = Metrics(
+        llm.stats,
+        llm.num_waiting,
+        runner.encoders if runner is not None else None,
+        getattr(llm.llm, "kv_connector", None),
+    )
     llm.on_finish = metrics.on_finish
     life = Lifecycle(limits.shutdown_timeout)
     tool_options = dict(tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)

@@ -17,9 +17,10 @@ from .errors import APIError, engine_failed
 
 
 def start_choices(
-    llm: AsyncLLM, prepared: Prepared, params: SamplingParams, rid: str, req
+    llm: AsyncLLM, prepared: Prepared, params: SamplingParams, rid: str, req, kv_transfer=None
 ) -> list[RequestStream]:
-    """One engine request per choice; choice i of a seeded request samples with seed + i."""
+    """One engine request per choice; choice i of a seeded request samples with seed + i.
+    ``kv_transfer``: the KVTransferParams of a disaggregated request (one choice)."""
     gens = []
     for i in range(params.n):
         p = (
@@ -29,7 +30,12 @@ def start_choices(
         )
         gens.append(
             llm.generate(
-                prepared, p, request_id=f"{rid}-{i}", priority=req.priority, cache_salt=req.cache_salt
+                prepared,
+                p,
+                request_id=f"{rid}-{i}",
+                priority=req.priority,
+                cache_salt=req.cache_salt,
+                kv_transfer=kv_transfer,
             )
         )
     return gens
@@ -71,8 +77,61 @@ async def run_to_end(request: Request, gens) -> list[RequestOutput]:
         raise APIError(499, "client disconnected")
     for f in finals:
         if f.finish_reason == "error":
-            raise engine_failed(f)
+            raise engine_error(f)
     return finals
+
+
+def engine_error(out: RequestOutput) -> APIError:
+    """The answer for a request that ended in error: 503 where the producer of its prompt's K/V
+    vanished or timed out (another try may succeed), 400 where it refused the request, else 500."""
+    failure = out.kv_transfer_failure
+    if failure is not None and failure.retryable:
+        return APIError(
+            503,
+            f"the prompt's KV cache could not be fetched: {failure.message}",
+            "service_unavailable_error",
+            code="kv_transfer_failed",
+            headers={"Retry-After": "1"},
+        )
+    if failure is not None:
+        return APIError(400, failure.message, param="kv_transfer_params", code="kv_transfer_failed")
+    return engine_failed(out)  # 503 where a worker died, else 500
+
+
+class Prefetched:
+    """A request stream whose first output has arrived: a streamed answer that starts only once
+    it is known not to fail at once (a consumer's pull of its prompt's K/V), so that a failure
+    still gets its HTTP status."""
+
+    def __init__(self, gen: RequestStream, first: RequestOutput) -> None:
+        self._gen = gen
+        self._first: RequestOutput | None = first
+
+    def __aiter__(self) -> Prefetched:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._first is not None:
+            out, self._first = self._first, None
+            return out
+        return await self._gen.__anext__()
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+async def prefetch(gen: RequestStream) -> Prefetched:
+    """Wait for the stream's first output; APIError if the request ended in error there."""
+    try:
+        first = await gen.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the engine ended the request without an answer", "server_error") from None
+    except BaseException:
+        gen.close()
+        raise
+    if first.finish_reason == "error":
+        raise engine_error(first)
+    return Prefetched(gen, first)
 
 
 async def merged(gens) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -42,6 +42,12 @@ class _SchedulerCollector:
         yield CounterMetricFamily(
             "tessera_num_preemptions", "Requests preempted since start", value=s.num_preemptions
         )
+        yield CounterMetricFamily(
+            "tessera_prompt_tokens_computed",
+            "Prompt tokens run through the model (not prefix-cache hits, not prompts whose K/V was pulled "
+            "from a disaggregated producer)",
+            value=s.prompt_tokens_computed,
+        )
         yield from _spec_decode_metrics(s)
 
 
@@ -91,8 +97,56 @@ class _EncoderCollector:
         )  # fmt: skip
 
 
+class _KVTransferCollector:
+    """Disaggregated prefill/decode: blocks moved, failed pulls, holds."""
+
+    def __init__(self, connector, stats) -> None:
+        self._connector = connector
+        self._stats = stats
+
+    def collect(self):
+        t = self._connector.stats
+        s = self._stats()
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_blocks_sent", "KV blocks a producer sent to consumers", value=t.blocks_sent
+        )
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_bytes_sent", "Bytes of KV blocks a producer sent", value=t.bytes_sent
+        )
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_blocks_received",
+            "KV blocks a consumer pulled (prompt blocks its prefix cache lacked)",
+            value=t.blocks_received,
+        )
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_bytes_received",
+            "Bytes of KV blocks a consumer pulled",
+            value=t.bytes_received,
+        )
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_pulls_failed",
+            "Consumer requests ended because their producer vanished, stalled or refused",
+            value=t.pulls_failed,
+        )
+        yield CounterMetricFamily(
+            "tessera_kv_transfer_holds_expired",
+            "Producer prompts whose blocks no consumer pulled within kv_hold_timeout",
+            value=t.holds_expired,
+        )
+        yield GaugeMetricFamily(
+            "tessera_kv_transfer_holds",
+            "Producer prompts whose blocks wait for a consumer",
+            value=s.num_kv_held,
+        )
+        yield GaugeMetricFamily(
+            "tessera_num_requests_waiting_for_remote_kvs",
+            "Consumer requests whose prompt's K/V is on its way",
+            value=s.num_waiting_for_remote_kvs,
+        )
+
+
 class Metrics:
-    def __init__(self, stats, num_waiting, encoders=None) -> None:
+    def __init__(self, stats, num_waiting, encoders=None, kv_connector=None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "tessera_requests", "Finished requests by outcome", ["finish_reason"], registry=self.registry
@@ -118,6 +172,8 @@ class Metrics:
         self.registry.register(_SchedulerCollector(stats, num_waiting))
         if encoders is not None:
             self.registry.register(_EncoderCollector(encoders))
+        if kv_connector is not None:
+            self.registry.register(_KVTransferCollector(kv_connector, stats))
 
     def on_finish(self, out, track) -> None:
         self.requests.labels(out.finish_reason or "unknown").inc()

@@ -48,6 +48,9 @@ class _SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=False)
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_json: Any = None
+    # disaggregated prefill/decode (vLLM's field): {"do_remote_decode": true} to a producer, the
+    # producer's answer's kv_transfer_params to a consumer
+    kv_transfer_params: dict | None = None
 
 
 class ImageURL(msgspec.Struct, forbid_unknown_fields=False):
@@ -217,6 +220,7 @@ class ChatCompletionResponse(_Out, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    kv_transfer_params: dict | msgspec.UnsetType = msgspec.UNSET  # a producer's: where the K/V waits
 
 
 class FunctionCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -281,6 +285,7 @@ class CompletionResponse(_Out, kw_only=True):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    kv_transfer_params: dict | msgspec.UnsetType = msgspec.UNSET  # a producer's: where the K/V waits
 
 
 class ModelCard(_Out, kw_only=True):

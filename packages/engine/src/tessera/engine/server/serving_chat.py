@@ -6,12 +6,13 @@ import contextlib
 import json
 import time
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..outputs import RequestOutput
-from .choices import merged, run_to_end, safe_delta, start_choices
-from .errors import APIError, engine_failed, quote
+from .choices import engine_error, merged, prefetch, run_to_end, safe_delta, start_choices
+from .errors import APIError, quote
 from .params import sampling_params
 from .protocol import (
     AssistantMessage,
@@ -85,9 +86,12 @@ class ServingChat(OpenAIServing):
             if tools.constraint is not None and e.param == "response_format":
                 e.param = "tools"
             raise
+        kvt = self.kv_transfer(req, params, prepared)
         self.admit(req.n)  # again: others may have queued while this one was tokenized
-        gens = start_choices(self.llm, prepared, params, rid, req)
+        gens = start_choices(self.llm, prepared, params, rid, req, kv_transfer=kvt)
         name = f"chatcmpl-{rid}"
+        if req.stream and kvt is not None:  # a consumer's pull may fail: say so before streaming
+            gens = [await prefetch(gens[0])]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse_response(self._stream(name, gens, params, len(ids), include_usage, tools))
@@ -113,6 +117,7 @@ class ServingChat(OpenAIServing):
             model=self.model,
             choices=choices,
             usage=self.usage(len(ids), finals, finals[0].num_cached_tokens),
+            kv_transfer_params=self.kv_transfer_answer(finals[0]) if kvt is not None else msgspec.UNSET,
         )
 
     # -- messages -------------------------------------------------------------------------------
@@ -271,7 +276,7 @@ class ServingChat(OpenAIServing):
         async with contextlib.aclosing(merged(gens)) as outs:
             async for i, out in outs:
                 if out.finish_reason == "error":
-                    raise engine_failed(out)
+                    raise engine_error(out)
                 delta = safe_delta(out, emitted, i, holdback)
                 logprobs = None
                 if params.logprobs is not None and out.logprobs:

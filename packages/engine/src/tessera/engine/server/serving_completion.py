@@ -9,8 +9,8 @@ import msgspec
 from starlette.requests import Request
 
 from ..outputs import RequestOutput
-from .choices import merged, run_to_end, safe_delta, start_choices
-from .errors import APIError, engine_failed
+from .choices import engine_error, merged, prefetch, run_to_end, safe_delta, start_choices
+from .errors import APIError
 from .params import sampling_params
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving_engine import OpenAIServing
@@ -23,6 +23,8 @@ class ServingCompletion(OpenAIServing):
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts = self._prompts(req.prompt)
+        if req.kv_transfer_params is not None and len(prompts) > 1:
+            raise APIError(400, "kv_transfer_params: a disaggregated request has one prompt", param="prompt")
         self.admit(len(prompts) * req.n)
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
         jobs = []
@@ -38,12 +40,15 @@ class ServingCompletion(OpenAIServing):
                 params = msgspec.structs.replace(params, prompt_logprobs=req.logprobs)
             prepared = await self.prepare(prompt, params, max_tokens_given=True, param="prompt")
             jobs.append((prepared, params, f"{rid}-{k}"))
+        kvt = self.kv_transfer(req, jobs[0][1], jobs[0][0])
         self.admit(len(prompts) * req.n)
         gens, meta = [], []
         for prepared, params, sub in jobs:
-            for g in start_choices(self.llm, prepared, params, sub, req):
+            for g in start_choices(self.llm, prepared, params, sub, req, kv_transfer=kvt):
                 gens.append(g)
                 meta.append(prepared)
+        if req.stream and kvt is not None:  # a consumer's pull may fail: say so before streaming
+            gens = [await prefetch(gens[0])]
         name = f"cmpl-{rid}"
         prompt_tokens = sum(len(p.ids) for p, _, _ in jobs)
         if req.stream:
@@ -74,6 +79,7 @@ class ServingCompletion(OpenAIServing):
             model=self.model,
             choices=choices,
             usage=self.usage(prompt_tokens, finals, cached),
+            kv_transfer_params=self.kv_transfer_answer(finals[0]) if kvt is not None else msgspec.UNSET,
         )
 
     def _prompts(self, prompts) -> list:
@@ -141,7 +147,7 @@ class ServingCompletion(OpenAIServing):
         async with contextlib.aclosing(merged(gens)) as outs:
             async for i, out in outs:
                 if out.finish_reason == "error":
-                    raise engine_failed(out)
+                    raise engine_error(out)
                 if echo_pending[i]:
                     echo_pending[i] = False
                     p = meta[i]

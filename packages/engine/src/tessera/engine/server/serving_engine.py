@@ -3,9 +3,13 @@ preparing a prompt off the event loop, usage."""
 
 from __future__ import annotations
 
+import msgspec
+
 from tessera.sampling import SamplingParams
+from tessera.scheduler import KVTransferParams
 
 from ..async_llm import AsyncLLM, Prepared
+from ..kv_connector import check_kv_transfer
 from ..outputs import RequestOutput
 from .errors import APIError, overloaded, quote
 from .limits import ServerLimits
@@ -62,6 +66,41 @@ class OpenAIServing:
                 param="max_tokens",
             )
         return prepared
+
+    def kv_transfer(self, req, params: SamplingParams, prepared: Prepared) -> KVTransferParams | None:
+        """The request's kv_transfer_params (disaggregated serving), checked against its prompt and
+        this server's role; None for an ordinary request; APIError(400) naming the problem."""
+        if req.kv_transfer_params is None:
+            return None
+        try:
+            kvt = msgspec.convert(req.kv_transfer_params, KVTransferParams)
+        except msgspec.ValidationError as e:
+            raise APIError(400, f"invalid kv_transfer_params: {e}", param="kv_transfer_params") from e
+        if not (kvt.do_remote_decode or kvt.do_remote_prefill):
+            return None
+        if kvt.do_remote_decode and req.stream:
+            raise APIError(
+                400,
+                "kv_transfer_params.do_remote_decode: a producer's answer is not streamed",
+                param="stream",
+            )
+        try:
+            check_kv_transfer(self.llm.llm.kv_connector, prepared.ids, params, kvt, self.llm.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="kv_transfer_params") from e
+        return kvt
+
+    def kv_transfer_answer(self, final: RequestOutput) -> dict | msgspec.UnsetType:
+        """A producer's answer: where its prompt's K/V waits for a consumer. None where the request
+        ended on its one token for another reason than length (a stop token or string): the answer
+        is complete, and its blocks are given back now."""
+        kvt = final.kv_transfer_params
+        if kvt is None:
+            return msgspec.UNSET
+        if final.finish_reason != "length":
+            self.llm.llm.kv_connector.release(kvt.remote_request_id)
+            return msgspec.UNSET
+        return msgspec.to_builtins(kvt)
 
     def room(self, ids: list[int]) -> int:
         return max(1, self.llm.max_model_len - len(ids))
