@@ -345,7 +345,7 @@ def test_buffered_steps_and_padded_graph_replays_give_the_tokens_of_the_plain_ru
             return real_replay(size)
 
         runner.graphs.replay = replay
-    llm.engine.runner = runner
+    llm.engine.executor.runner = runner
     got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == want
     replays = [e for e in log if e[0] == "replay"]
