@@ -111,7 +111,10 @@ def test_sliding_window_requests_hold_only_the_blocks_in_their_window(tmp_path):
 
 def test_the_runner_computes_from_the_schedulers_counts_and_drops_tokens_it_did_not_count(tmp_path):
     hf = build(tmp_path, transformers.MistralConfig, sliding_window=8)
-    llm = LLM(str(tmp_path), dtype="float32", block_size=4, kv_cache_memory=256 * 1024, max_model_len=128)
+    llm = LLM(  # it reads the runner's state: the runner in this process
+        str(tmp_path), dtype="float32", block_size=4, kv_cache_memory=256 * 1024, max_model_len=128,
+        distributed_executor_backend="uni",
+    )  # fmt: skip
     ids = list(range(2, 22))
     rid = llm.add_request(ids, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     llm.step()  # the prompt, and the first token
