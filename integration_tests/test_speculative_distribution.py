@@ -118,7 +118,9 @@ class BigramDraft:
 
 @pytest.fixture(scope="module")
 def engines(model_dir, draft_dir):
+    # the bigram proposer replaces the in-process runner's
     kw = dict(dtype="float32", kv_cache_memory=64 * 2**20, max_model_len=64, max_num_seqs=256)
+    kw["distributed_executor_backend"] = "uni"
     plain = LLM(str(model_dir), **kw)
     ngram = LLM(str(model_dir), speculative_config=NGRAM, **kw)
     draft = LLM(str(model_dir), speculative_config=NGRAM, **kw)
@@ -190,12 +192,12 @@ def test_seeded_requests_sample_the_same_tokens_with_speculation(engines, settin
 def test_a_bad_draft_model_is_refused_before_any_weight_loads(
     default_model_path, draft_dir, monkeypatch, which
 ):
-    import tessera.engine.llm as llm_module
+    import tessera.engine.worker as worker_module  # where LLM's weights load
 
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded before the draft was checked")
 
-    monkeypatch.setattr(llm_module, "load_model", no_loading)
+    monkeypatch.setattr(worker_module, "load_model", no_loading)
     model, message = {
         "other_vocabulary": (
             str(draft_dir),

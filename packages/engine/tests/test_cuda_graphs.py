@@ -313,7 +313,8 @@ def test_buffered_steps_and_padded_graph_replays_give_the_tokens_of_the_plain_ru
     path = random_llama(tmp_path)
     want = [o.token_ids for o in LLM(path, **KW).generate(PROMPTS, GREEDY)]
 
-    llm = LLM(path, max_num_seqs=8, max_num_batched_tokens=16, **KW)
+    # its runner is swapped for a buffered one: the runner in this process
+    llm = LLM(path, max_num_seqs=8, max_num_batched_tokens=16, distributed_executor_backend="uni", **KW)
     old = llm.engine.runner
     runner = ModelRunner(
         llm.model,
