@@ -149,10 +149,11 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
 
 
 def _common(ns: argparse.Namespace, llm) -> dict:
-    declared = backend(llm.model.device.type)
+    declared = backend(llm.device.type)
     return {
         "model": ns.model,
-        "dtype": str(llm.model.dtype).removeprefix("torch."),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        **({"tensor_parallel_size": llm.tensor_parallel_size} if llm.tensor_parallel_size > 1 else {}),
         "quantized_weights": ns.quantized_weights,
         "kernels": declared[0] if declared else "reference",
         **({"c_kernels": declared[1]["c_kernels"]} if declared and "c_kernels" in declared[1] else {}),

@@ -98,6 +98,7 @@ class LLM:
 
             check_tensor_parallel(self.config, tp_size)
         on_gpu = torch.device(device).type == "cuda"
+        self.tensor_parallel_size = tp_size
         self.model = self.draft_model = None  # in this process only with the "uni" executor
         self.multimodal = None  # a vision-language model's image side (multimodal_prompt.py)
         if backend != "uni" and args.kv_transfer_config is not None:
@@ -256,6 +257,7 @@ class LLM:
             else:  # ranks 1..: run rank 0's steps until it stops, then end this process
                 serve_torchrun_steps(runner, torchrun[2], torchrun[0])
                 raise SystemExit(0)
+        self.device, self.dtype = torch.device(device), dtype  # rank 0's device
         self._grammars = None
         self.engine = EngineCore(scheduler, executor)
         # disaggregated prefill/decode: moves prompts' KV blocks between engines (kv_connector.py)

@@ -536,10 +536,10 @@ def measure_run(
     t = time.perf_counter()
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
     out = {"seconds": time.perf_counter() - t, "kv_cache_bytes": llm.kv_cache_bytes}
-    out |= {"device": str(llm.model.device), "dtype": str(dtype).removeprefix("torch.")}
-    if llm.model.device.type == "cpu":
+    out |= {"device": str(llm.device), "dtype": str(dtype).removeprefix("torch.")}
+    if llm.device.type == "cpu":
         return {"peak": resident_bytes("VmHWM"), **out}
-    gpu = llm.model.device
+    gpu = llm.device
     torch.cuda.synchronize(gpu)
     plat = platform_for(gpu)
     outside = plat.total_memory() - plat.free_memory() - torch.cuda.memory_reserved(gpu)
