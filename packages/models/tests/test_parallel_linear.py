@@ -116,6 +116,10 @@ def test_qkv_shards_split_query_heads_and_split_or_share_kv_heads(packed, size, 
 def test_a_weight_that_does_not_split_evenly_is_refused_by_name():
     with pytest.raises(FormatError, match="does not split over 3"):
         loaded(ColumnParallelLinear(64, 100, tp=TPInfo(0, 3)), {None: torch.zeros(100, 64)})
-    w, _ = weight(32, 96, True, 0)
-    with pytest.raises(FormatError, match="split only at multiples of 32 inputs"):
-        loaded(RowParallelLinear(96, 32, tp=TPInfo(1, 2)), {None: w})
+
+
+def test_a_packed_weight_cut_inside_its_blocks_is_dequantized_exactly_for_its_rank():
+    w, whole = weight(32, 96, True, 0)  # Q8_0: blocks of 32 inputs; 48 a rank
+    parts = [loaded(RowParallelLinear(96, 32, tp=TPInfo(r, 2)), {None: w}) for r in range(2)]
+    assert all(isinstance(p, torch.Tensor) for p in parts)
+    assert torch.equal(torch.cat(parts, dim=1), whole)

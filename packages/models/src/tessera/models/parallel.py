@@ -4,11 +4,14 @@ blocks of its inputs."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from tessera.formats import BLOCK_LAYOUT, EXL2Tensor, FormatError, GPTQTensor, ModelConfig, QuantizedTensor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,12 +65,16 @@ def narrow_rows(t, start: int, length: int):
     return t.narrow(0, start, length)
 
 
-def narrow_cols(t, start: int, length: int):
-    """Input columns ``start:start+length``; a packed weight only at whole blocks."""
+def narrow_cols(t, start: int, length: int, dense_fallback: bool = False):
+    """Input columns ``start:start+length``; a packed weight only at whole blocks, unless
+    ``dense_fallback``: then a cut inside a block is dequantized (float32, exact) and cut there."""
     if isinstance(t, _GROUPED):
         return _grouped_part(t, start, length, 1)
     if isinstance(t, QuantizedTensor):
         block, size = BLOCK_LAYOUT[t.scheme]
+        if (start % block or length % block) and dense_fallback:
+            _warn_dense(t.scheme, block, start, length)
+            return t.dequantize(torch.float32).narrow(-1, start, length)
         if start % block or length % block:
             raise FormatError(
                 f"a {t.scheme} weight can be split only at multiples of {block} inputs "
@@ -77,6 +84,19 @@ def narrow_cols(t, start: int, length: int):
         cut = rows[:, start // block * size : (start + length) // block * size].contiguous()
         return QuantizedTensor(t.scheme, cut, (t.shape[0], length))
     return t.narrow(-1, start, length)
+
+
+_warned: set = set()
+
+
+def _warn_dense(scheme: str, block: int, start: int, length: int) -> None:
+    if (scheme, length) not in _warned:
+        _warned.add((scheme, length))
+        logger.warning(
+            "a %s weight's %d inputs per tensor-parallel rank do not fill whole blocks of %d: those "
+            "parts are dequantized at load (exact, but held in the compute dtype, not packed)",
+            scheme, length, block,
+        )  # fmt: skip
 
 
 def shape_of(t) -> tuple[int, ...]:
