@@ -4,7 +4,7 @@ On the device machine (its python3 has torch, triton, transformers; carry the ot
 tools/device_wheels.sh), from the repository root:
 
     python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference] \
-        [--stages suite,probe,correctness,bench,bench-exl2,exllamav2,recommend] \
+        [--stages suite,probe,correctness,distributed,bench,bench-exl2,exllamav2,recommend] \
         [--suite-paths kernels-cuda,...] \
         [--shapes llama3-8b,smollm2-135m] [--side-timeout S]
 
@@ -47,6 +47,11 @@ budget is spent:
    batch 4: the predicted memory of the recommended configuration, the peak measured when it
    runs so in a fresh process (device memory outside torch plus torch's peak reservation), and
    their error, which passes within 10%.
+8. distributed (issue 16; run after correctness): greedy tokens and single-stream decode of the
+   in-process runner against one worker process on NCCL (TP=1: one chip can't show tensor
+   parallelism), and a disaggregated pair on the one GPU (a KV producer and a consumer server and
+   `tessera router` in front) answering token-id prompts as the producer alone does, with the
+   consumer's prompt-token counter.
 Writes gpu_check.json under --out after every stage (a run stopped at its limit keeps what it
 measured), the logs beside it, and prints the JSON last.
 """
@@ -582,12 +587,132 @@ def probe_stage(work: Path, env: dict, out: Path, timeout: float) -> dict:
     return res
 
 
-STAGES = ("suite", "probe", "correctness", "bench", "bench-exl2", "recommend", "exllamav2")
+# -- 8. distributed (issue 16): the worker executor on NCCL, a disaggregated pair on one GPU --------
+
+
+def child_executors(path: str, device: str, dtype: str, dump: str) -> None:
+    """(in a child process) greedy tokens and single-stream decode of the in-process runner and of
+    one worker process (NCCL on a GPU, TP=1): they must be equal."""
+    from tessera.engine import LLM
+    from tessera.sampling import SamplingParams
+
+    vocab = _config(path)["vocab"]
+    seqs = [[(7 * i + j) % (vocab - 300) + 300 for j in range(n)] for i, n in enumerate((37, 5, 70))]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    out = {}
+    for backend in ("uni", "mp"):
+        llm = LLM(path, dtype=dtype, device=device, max_model_len=512, kv_cache_memory=256 << 20,
+                  distributed_executor_backend=backend)  # fmt: skip
+        tokens = [o.token_ids for o in llm.generate(seqs, params)]
+        llm.generate([seqs[0]], params)  # warm
+        t = time.perf_counter()
+        llm.generate([seqs[0]], SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True))
+        out[backend] = {"tokens": tokens, "decode_tok_s": 128 / (time.perf_counter() - t)}
+        llm.shutdown()
+    out["greedy_equal"] = out["uni"]["tokens"] == out["mp"]["tokens"]
+    Path(dump).write_text(json.dumps(out))
+
+
+def _serve(path: str, device: str, dtype: str, port: int, env: dict, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tessera.engine.cli", "serve", "--model", path, "--device", device,
+           "--dtype", dtype, "--port", str(port), "--kv-cache-memory", "256MiB", "--max-model-len", "512",
+           *extra]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
+
+
+def distributed_stage(work: Path, env: dict, device: str, smoke: bool, budget: Budget) -> dict:
+    import socket
+
+    import httpx
+    from make_random_gguf import write
+
+    shape = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1000)
+    path = str(write(str(work / "distributed.gguf"), scheme="Q4_0", **shape))
+    dtype = "float32" if smoke else "bfloat16"
+    result: dict = {}
+    dump = work / "executors.json"
+    cmd = [sys.executable, __file__, "--child-executors", path, device, dtype, str(dump)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60.0, budget.left() / 2))
+    child_log("distributed: executors", r.stdout + r.stderr)
+    if r.returncode:
+        result["executors"] = {"error": r.stderr[-1500:]}
+    else:
+        ex = json.loads(dump.read_text())
+        result["executors"] = {
+            "greedy_equal": ex["greedy_equal"],
+            "decode_tok_s_in_process": round(ex["uni"]["decode_tok_s"], 1),
+            "decode_tok_s_worker_process": round(ex["mp"]["decode_tok_s"], 1),
+        }
+
+    def port() -> int:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            return sk.getsockname()[1]
+
+    ports = [port() for _ in range(3)]
+    role = '{{"kv_role": "{}", "kv_connector": "TCPConnector"}}'
+    procs = [
+        _serve(path, device, dtype, ports[0], env, "--kv-transfer-config", role.format("kv_producer")),
+        _serve(path, device, dtype, ports[1], env, "--kv-transfer-config", role.format("kv_consumer")),
+    ]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for u, proc in zip(urls, procs, strict=False):
+            _wait_healthy(u, proc, max(60.0, budget.left() / 3))
+        router = [sys.executable, "-m", "tessera.engine.cli", "router", "--prefill", urls[0],
+                  "--decode", urls[1], "--port", str(ports[2])]  # fmt: skip
+        pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(subprocess.Popen(router, env=env, **pipe))
+        _wait_healthy(urls[2], procs[2], 60)
+        same = []
+        for n in (40, 200, 5):
+            body = {"prompt": [300 + (11 * j) % 600 for j in range(n)], "max_tokens": 24, "temperature": 0}
+            # the producer alone answers as a single server would; the router splits the request
+            single = httpx.post(f"{urls[0]}/v1/completions", json=body, timeout=60).json()
+            split = httpx.post(f"{urls[2]}/v1/completions", json=body, timeout=60).json()
+            same.append(single["choices"][0]["text"] == split["choices"][0]["text"])
+        metrics = httpx.get(f"{urls[1]}/metrics", timeout=10).text
+        computed = [ln for ln in metrics.splitlines() if ln.startswith("tessera_prompt_tokens_computed")]
+        result["disaggregated"] = {"router_equals_single_server": same, "consumer_prompt_counter": computed}
+    except Exception as e:  # recorded: the other stages still run
+        result["disaggregated"] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            child_log("distributed: server", out or "")
+    return result
+
+
+STAGES = ("suite", "probe", "correctness", "distributed", "bench", "bench-exl2", "recommend", "exllamav2")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-logits":
         return child_logits(*sys.argv[2:6])
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-executors":
+        return child_executors(*sys.argv[2:6])
     if len(sys.argv) > 1 and sys.argv[1] == "--child-bench":
         path, device, dump, quick, *conc = sys.argv[2:]
         return child_bench(path, device, dump, quick == "1", [int(n) for n in conc])
@@ -670,6 +795,10 @@ def main() -> None:
         result["correctness"] = correctness(work, env, device, small)
         log(f"correctness: {result['correctness']}")
         lap("correctness")
+    if "distributed" in stages:
+        result["distributed"] = distributed_stage(work, env, device, a.smoke, budget)
+        log(f"distributed: {json.dumps(result['distributed'])}")
+        lap("distributed")
     if "bench" in stages:
         from make_random_gguf import SHAPES, write
 
