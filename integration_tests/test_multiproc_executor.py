@@ -92,6 +92,25 @@ def test_a_killed_worker_fails_the_running_requests_and_frees_their_blocks():
     llm.shutdown()
 
 
+def test_a_step_that_raises_in_the_worker_fails_alone_and_the_engine_goes_on():
+    """An exception in a worker's step (here: a step naming a request it never got) ends that
+    step's requests with an error, as the in-process runner would, and the worker serves on."""
+    from tessera.engine.executor import StepFailedError
+    from tessera.scheduler import CachedRequestData, SchedulerOutput
+
+    _model_or_skip()
+    llm = LLM(MODEL, distributed_executor_backend="mp", **KW)
+    try:
+        bad = SchedulerOutput([], [CachedRequestData("ghost", [[]], 3, 4)], {"ghost": 1}, 1)
+        with pytest.raises(StepFailedError, match="rank 0: KeyError: 'ghost'"):
+            llm.engine.executor.execute_model(bad)
+        assert llm.engine.health() is None
+        out = llm.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=8))[0]
+        assert len(out.token_ids) == 8
+    finally:
+        llm.shutdown()
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
