@@ -196,14 +196,7 @@ class Scheduler:
             return
         req.needs_remote_kvs = False
         self.kv.cache_blocks(rid, req.all_token_ids, req.num_prompt_tokens)
-        appended: list[int] = []
-        status = None
-        for token in req.kv_transfer.first_token_ids:
-            req.append_output_token(token)
-            appended.append(token)
-            status = self._check_stop(req, token)
-            if status is not None:
-                break
+        appended, status = self._append_tokens(req, req.kv_transfer.first_token_ids)
         if status is not None:
             self._finish(req, status)
         else:
@@ -217,6 +210,18 @@ class Scheduler:
                 num_cached_tokens=req.num_cached_tokens,
             )
         )
+
+    def _append_tokens(self, req: Request, tokens) -> tuple[list[int], RequestStatus | None]:
+        """Append ``tokens`` to the request's output up to the first that stops it: the ones
+        appended, and the stop status (None: it goes on)."""
+        appended: list[int] = []
+        for token in tokens:
+            req.append_output_token(token)
+            appended.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                return appended, status
+        return appended, None
 
     def kv_transfers_in_flight(self) -> bool:
         """Loads running or blocks held: the connector has news to poll for."""
@@ -468,14 +473,7 @@ class Scheduler:
                 self.spec_num_drafts += 1
                 self.spec_num_draft_tokens += len(draft)
                 self.spec_num_accepted_tokens += accepted
-            appended: list[int] = []
-            status = None
-            for token in sampled:
-                req.append_output_token(token)
-                appended.append(token)
-                status = self._check_stop(req, token)
-                if status is not None:
-                    break
+            appended, status = self._append_tokens(req, sampled)
             if status is not None:
                 self._finish(req, status)
             else:
