@@ -157,3 +157,23 @@ def test_the_acceptance_estimate_is_the_chance_of_a_reached_draft_token():
             n += 1
         policy.record(acc, 4, n)
     assert acc.rate == pytest.approx(0.9, abs=0.015)
+
+
+def test_drafts_that_continue_a_whole_accept_are_estimated_apart_and_drafted_longer():
+    # copying a stretch: after a draft accepted whole the next is accepted with chance 0.97 a
+    # token; after a rejection with 0.5. One estimate would sit between and draft the same k
+    # everywhere; apart, a run drafts long and a fresh start short.
+    rng = random.Random(1)
+    policy, acc = AdaptivePolicy(8, decay=0.99), Acceptance()
+    for _ in range(3000):
+        p = 0.97 if acc.in_run else 0.5
+        n = 0
+        while n < 8 and rng.random() < p:
+            n += 1
+        policy.record(acc, 8, n)
+    acc.in_run = True
+    assert acc.rate == pytest.approx(0.97, abs=0.02)
+    long_k = policy.choose_k(acc, 1)
+    acc.break_run()
+    assert acc.rate == pytest.approx(0.5, abs=0.05)
+    assert policy.choose_k(acc, 1) < long_k == 8

@@ -444,9 +444,14 @@ class ModelRunner:
                 catch_up = self._catch_up_cost(behind, len(states))
             ks.append(self.spec_policy.choose_k(st.acceptance, len(states), limit, catch_up))
         if not any(ks):
+            for st in states:
+                st.acceptance.break_run()
             return {}
         requests = [self._proposal(rid, st) for rid, st in zip(sample_reqs, states, strict=True)]
         drafts = self.proposer.draft(requests, ks)
+        for st, d in zip(states, drafts.token_ids, strict=True):
+            if not d:  # no draft this step (none asked for, or no match): a run ends
+                st.acceptance.break_run()
         if drafts.probs is not None:
             start = 0
             for st, d in zip(states, drafts.token_ids, strict=True):

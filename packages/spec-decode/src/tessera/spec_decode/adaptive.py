@@ -21,16 +21,35 @@ class Acceptance:
     drafted: float = 2.0
     accepted: float = 1.0
     steps_without_draft: int = 0
+    # the same for drafts that continue a draft accepted whole (copying a stretch of the prompt,
+    # easy text): accepted far more often than drafts after a rejection, so they are estimated
+    # apart, and a run of full accepts can draft longer
+    run_drafted: float = 2.0
+    run_accepted: float = 1.8
+    in_run: bool = False  # the last draft was accepted whole, and drafting went on from it
 
     @property
     def rate(self) -> float:
+        if self.in_run:
+            return self.run_accepted / self.run_drafted
         return self.accepted / self.drafted
 
-    def update(self, drafted: int, accepted: int, decay: float) -> None:
+    def update(self, drafted: int, accepted: int, decay: float, runs: bool = True) -> None:
+        """Count a verification of ``drafted`` tokens that accepted ``accepted``; with ``runs``,
+        into the run estimate where it continued a draft accepted whole."""
         if drafted:
             judged = accepted + (accepted < drafted)
-            self.drafted = self.drafted * decay + judged
-            self.accepted = self.accepted * decay + accepted
+            if runs and self.in_run:
+                self.run_drafted = self.run_drafted * decay + judged
+                self.run_accepted = self.run_accepted * decay + accepted
+            else:
+                self.drafted = self.drafted * decay + judged
+                self.accepted = self.accepted * decay + accepted
+            self.in_run = runs and accepted == drafted
+
+    def break_run(self) -> None:
+        """A step without a draft: the next one starts afresh."""
+        self.in_run = False
 
 
 def expected_tokens(rate: float, k: int) -> float:
@@ -146,7 +165,7 @@ class AdaptivePolicy:
 
     def record(self, acc: Acceptance, drafted: int, accepted: int) -> None:
         acc.update(drafted, accepted, self.decay)
-        self.overall.update(drafted, accepted, 0.99)
+        self.overall.update(drafted, accepted, 0.99, runs=False)
 
 
 class StepTimes:
