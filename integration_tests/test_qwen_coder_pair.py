@@ -125,10 +125,14 @@ CODE_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_decoding_with_the_draft_equals_plain_decoding(qwen_draft_path, qwen_target_path, dtype):
+# the draft as stored, and lean: re-quantized to Q4_0, its head cut to 32,768 tokens (+ special)
+LEAN = {"quantization": "q4_0", "draft_vocab_size": 32768}
+
+
+@pytest.mark.parametrize("dtype,lean", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_greedy_decoding_with_the_draft_equals_plain_decoding(qwen_draft_path, qwen_target_path, dtype, lean):
     """The 0.5B drafting for the 1.5B through the engine: the target's greedy tokens, token for
-    token, with most drafts accepted (the two share their training)."""
+    token, with most drafts accepted (the two share their training), also by the lean draft."""
     from tessera.engine import LLM
     from tessera.sampling import SamplingParams
 
@@ -143,6 +147,7 @@ def test_greedy_decoding_with_the_draft_equals_plain_decoding(qwen_draft_path, q
         "model": str(qwen_draft_path),
         "num_speculative_tokens": 4,
         "adaptive": False,  # drafting at every step, whatever this machine's costs say
+        **(LEAN if lean else {}),
     }
     spec = LLM(str(qwen_target_path), speculative_config=spec_config, **kw)
     got = [o.token_ids for o in spec.generate(prompts, params)]

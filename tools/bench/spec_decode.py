@@ -20,6 +20,9 @@ steps come from the engine's own counters. Configurations:
   "prompt_lookup_min": 2}`` (``--k``, adaptive as by default; ``--no-adaptive`` to fix k);
 - ``draft``: tessera, ``{"method": "draft_model", "model": DRAFT, "num_speculative_tokens": K}``
   (``--draft``, by default qwen2.5-coder-0.5b-instruct: the 1.5B's draft);
+- ``draft-vocab``, ``draft-q``, ``draft-lean``: the same with the draft's LM head cut to
+  ``"draft_vocab_size"`` tokens (``--draft-vocab-size``, 32768), with the draft re-quantized
+  (``"quantization"``, ``--draft-quantization``, q4_0), and with both;
 - ``llama.cpp``: llama-cpp-python on the same GGUF file, 2 threads, greedy;
 - ``llama.cpp-lookup``: the same with ``LlamaPromptLookupDecoding(num_pred_tokens=K)``, its
   prompt-lookup speculation (greedy verification).
@@ -230,7 +233,7 @@ def run_llama_cpp(model: str, lookup_k: int | None, prompts: list[str], runs: in
     return {"tok_s": statistics.median(speeds), "runs": speeds, "first_output": outputs[0][:200]}
 
 
-TESSERA = ("plain", "ngram", "draft")
+TESSERA = ("plain", "ngram", "draft", "draft-vocab", "draft-q", "draft-lean")
 
 
 def spec_of(config: str, args) -> dict | None:
@@ -242,13 +245,18 @@ def spec_of(config: str, args) -> dict | None:
             "prompt_lookup_min": 2,
             "adaptive": not args.no_adaptive,
         }
-    if config == "draft":
-        return {
+    if config.startswith("draft"):
+        spec = {
             "method": "draft_model",
             "model": args.draft,
             "num_speculative_tokens": args.k,
             "adaptive": not args.no_adaptive,
         }
+        if config in ("draft-vocab", "draft-lean"):
+            spec["draft_vocab_size"] = args.draft_vocab_size
+        if config in ("draft-q", "draft-lean"):
+            spec["quantization"] = args.draft_quantization
+        return spec
     return None
 
 
@@ -275,6 +283,10 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["plain", "ngram", "llama.cpp", "llama.cpp-lookup"])
     p.add_argument("--k", type=int, default=4, help="speculative tokens (num_pred_tokens for llama.cpp)")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="the draft of config draft")
+    p.add_argument(
+        "--draft-vocab-size", type=int, default=32768, help="draft-vocab, draft-lean: the draft head's tokens"
+    )
+    p.add_argument("--draft-quantization", default="q4_0", help="draft-q, draft-lean: the draft re-quantized")
     p.add_argument("--no-adaptive", action="store_true")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(

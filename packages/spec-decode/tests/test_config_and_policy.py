@@ -33,6 +33,25 @@ def test_a_valid_config_parses_from_json_and_from_a_dict():
         ('{"method": "ngram", "num_speculative_tokens": 4, "lookup": 3}', "lookup"),
         ('{"method": "draft_model", "num_speculative_tokens": 4}', "speculative_config.model is required"),
         ('{"method": "ngram", "model": "x", "num_speculative_tokens": 4}', "speculative_config.model"),
+        ('{"method": "ngram", "num_speculative_tokens": 4, "quantization": "q4_0"}', "quantization is for"),
+        ('{"method": "ngram", "num_speculative_tokens": 4, "draft_vocab_size": 4096}', "draft_vocab_size is"),
+        (
+            '{"method": "draft_model", "model": "x", "num_speculative_tokens": 4, "quantization": "q2_k"}',
+            "speculative_config.quantization must be one of 'q4_0', 'q4_1', 'q8_0'",
+        ),
+        (
+            '{"method": "draft_model", "model": "x", "num_speculative_tokens": 4, "draft_vocab_size": 100}',
+            "draft_vocab_size must be at least 256",
+        ),
+        (
+            '{"method": "draft_model", "model": "x", "num_speculative_tokens": 4, "draft_vocab_size": 4096, '
+            '"draft_vocab_corpus": "/nonexistent/corpus.txt"}',
+            "draft_vocab_corpus '/nonexistent/corpus.txt' does not exist",
+        ),
+        (
+            '{"method": "draft_model", "model": "x", "num_speculative_tokens": 4, "draft_vocab_corpus": "/"}',
+            "draft_vocab_corpus needs draft_vocab_size",
+        ),
         ("[4]", "JSON object"),
     ],
 )

@@ -241,7 +241,11 @@ class EngineArgs:
             '(prompt lookup: drafts copied from the prompt and output). "adaptive": true (default) '
             "chooses each request's k per step from its measured acceptance and the batch size, and "
             'none where speculation would not pay; "disable_by_batch_size": N turns it off above N '
-            "running requests. The output distribution is unchanged (exact rejection sampling)",
+            'running requests. {"method": "draft_model", "model": "qwen2.5-coder-0.5b-instruct", ...} '
+            'drafts with a smaller model of the same tokenizer; "quantization": "q4_0" re-quantizes it '
+            'at load and "draft_vocab_size": 32768 cuts its LM head to the most frequent tokens (of '
+            '"draft_vocab_corpus", by default the Python library\'s source). The output distribution '
+            "is unchanged (exact rejection sampling)",
         )
         g.add_argument(
             "--kv-transfer-config",

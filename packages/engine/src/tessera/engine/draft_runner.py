@@ -93,6 +93,28 @@ def check_draft_vocabulary(tokenizer, config, draft_checkpoint, name: str) -> No
         )
 
 
+def draft_load_options(spec, draft_checkpoint) -> dict:
+    """``load_model``'s keyword arguments for the draft: its weights re-quantized
+    (``quantization``), its LM head cut to the tokens it may propose (``draft_vocab_size``: the
+    most frequent in the corpus, and every special token, end-of-sequence ones included)."""
+    from tessera.spec_decode.draft_vocab import default_corpus, frequent_tokens, read_corpus
+
+    out: dict = {}
+    if spec.quantization is not None:
+        out["quantize"] = spec.quantization.upper()
+    vocab = draft_checkpoint.config.vocab_size
+    if spec.draft_vocab_size is not None and spec.draft_vocab_size < vocab:
+        tok = draft_checkpoint.tokenizer()
+        texts = read_corpus(spec.draft_vocab_corpus) if spec.draft_vocab_corpus else default_corpus()
+
+        def encode(batch: list[str]) -> list[list[int]]:
+            return [e.ids for e in tok.hf.encode_batch(batch, add_special_tokens=False)]
+
+        keep = set(tok.hf.get_added_tokens_decoder()) | set(tok.eos_token_ids)
+        out["lm_head_rows"] = frequent_tokens(encode, vocab, spec.draft_vocab_size, texts, keep)
+    return out
+
+
 def checkpoint_bytes(checkpoint) -> int:
     """Bytes of a checkpoint's weight files on disk (a GGUF file, an HF folder's tensors)."""
     path = Path(checkpoint.path)

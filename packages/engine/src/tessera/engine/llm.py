@@ -91,6 +91,11 @@ class LLM:
             raise ValueError(
                 f"quantized_weights must be 'packed' or 'dequantize', got {args.quantized_weights!r}"
             )
+        if spec is not None and spec.quantization is not None and args.quantized_weights != "packed":
+            raise ValueError(
+                "speculative_config.quantization re-quantizes the draft for the packed kernels: it "
+                "needs --quantized-weights packed (the dequantized path would only lose precision)"
+            )
         tp_size = _suite_tp_size(args, self.config)
         backend = args.distributed_executor_backend or _default_backend(tp_size)
         if tp_size > 1:  # before any process starts or weight loads

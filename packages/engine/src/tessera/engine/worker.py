@@ -28,7 +28,7 @@ from tessera.scheduler import ModelRunnerOutput, SchedulerOutput
 from tessera.spec_decode import make_proposer
 
 from .args import EngineArgs
-from .draft_runner import DraftRunner, checkpoint_bytes
+from .draft_runner import DraftRunner, checkpoint_bytes, draft_load_options
 from .model_runner import ModelRunner
 from .model_source import resolve_model
 
@@ -113,7 +113,8 @@ def load_models(args: EngineArgs, checkpoint, draft_checkpoint, dtype, device, t
     model = load_model(checkpoint, dtype, device, progress=progress, packed_weights=packed, tp=tp)
     draft = None
     if draft_checkpoint is not None:
-        draft = load_model(draft_checkpoint, dtype, device, progress=progress, packed_weights=packed)
+        extra = draft_load_options(args.speculative_config, draft_checkpoint)
+        draft = load_model(draft_checkpoint, dtype, device, progress=progress, packed_weights=packed, **extra)
     return model, draft
 
 

@@ -44,4 +44,4 @@ class DecoderModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.forward(hidden)
+        return self.lm_head.expand(self.lm_head.forward(hidden))

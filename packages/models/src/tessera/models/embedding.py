@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from tessera.formats import QuantizedTensor
@@ -22,6 +24,7 @@ class VocabEmbedding:
         self.start, self.rows = tp.uneven_part(vocab_size)
         self.weight = None  # a tensor, or a packed weight with rows(ids, dtype) when tied
         self._loaded = None
+        self.head_source = None  # the loaded table, until a tied head of fewer rows took its own
 
     def weight_shape(self) -> tuple[int, int]:
         return (self.vocab_size, self.hidden)
@@ -33,6 +36,11 @@ class VocabEmbedding:
         """``keep_packed``: the table is also the LM head, and the backend may keep it packed
         (rows are dequantized as they are looked up)."""
         w, self._loaded = self._loaded, None
+        own_head = keep_packed and opts.lm_head_rows is not None
+        if own_head:  # a tied head of fewer rows: it prepares them itself; lookups keep the table
+            self.head_source, opts = w, replace(opts, quantize=None)
+        else:  # the table is the head (tied), or lookups only: the head's precision either way
+            opts = replace(opts, quantize=head_scheme(w, opts))
         if isinstance(w, QuantizedTensor) and keep_packed and opts.packed_weights:
             self.weight = prepare_stacked([w], opts)
         else:
@@ -52,21 +60,40 @@ class VocabEmbedding:
 
 class LMHead:
     """Logits ``hidden @ W.T`` in fp32; ``W`` is its own weight or the embedding table. With
-    several ranks each computes the logits of its vocabulary rows and they are gathered."""
+    several ranks each computes the logits of its vocabulary rows and they are gathered.
+
+    With ``LoadOptions.lm_head_rows`` it keeps those rows only (``vocab_rows``): ``forward``
+    gives their logits, ``expand`` puts them in their columns of the whole vocabulary (-inf
+    elsewhere). A speculative draft scores the tokens it may propose at a fraction of the bytes."""
 
     def __init__(self, embedding: VocabEmbedding, tied: bool) -> None:
         self.embedding, self.tied = embedding, tied
         self.weight = None
         self._loaded = None
+        self.vocab_rows: torch.Tensor | None = None
 
     def load_weight(self, tensor, shard=None) -> None:
         e = self.embedding
         self._loaded = narrow_rows(tensor, e.start, e.rows)
 
     def finish(self, opts: LoadOptions) -> None:
-        if self.tied:
+        rows = opts.lm_head_rows
+        if rows is not None:
+            e = self.embedding
+            if e.tp.size > 1:
+                raise ValueError("an LM head of a subset of the vocabulary runs on one rank only")
+            source = e.head_source if self.tied else self._loaded
+            e.head_source = self._loaded = None
+            index = torch.tensor(rows, dtype=torch.int64)
+            if index.numel() == 0 or index.min() < 0 or index.max() >= e.vocab_size:
+                raise ValueError(f"LM head rows must be token ids in 0..{e.vocab_size - 1}")
+            opts = replace(opts, quantize=head_scheme(source, opts))
+            self.weight = prepare_stacked([_select_rows(source, index)], opts)
+            self.vocab_rows = index.to(opts.device)
+        elif self.tied:
             self.weight = self.embedding.weight
         else:
+            opts = replace(opts, quantize=head_scheme(self._loaded, opts))
             self.weight, self._loaded = prepare_stacked([self._loaded], opts), None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -74,6 +101,35 @@ class LMHead:
         if self.embedding.tp.size > 1:
             logits = ops.all_gather(logits, -1, self.embedding.sizes)
         return logits
+
+    def expand(self, logits: torch.Tensor) -> torch.Tensor:
+        """``forward``'s logits (after any soft-capping) in the whole vocabulary's columns."""
+        if self.vocab_rows is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.embedding.vocab_size), float("-inf"))
+        full[:, self.vocab_rows] = logits
+        return full
+
+
+def head_scheme(weight, opts: LoadOptions) -> str | None:
+    """What ``LoadOptions.quantize`` makes of an LM head (or a table tied to it): its precision
+    counts more than a layer's (every logit reads it; ExLlamaV2 gives it 6 bits for that), so a
+    head stored quantized stays as stored, and a dense one becomes Q8_0."""
+    if opts.quantize is None or not isinstance(weight, torch.Tensor):
+        return None
+    return "Q8_0"
+
+
+def _select_rows(weight, index: torch.Tensor):
+    """Rows ``index`` of a loaded weight: packed GGUF rows move whole; GPTQ/AWQ/EXL2 (whose
+    groups may be ordered by act-order) through their dequantized values."""
+    if isinstance(weight, QuantizedTensor):
+        return QuantizedTensor(
+            weight.scheme, weight.rows()[index].contiguous(), (len(index), weight.shape[1])
+        )
+    if isinstance(weight, torch.Tensor):
+        return weight[index]
+    return weight.dequantize(torch.float32)[index]
 
 
 class RMSNorm:

@@ -151,4 +151,4 @@ class Gemma3ForCausalLM(DecoderModel):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.forward(hidden)
         cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return self.lm_head.expand(logits if cap is None else torch.tanh(logits / cap) * cap)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tessera.formats import FormatError, QuantizedTensor
+from tessera.formats import BLOCK_LAYOUT, FormatError, QuantizedTensor
+from tessera.formats.gguf_quantize import quantize_gguf
 from tessera.kernels import InputSegments, LinearWeights, RowStack, ops
 
 from .parallel import NO_TP, TPInfo, narrow_cols, narrow_rows
@@ -22,12 +23,21 @@ from .parallel import NO_TP, TPInfo, narrow_cols, narrow_rows
 @dataclass(frozen=True)
 class LoadOptions:
     """How weights are prepared: compute dtype, device, packed GGUF weights kept packed for the
-    backend's quantized matmul (else dequantized once at load), the tensor-parallel rank."""
+    backend's quantized matmul (else dequantized once at load), the tensor-parallel rank.
+
+    ``quantize``: with packed weights, every linear weight of the layers re-quantized at load to
+    this GGUF scheme (``tessera.formats.gguf_quantize.QUANTIZABLE``; one whose inputs are not
+    whole blocks of it stays as stored; the LM head: ``embedding.head_scheme``): fewer bytes per
+    token for a model that need not be exact, such as a speculative draft. ``lm_head_rows``: the
+    vocabulary rows the LM head keeps (sorted token ids; the logits of the others are -inf), the
+    embedding keeping all."""
 
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     packed_weights: bool = False
     tp: TPInfo = TPInfo()
+    quantize: str | None = None
+    lm_head_rows: tuple[int, ...] | None = None
 
 
 # -- quantization methods: what a loaded weight becomes for ops.linear -----------------------
@@ -132,10 +142,25 @@ def _as_blocks(weight):
     return _MappedGroups(weight, mapped)
 
 
+def requantize(weight, scheme: str):
+    """``weight`` (dense, GGUF, GPTQ/AWQ/EXL2) as ``scheme`` blocks, through its float32 values;
+    as it is where it already is ``scheme`` or its inputs are not whole blocks of it."""
+    if isinstance(weight, _MappedGroups):
+        weight = weight.weight
+    if isinstance(weight, QuantizedTensor) and weight.scheme == scheme:
+        return weight
+    if weight.shape[-1] % BLOCK_LAYOUT[scheme][0] or len(weight.shape) != 2:
+        return weight
+    dense = weight if isinstance(weight, torch.Tensor) else weight.dequantize(torch.float32)
+    return quantize_gguf(dense, scheme)
+
+
 def prepare_stacked(parts: list, opts: LoadOptions):
     """Parts stacked by output rows, as one weight for ``ops.linear``: packed parts of one
     scheme are one packed weight (their rows are whole blocks); a mix of schemes is a RowStack
     of the parts as the backend prepared them, or one tensor where all came out dense."""
+    if opts.packed_weights and opts.quantize is not None:
+        parts = [requantize(p, opts.quantize) for p in parts]
     if opts.packed_weights:  # GPTQ/AWQ in input order and one container: plain GGUF blocks
         parts = [_as_blocks(p) for p in parts]
     if len(parts) == 1:

@@ -19,6 +19,8 @@ def load_model(
     progress=None,
     packed_weights: bool = False,
     tp: TPInfo | None = None,
+    quantize: str | None = None,
+    lm_head_rows=None,
 ):
     """The model of ``checkpoint`` with weights in ``dtype`` on ``device``.
 
@@ -29,13 +31,15 @@ def load_model(
     permutation and stay packed (``GroupQuant.blocks``, ``GroupsPacked``). ``progress``, if
     given, is called as ``progress(done, total)`` while tensors load. ``tp`` is this process's
     tensor-parallel rank: a model that does not split over ``tp.size`` ranks is a ValueError
-    before anything loads (``check_tensor_parallel``).
+    before anything loads (``check_tensor_parallel``). ``quantize`` and ``lm_head_rows``: see
+    ``LoadOptions`` (a speculative draft re-quantized, its head cut to the tokens it proposes).
     """
     config, tp = checkpoint.config, tp or TPInfo()
     check_tensor_parallel(config, tp.size)
     try:
         cls = model_class(config.architecture)
-        opts = LoadOptions(dtype, torch.device(device), packed_weights, tp)
+        rows = None if lm_head_rows is None else tuple(int(i) for i in lm_head_rows)
+        opts = LoadOptions(dtype, torch.device(device), packed_weights, tp, quantize, rows)
         model = cls(config, opts)
         model.load_weights(checkpoint.weights(), progress)
     except FormatError as e:

@@ -4,11 +4,15 @@ vLLM names them, checked at start before any weight is loaded."""
 from __future__ import annotations
 
 import json
+import os
 
 import msgspec
 
 METHODS = ("ngram", "draft_model")
 MAX_SPECULATIVE_TOKENS = 16
+# a draft's weights re-quantized at load (tessera.formats.gguf_quantize's schemes)
+DRAFT_QUANTIZATIONS = ("q4_0", "q4_1", "q8_0")
+MIN_DRAFT_VOCAB = 256
 
 
 class SpeculativeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -20,6 +24,13 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     # no speculation in a step whose running batch has more requests than this (vLLM's name)
     disable_by_batch_size: int | None = None
     model: str | None = None  # draft_model: the draft's checkpoint
+    # draft_model: its linear weights and LM head re-quantized at load to this GGUF scheme (the
+    # packed CPU path): fewer bytes per drafted token; the output is unchanged (verified)
+    quantization: str | None = None
+    # draft_model: its LM head keeps the N tokens most frequent in draft_vocab_corpus (the
+    # Python standard library's source by default) and the special tokens: it proposes no other
+    draft_vocab_size: int | None = None
+    draft_vocab_corpus: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,8 +67,28 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
                 "speculative_config.disable_by_batch_size must be at least 1 (or absent), "
                 f"got {self.disable_by_batch_size}"
             )
-        if self.model is not None and self.method != "draft_model":
-            raise ValueError(f'speculative_config.model is for method "draft_model", not {self.method!r}')
+        for name in ("model", "quantization", "draft_vocab_size", "draft_vocab_corpus"):
+            if getattr(self, name) is not None and self.method != "draft_model":
+                raise ValueError(
+                    f'speculative_config.{name} is for method "draft_model", not {self.method!r}'
+                )
+        if self.quantization is not None and self.quantization.lower() not in DRAFT_QUANTIZATIONS:
+            raise ValueError(
+                f"speculative_config.quantization must be one of {', '.join(map(repr, DRAFT_QUANTIZATIONS))} "
+                f"(the draft's weights re-quantized at load), got {self.quantization!r}"
+            )
+        if self.draft_vocab_size is not None and self.draft_vocab_size < MIN_DRAFT_VOCAB:
+            raise ValueError(
+                f"speculative_config.draft_vocab_size must be at least {MIN_DRAFT_VOCAB} (or absent: "
+                f"the whole vocabulary), got {self.draft_vocab_size}"
+            )
+        if self.draft_vocab_corpus is not None:
+            if self.draft_vocab_size is None:
+                raise ValueError("speculative_config.draft_vocab_corpus needs draft_vocab_size")
+            if not os.path.exists(self.draft_vocab_corpus):
+                raise ValueError(
+                    f"speculative_config.draft_vocab_corpus {self.draft_vocab_corpus!r} does not exist"
+                )
 
     @classmethod
     def parse(cls, value: str | dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
