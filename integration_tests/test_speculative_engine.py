@@ -280,6 +280,9 @@ def test_a_lean_draft_model_gives_the_same_tokens(default_model_path, plain, ref
     assert set(llm.tokenizer.eos_token_ids) <= set(head.vocab_rows.tolist())
     outs = llm.generate(prompts(llm), GREEDY)
     assert [o.token_ids for o in outs] == reference
+    # the prompts' tokens outside the 4,096 joined the head
+    outside = {t for p in prompts(llm) for t in p} - set(head.vocab_rows.tolist())
+    assert outside and outside <= set(head._context)
     s = llm.stats()
     # a 135M model's Q4_1 weights re-quantized to Q4_0 and a 4,096-token head draft much worse
     # (~35% here, against 95% as stored): still drafts, still accepted

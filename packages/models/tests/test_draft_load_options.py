@@ -21,10 +21,10 @@ CONFIG |= dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build(tmp_path):
+def build(tmp_path, **overrides):
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(**CONFIG), dtype=torch.float32
+        transformers.LlamaConfig(**CONFIG | overrides), dtype=torch.float32
     )
     with torch.no_grad():
         for p in hf.parameters():
@@ -64,6 +64,19 @@ def test_requantized_weights_match_transformers_on_the_round_tripped_weights(tmp
     assert (logits(ours, IDS) - ref).abs().max().item() < 1e-3
 
 
+def test_a_dense_tied_head_becomes_q8_0_and_still_looks_up_its_rows(tmp_path):
+    hf = build(tmp_path, tie_word_embeddings=True)
+    ours = load_model(open_checkpoint(tmp_path), packed_weights=True, quantize="Q4_0")
+    assert ours.lm_head.weight is ours.embed_tokens.weight and ours.lm_head.weight.scheme == "Q8_0"
+    round_trip(hf, "Q4_0")
+    with torch.no_grad():  # the tied table round-tripped through Q8_0, for lookups and logits alike
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        w = hf.model.embed_tokens.weight
+        w.copy_(torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), q8), q8)))
+        ref = hf(torch.tensor([IDS])).logits[0]
+    assert (logits(ours, IDS) - ref).abs().max().item() < 1e-3
+
+
 def test_an_lm_head_of_some_rows_scores_those_rows_only(tmp_path):
     hf = build(tmp_path)
     rows = list(range(3, 160, 5))[:32]  # 32 rows: whole groups of 16 for the packed kernels
@@ -75,6 +88,18 @@ def test_an_lm_head_of_some_rows_scores_those_rows_only(tmp_path):
     assert got.shape == ref.shape
     assert torch.isneginf(got[:, others]).all()
     assert (got[:, rows] - ref[:, rows]).abs().max().item() < 1e-4
+    # tokens of a request's context join the head: scored as the whole head scores them
+    head = ours.lm_head
+    head.include([rows[0], others[0], others[1], others[0]])
+    got = logits(ours, IDS)
+    assert (got[:, others[:2]] - ref[:, others[:2]]).abs().max().item() < 1e-4
+    assert torch.isneginf(got[:, others[2:]]).all()
+    head.max_context_rows = 3  # past it: the rows added so far go, the new ones start afresh
+    head.include(others[2:4].tolist())
+    head.include(others[4:6].tolist())
+    got = logits(ours, IDS)
+    assert (got[:, others[4:6]] - ref[:, others[4:6]]).abs().max().item() < 1e-4
+    assert torch.isneginf(got[:, others[:4]]).all()
     with pytest.raises(ValueError, match="token ids in 0..159"):
         load_model(open_checkpoint(tmp_path), lm_head_rows=[0, 160])
 

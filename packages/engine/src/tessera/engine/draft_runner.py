@@ -30,6 +30,8 @@ class DraftRunner:
         self.block_size = block_size
         self.batch_invariant = batch_invariant
         self.vocab_size = model.config.vocab_size
+        head = getattr(model, "lm_head", None)  # cut to part of the vocabulary (draft_vocab_size)?
+        self.head = head if getattr(head, "vocab_rows", None) is not None else None
         self.kv_caches = [
             LayerKVCache.allocate(num_blocks, block_size, s.num_kv_heads, s.head_dim, kv_dtype, self.device)
             for s in model.kv_cache_spec()
@@ -51,6 +53,8 @@ class DraftRunner:
             self.device,
             self.batch_invariant,
         )
+        if self.head is not None:  # a cut head scores the context's tokens too
+            self.head.include(token_ids)
         hidden = self.model.forward(
             torch.tensor(token_ids, dtype=torch.int64, device=self.device),
             positions,

@@ -41,7 +41,7 @@ class VocabEmbedding:
             self.head_source, opts = w, replace(opts, quantize=None)
         else:  # the table is the head (tied), or lookups only: the head's precision either way
             opts = replace(opts, quantize=head_scheme(w, opts))
-        if isinstance(w, QuantizedTensor) and keep_packed and opts.packed_weights:
+        if keep_packed and opts.packed_weights and (isinstance(w, QuantizedTensor) or opts.quantize):
             self.weight = prepare_stacked([w], opts)
         else:
             self.weight = to_dense(w, opts.dtype, opts.device)
@@ -64,13 +64,24 @@ class LMHead:
 
     With ``LoadOptions.lm_head_rows`` it keeps those rows only (``vocab_rows``): ``forward``
     gives their logits, ``expand`` puts them in their columns of the whole vocabulary (-inf
-    elsewhere). A speculative draft scores the tokens it may propose at a fraction of the bytes."""
+    elsewhere). A speculative draft scores the tokens it may propose at a fraction of the bytes.
+    ``include(ids)`` adds rows for tokens outside them (a draft's context: the prompt's own
+    words and names, whatever its language), up to ``max_context_rows``, dequantized once from
+    the loaded weight (kept for that: for a GGUF file a view of its mapped bytes)."""
+
+    max_context_rows = 4096
 
     def __init__(self, embedding: VocabEmbedding, tied: bool) -> None:
         self.embedding, self.tied = embedding, tied
         self.weight = None
         self._loaded = None
         self.vocab_rows: torch.Tensor | None = None
+        self._source = None  # the loaded weight of a cut head: where context rows come from
+        self._kept: set[int] = set()
+        self._context: dict[int, int] = {}  # token id -> its row in _context_w
+        self._context_w: torch.Tensor | None = None
+        self._context_ids: torch.Tensor | None = None
+        self._dtype = torch.float32
 
     def load_weight(self, tensor, shard=None) -> None:
         e = self.embedding
@@ -90,6 +101,7 @@ class LMHead:
             opts = replace(opts, quantize=head_scheme(source, opts))
             self.weight = prepare_stacked([_select_rows(source, index)], opts)
             self.vocab_rows = index.to(opts.device)
+            self._source, self._kept, self._dtype = source, set(index.tolist()), opts.dtype
         elif self.tied:
             self.weight = self.embedding.weight
         else:
@@ -100,6 +112,9 @@ class LMHead:
         logits = ops.linear(hidden, self.weight, out_dtype=torch.float32)
         if self.embedding.tp.size > 1:
             logits = ops.all_gather(logits, -1, self.embedding.sizes)
+        if self._context_w is not None:
+            extra = ops.linear(hidden, self._context_w, out_dtype=torch.float32)
+            logits = torch.cat([logits, extra], dim=-1)
         return logits
 
     def expand(self, logits: torch.Tensor) -> torch.Tensor:
@@ -107,8 +122,40 @@ class LMHead:
         if self.vocab_rows is None:
             return logits
         full = logits.new_full((logits.shape[0], self.embedding.vocab_size), float("-inf"))
-        full[:, self.vocab_rows] = logits
+        n = self.vocab_rows.numel()
+        full[:, self.vocab_rows] = logits[:, :n]
+        if self._context_ids is not None:
+            full[:, self._context_ids] = logits[:, n:]
         return full
+
+    def include(self, token_ids) -> None:
+        """Score these tokens too, where the head was cut without them. Past
+        ``max_context_rows`` the rows added so far are dropped and these start afresh."""
+        if self.vocab_rows is None:
+            return
+        new = [
+            t
+            for t in dict.fromkeys(int(t) for t in token_ids)
+            if t not in self._kept and t not in self._context
+        ]
+        new = [t for t in new if 0 <= t < self.embedding.vocab_size][: self.max_context_rows]
+        if not new:
+            return
+        if len(self._context) + len(new) > self.max_context_rows:
+            self._context, self._context_w, self._context_ids = {}, None, None
+        device = self.vocab_rows.device
+        rows = _select_rows(self._source, torch.tensor(new, dtype=torch.int64))
+        if not isinstance(rows, torch.Tensor):
+            rows = rows.dequantize(torch.float32)
+        rows = rows.to(device, self._dtype)
+        ids = torch.tensor(new, dtype=torch.int64, device=device)
+        if self._context_w is None:
+            self._context_w, self._context_ids = rows, ids
+        else:
+            self._context_w = torch.cat([self._context_w, rows])
+            self._context_ids = torch.cat([self._context_ids, ids])
+        for t in new:
+            self._context[t] = len(self._context)
 
 
 def head_scheme(weight, opts: LoadOptions) -> str | None:
