@@ -78,7 +78,7 @@ class LMHead:
         self.vocab_rows: torch.Tensor | None = None
         self._source = None  # the loaded weight of a cut head: where context rows come from
         self._kept: set[int] = set()
-        self._context: dict[int, int] = {}  # token id -> its row in _context_w
+        self._context: set[int] = set()  # token ids of the rows in _context_w
         self._context_w: torch.Tensor | None = None
         self._context_ids: torch.Tensor | None = None
         self._dtype = torch.float32
@@ -142,7 +142,7 @@ class LMHead:
         if not new:
             return
         if len(self._context) + len(new) > self.max_context_rows:
-            self._context, self._context_w, self._context_ids = {}, None, None
+            self._context, self._context_w, self._context_ids = set(), None, None
         device = self.vocab_rows.device
         rows = _select_rows(self._source, torch.tensor(new, dtype=torch.int64))
         if not isinstance(rows, torch.Tensor):
@@ -154,8 +154,7 @@ class LMHead:
         else:
             self._context_w = torch.cat([self._context_w, rows])
             self._context_ids = torch.cat([self._context_ids, ids])
-        for t in new:
-            self._context[t] = len(self._context)
+        self._context.update(new)
 
 
 def head_scheme(weight, opts: LoadOptions) -> str | None:
