@@ -271,6 +271,13 @@ static inline void store_rows(const qmm_t *a, int g, int t0, int MT, __m512 *tot
     }
 }
 
+// acc + the dot products of w's unsigned bytes with the 4 signed bytes at x, broadcast: the
+// broadcast folded into vpdpbusd's memory operand (compilers emit a separate vpbroadcastd)
+static inline __m512i dpbusd_x(__m512i acc, __m512i w, const int32_t *x) {
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
+}
+
 static inline __m512 scale_m(const qseg *s, int64_t i, __m512 dv) {
     return s->f.has_m ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s->m + i * 16)))
                       : _mm512_mul_ps(dv, _mm512_set1_ps(s->f.mfac));
@@ -307,14 +314,14 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, c
                         const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + xb) * 8;
                         if (SPB == 2) {
                             __m512i *c = split && (s & 1) ? &acc2[t] : &acc[t];
-                            *c = _mm512_dpbusd_epi32(*c, h ? hi : lo, _mm512_set1_epi32(x[4 * h + s]));
+                            *c = dpbusd_x(*c, h ? hi : lo, &x[4 * h + s]);
                             continue;
                         }
-                        acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(x[s]));
+                        acc[t] = dpbusd_x(acc[t], lo, &x[s]);
                         if (split)
-                            acc2[t] = _mm512_dpbusd_epi32(acc2[t], hi, _mm512_set1_epi32(x[4 + s]));
+                            acc2[t] = dpbusd_x(acc2[t], hi, &x[4 + s]);
                         else
-                            acc[t] = _mm512_dpbusd_epi32(acc[t], hi, _mm512_set1_epi32(x[4 + s]));
+                            acc[t] = dpbusd_x(acc[t], hi, &x[4 + s]);
                     }
                 }
             } else {
@@ -324,9 +331,9 @@ static inline __attribute__((always_inline)) void qmm_group_i8(const qmm_t *a, c
                     for (int t = 0; t < MT; t++) {
                         const int32_t *x = a->xq + ((int64_t)(t0 + t) * nb + xb) * 8;
                         if (split && (s & 1))
-                            acc2[t] = _mm512_dpbusd_epi32(acc2[t], v, _mm512_set1_epi32(x[s]));
+                            acc2[t] = dpbusd_x(acc2[t], v, &x[s]);
                         else
-                            acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(x[s]));
+                            acc[t] = dpbusd_x(acc[t], v, &x[s]);
                     }
                 }
             }
