@@ -3,7 +3,12 @@ tokens always, a multiple of 16 rows; corpora read from a file, a folder, or Pyt
 
 import pytest
 
-from tessera.spec_decode.draft_vocab import default_corpus, frequent_tokens, read_corpus
+from tessera.spec_decode.draft_vocab import (
+    cached_frequent_tokens,
+    default_corpus,
+    frequent_tokens,
+    read_corpus,
+)
 
 
 def encode_chars(texts):
@@ -46,3 +51,34 @@ def test_corpora_from_a_file_a_folder_and_the_standard_library(tmp_path):
         read_corpus(tmp_path / "missing")
     lib = default_corpus(max_bytes=1 << 20)
     assert 0 < sum(len(t) for t in lib) <= 1 << 20 and "def " in "".join(lib)
+
+
+def test_the_ranking_is_kept_on_disk_keyed_by_all_it_depends_on(tmp_path):
+    calls = []
+
+    def counting(texts):
+        calls.append(len(texts))
+        return encode_chars(texts)
+
+    texts = ["aaaa bbb cc d"]
+    kw = dict(keep=[127], multiple=1, tokenizer_key="chars", cache_dir=tmp_path)
+    first = cached_frequent_tokens(counting, 128, 3, texts, **kw)
+    assert first == frequent_tokens(encode_chars, 128, 3, texts, keep=[127], multiple=1)
+    assert cached_frequent_tokens(counting, 128, 3, texts, **kw) == first and len(calls) == 1
+    # another tokenizer, corpus or size: ranked afresh
+    cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "tokenizer_key": "other"})
+    cached_frequent_tokens(counting, 128, 3, ["dddd"], **kw)
+    cached_frequent_tokens(counting, 128, 2, texts, **kw)
+    assert len(calls) == 4
+    # a damaged file is ranked again and rewritten
+    alone = tmp_path / "alone"
+    cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": alone})
+    (f,) = alone.iterdir()
+    for damage, ranked in (("[1, 2", 6), ("[500]", 7), ("[2, 1, 127]", 8), (None, 8)):
+        if damage is not None:
+            f.write_text(damage)  # cut short; outside the vocabulary; not sorted
+        assert cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": alone}) == first
+        assert len(calls) == ranked
+    # no cache folder: nothing kept
+    cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": None})
+    assert len(calls) == 9

@@ -101,7 +101,8 @@ def draft_load_options(spec, draft_checkpoint) -> dict:
     """``load_model``'s keyword arguments for the draft: its weights re-quantized
     (``quantization``), its LM head cut to the tokens it may propose (``draft_vocab_size``: the
     most frequent in the corpus, and every special token, end-of-sequence ones included)."""
-    from tessera.spec_decode.draft_vocab import default_corpus, frequent_tokens, read_corpus
+    from tessera.spec_decode import native as spec_native
+    from tessera.spec_decode.draft_vocab import cached_frequent_tokens, default_corpus, read_corpus
 
     out: dict = {}
     if spec.quantization is not None:
@@ -115,7 +116,15 @@ def draft_load_options(spec, draft_checkpoint) -> dict:
             return [e.ids for e in tok.hf.encode_batch(batch, add_special_tokens=False)]
 
         keep = set(tok.hf.get_added_tokens_decoder()) | set(tok.eos_token_ids)
-        out["lm_head_rows"] = frequent_tokens(encode, vocab, spec.draft_vocab_size, texts, keep)
+        out["lm_head_rows"] = cached_frequent_tokens(
+            encode,
+            vocab,
+            spec.draft_vocab_size,
+            texts,
+            keep,
+            tokenizer_key=tok.hf.to_str(),
+            cache_dir=spec_native.cache_dir(),
+        )
     return out
 
 
