@@ -4,7 +4,7 @@ On the device machine (its python3 has torch, triton, transformers; carry the ot
 tools/device_wheels.sh), from the repository root:
 
     python3 tools/gpu_check.py --out $OUT [--budget-s 540] [--skip-suite] [--no-reference] \
-        [--stages suite,probe,correctness,distributed,bench,bench-exl2,exllamav2,recommend] \
+        [--stages suite,probe,correctness,distributed,bench,bench-exl2,exllamav2,recommend,spec] \
         [--suite-paths kernels-cuda,...] \
         [--shapes llama3-8b,smollm2-135m] [--side-timeout S]
 
@@ -52,6 +52,13 @@ budget is spent:
    parallelism), and a disaggregated pair on the one GPU (a KV producer and a consumer server and
    `tessera router` in front) answering token-id prompts as the producer alone does, with the
    consumer's prompt-token counter.
+9. spec (issue 14): what a draft model's speculation costs on the GPU
+   (tools/bench/spec_projection.py): random-weight GGUFs shaped like Qwen2.5-Coder-1.5B (target,
+   Q4_K) and 0.5B (draft, Q4_0; made lean: 32,768-token head, re-quantized to q4_0 as on the CPU)
+   with one synthetic tokenizer; a plain decode step against speculative steps at k = 1..8 (k
+   fixed: the pair never agrees, so the adaptive policy would stop drafting), split into drafting
+   and verifying, and the speedup those costs give at acceptances 0.7-0.9 (the real pair's on
+   the CPU: about 0.87 a token). The real files cannot be carried (over the carry limit).
 Writes gpu_check.json under --out after every stage (a run stopped at its limit keeps what it
 measured), the logs beside it, and prints the JSON last.
 """
@@ -490,6 +497,51 @@ def exllamav2_stage(work: Path, env: dict, device: str, smoke: bool, budget: Bud
     return cross_check(folder, env, device, max(30.0, budget.left() - 15), out)
 
 
+# Qwen2.5-Coder-1.5B and -0.5B's shapes (no q/k/v biases here: they cost nothing to speak of)
+SPEC_PAIR = {
+    "target": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936, rope_theta=1e6),
+    "draft": dict(layers=24, hidden=896, ffn=4864, heads=14, kv_heads=2, vocab=151936, rope_theta=1e6),
+}
+
+
+def spec_stage(work: Path, env: dict, device: str, smoke: bool, budget: Budget, out: Path) -> dict:
+    """Speculative steps' costs on random weights of the Qwen pair's shapes
+    (tools/bench/spec_projection.py in a child process)."""
+    from make_random_gguf import write
+
+    if budget.left() < 90:
+        return {"status": f"skipped: {budget.left():.0f} s of the budget left"}
+    tiny = dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1024)
+    target = write(str(work / "spec-target.gguf"), scheme="Q4_K", **(tiny if smoke else SPEC_PAIR["target"]))
+    # 896 is no multiple of Q4_K's 256
+    draft = write(str(work / "spec-draft.gguf"), scheme="Q4_0", **(tiny if smoke else SPEC_PAIR["draft"]))
+    dump = out / "spec_projection.json"
+    cmd = [
+        sys.executable, str(Path(__file__).parent / "bench" / "spec_projection.py"),
+        "--target", str(target), "--draft", str(draft), "--prompt", "random",
+        "--draft-vocab-size", "512" if smoke else "32768", "--quantization", "q4_0",
+        "--ks", "1,2" if smoke else "1,2,3,4,6,8", "--max-tokens", "16" if smoke else "64",
+        "--json", str(dump),
+    ]  # fmt: skip
+    timeout = max(60.0, budget.left() - 10)
+    try:
+        r = subprocess.run(
+            cmd, env=dict(env, TESSERA_DEVICE=device), capture_output=True, text=True, timeout=timeout,
+            cwd=Path(__file__).parent / "bench",
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as e:
+        child_log("spec (timed out)", _text(e.stdout) + _text(e.stderr))
+        return {"error": f"ran past its {timeout:.0f} s"}
+    finally:
+        target.unlink(missing_ok=True)
+        draft.unlink(missing_ok=True)
+    child_log("spec", r.stdout + r.stderr)
+    if r.returncode:
+        return {"error": r.stderr[-1500:]}
+    res = json.loads(dump.read_text())
+    return {"table": r.stdout.strip().splitlines()[-(len(res["rows"]) + 3) :], **res}
+
+
 def recommend_stage(
     work: Path, env: dict, device: str, smoke: bool, budget: Budget, shape_name: str = "smollm2-135m"
 ) -> dict:
@@ -705,7 +757,17 @@ def distributed_stage(work: Path, env: dict, device: str, smoke: bool, budget: B
     return result
 
 
-STAGES = ("suite", "probe", "correctness", "distributed", "bench", "bench-exl2", "recommend", "exllamav2")
+STAGES = (
+    "suite",
+    "probe",
+    "correctness",
+    "distributed",
+    "bench",
+    "bench-exl2",
+    "recommend",
+    "exllamav2",
+    "spec",
+)
 
 
 def main() -> None:
@@ -836,6 +898,10 @@ def main() -> None:
         result["exllamav2"] = exllamav2_stage(work, env, device, a.smoke, budget, out)
         log(f"exllamav2: {json.dumps(result['exllamav2'])}")
         lap("exllamav2")
+    if "spec" in stages:
+        result["spec"] = spec_stage(work, env, device, a.smoke, budget, out)
+        log("spec: " + "\n".join(result["spec"].get("table", [json.dumps(result["spec"])])))
+        lap("spec")
     print(json.dumps(result))
 
 
