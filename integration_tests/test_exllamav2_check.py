@@ -124,3 +124,38 @@ def test_the_reference_forward_is_tesseras_fp32_forward(tools, folder):
     model = load_model(open_checkpoint(folder), torch.float32, torch.device("cpu"), packed_weights=False)
     (want,) = forward_chunks(model, [[ids]], block_size=16)
     assert check.rel_err(logits, want.float()) < 1e-5
+
+
+class TwoPaths:
+    """A stand-in for an ``ExLlamaV2Linear`` whose fused kernel is off by ``fused_error`` at up to
+    32 rows (as exllamav2 takes its fused GEMM there)."""
+
+    def __init__(self, w: torch.Tensor, fused_error: float = 0.0):
+        self.w, self.fused_error = w, fused_error
+        self.in_features = w.shape[0]
+
+    def forward(self, x: torch.Tensor, force_recons: bool = False) -> torch.Tensor:
+        out = x.float() @ self.w
+        if not force_recons and x.shape[-2] <= 32:
+            out = out * (1 + self.fused_error)
+        return out.half()
+
+
+def test_linear_paths_name_the_kernel_that_departs(tools):
+    check, _, _ = tools
+    g = torch.Generator().manual_seed(0)
+    held = {
+        f"model.layers.{i}.mlp.{n}_proj": TwoPaths(torch.randn(64, 32, generator=g), 0.1 if i == 2 else 0.0)
+        for i in range(3)
+        for n in ("up", "down")
+    }
+    held["model.layers.1.self_attn.q_proj"] = TwoPaths(torch.randn(64, 64, generator=g))
+    held["lm_head"] = TwoPaths(torch.randn(64, 100, generator=g))
+    got = check.linear_paths(held, device="cpu")
+    # layer 0, the last layer and the head, at 16 and 40 rows; layer 1 not sampled
+    assert {k.rsplit(" ", 1)[0] for k in got} == {
+        "lm_head",
+        *(f"model.layers.{i}.mlp.{n}_proj" for i in (0, 2) for n in ("up", "down")),
+    }
+    assert got["model.layers.2.mlp.up_proj x16"] == pytest.approx(0.1, rel=1e-2)
+    assert got["model.layers.2.mlp.up_proj x40"] < 1e-3 and got["lm_head x16"] < 1e-3

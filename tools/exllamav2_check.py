@@ -19,12 +19,21 @@ compares, on the same folder (tools/bench/make_random_exl2.py):
   reference on dequantized weights. The weights are identical, so what separates them is
   rounding of activations: fp16 (unit roundoff 2^-11) through every layer, and exllamav2's
   half-precision sums in its matmuls, move logits by a few tenths of a percent to about a
-  percent of their norm. ``logits_ok`` is a relative error under 5%. The logits are a coarse
-  detector on this random folder: its residual stream grows to a root mean square near 480 over
-  30 layers, every position alike, so the attention scores reach about 38 and the logits hardly
-  depend on which key wins (fp32, SmolLM2's shape: shuffling every o_proj's inputs moves them
-  0.8%, attention without its causal mask 0.3%, no attention at all 99%, an 8 times larger
-  softmax scale 141%): the weights' comparison is the check of the format.
+  percent of their norm. ``logits_ok`` is a relative error under 5%, on 16 tokens (where
+  exllamav2's matmuls run its fused quantized GEMM kernel: ``q_gemm.cu`` takes it up to 32 rows)
+  and on 40 (dequantize, then cuBLAS): the 16 are the 40's first, so tessera runs the 40 once. The
+  folder's integers are drawn about EXL2's zero (make_random_exl2.py): with them drawn uniform in
+  0..2^b-1, as before 2026-12-05, every matrix carried a bias of half a step, the residual stream
+  grew into one constant vector of RMS ~480 with two stable signs, and logits compared
+  all-or-nothing (exllamav2's 1.73 relative error and 0.25 argmax agreement that day are 12 of 16
+  positions in the other sign: 2 sqrt(12/16)); now the stream stays near RMS 3 and fp16 rounding
+  moves the fp32 logits 0.17%, while a missing causal mask moves them ~90% and GPT-J-style RoPE
+  ~13%;
+- each linear's two paths in exllamav2 (``linear_paths``): its ``forward`` (the fused kernel at 16
+  rows, dequantize + cuBLAS at 40) against ``forward(force_recons=True)`` (the weights from
+  ``reconstruct``, whose equality with ours the first point shows, times x in torch), one
+  linear of each kind, layer 0 and the last, and the LM head: where the logits disagree and the
+  weights do not, this says whether its GEMM kernel does.
 
 exllamav2 runs with ``config.no_sdpa``: in 0.3.2 ``ExLlamaV2Attention._attn_torch`` (attn.py
 lines 889-890, from commit 2e630ae) hands SDPA ``attn_params.get_block_diag_mask()`` whenever
@@ -47,7 +56,8 @@ import time
 from pathlib import Path
 
 LOGITS_TOLERANCE = 0.05  # relative L2 error; see the module docstring
-SEQ_LEN = 16
+SEQ_LEN = 40  # tessera's sequence; exllamav2 runs its first SHORT_LEN and all of it
+SHORT_LEN = 16
 _SHAPE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 
 
@@ -107,9 +117,15 @@ def child_exllamav2(path: str, dump: str, ids: str) -> None:
     checkpoint = open_checkpoint(path)
     report["weights"] = weights_compared(checkpoint, theirs, mlps)
     Path(dump).write_text(json.dumps(report))
-    input_ids = torch.tensor([[int(i) for i in ids.split(",")]])
-    logits = model.forward(input_ids)
-    torch.save(logits[0].float().cpu(), dump + ".pt")
+    try:
+        report["linear_paths"] = linear_paths(theirs)
+    except Exception as e:  # a diagnostic: its failure must not hide the logits below
+        report["linear_paths_error"] = f"{type(e).__name__}: {e}"
+    Path(dump).write_text(json.dumps(report))
+    full = torch.tensor([[int(i) for i in ids.split(",")]])
+    input_ids = full[:, :SHORT_LEN]
+    torch.save(model.forward(input_ids)[0].float().cpu(), dump + ".pt")
+    torch.save(model.forward(full)[0].float().cpu(), dump + ".full.pt")
 
     try:
         idx = list(range(1, model.head_layer_idx + 1))
@@ -123,6 +139,28 @@ def child_exllamav2(path: str, dump: str, ids: str) -> None:
     except Exception as e:  # a diagnostic: its failure must not hide the logits above
         report["states_error"] = f"{type(e).__name__}: {e}"
     Path(dump).write_text(json.dumps(report))
+
+
+def linear_paths(theirs: dict, device: str = "cuda") -> dict:
+    """(on the GPU, exllamav2 loaded) per sampled linear and row count, the relative error of its
+    ``forward`` (fused quantized GEMM up to 32 rows) against ``forward(force_recons=True)``
+    (``reconstruct`` + torch matmul) on the same fp16 inputs."""
+    import torch
+
+    layers = sorted({int(k.split(".")[2]) for k in theirs if k.startswith("model.layers.")})
+    keys = [k for k in theirs if k == "lm_head"]
+    for layer in {layers[0], layers[-1]} if layers else ():
+        keys += sorted(k for k in theirs if k.startswith(f"model.layers.{layer}."))
+    g = torch.Generator(device=device).manual_seed(3)
+    out = {}
+    for key in keys:
+        m = theirs[key]
+        for rows in (SHORT_LEN, SEQ_LEN):
+            x = torch.randn(1, rows, m.in_features, device=device, generator=g).half()
+            fused = m.forward(x).float()
+            recons = m.forward(x, force_recons=True).float()
+            out[f"{key} x{rows}"] = round(rel_err(fused, recons), 5)
+    return out
 
 
 def state_name(i: int, n: int) -> str:
@@ -299,19 +337,29 @@ def cross_check(folder: Path, env: dict, device: str, timeout: float, out: Path)
         result["weights"] = report["weights"]
     if why:
         return {"status": f"failed: {why}", **result}
-    theirs = torch.load(str(dump) + ".pt")
-    err = rel_err(theirs, logits["fp32"])
-    agree = (theirs.argmax(-1) == logits["fp32"].argmax(-1)).float().mean()
+    theirs = torch.load(str(dump) + ".pt")  # the first SHORT_LEN tokens
+    fp32, low = logits["fp32"][:SHORT_LEN], logits["low"][:SHORT_LEN]
+    err = rel_err(theirs, fp32)
+    agree = (theirs.argmax(-1) == fp32.argmax(-1)).float().mean()
     result |= {
         "logits_rel_err_exllamav2_vs_fp32": err,
-        "logits_rel_err_exllamav2_vs_tessera": rel_err(theirs, logits["low"]),
+        "logits_rel_err_exllamav2_vs_tessera": rel_err(theirs, low),
         # the last position sees the whole sequence either way: right here and wrong before it
         # is attention that is not causal
-        "logits_rel_err_exllamav2_vs_fp32_last_position": rel_err(theirs[-1], logits["fp32"][-1]),
+        "logits_rel_err_exllamav2_vs_fp32_last_position": rel_err(theirs[-1], fp32[-1]),
         "argmax_agreement_exllamav2_vs_fp32": float(agree),
         "logits_tolerance": LOGITS_TOLERANCE,
-        "logits_ok": err < LOGITS_TOLERANCE,
     }
+    ok = err < LOGITS_TOLERANCE
+    full = Path(str(dump) + ".full.pt")
+    if full.is_file():  # all SEQ_LEN tokens: exllamav2 dequantizes and calls cuBLAS there
+        theirs_full = torch.load(full)
+        err_full = rel_err(theirs_full, logits["fp32"])
+        result["logits_rel_err_exllamav2_vs_fp32_40"] = err_full
+        agree = (theirs_full.argmax(-1) == logits["fp32"].argmax(-1)).float().mean()
+        result["argmax_agreement_exllamav2_vs_fp32_40"] = float(agree)
+        ok = ok and err_full < LOGITS_TOLERANCE
+    result["logits_ok"] = ok
     ref = Path(str(dump) + ".ref.pt")
     if ref.is_file():  # reference_forward's logits, the yardstick of states_rel_err
         result["logits_rel_err_reference_vs_tessera_fp32"] = rel_err(torch.load(ref), logits["fp32"])

@@ -9,7 +9,7 @@ Shapes as tools/bench/make_random_gguf.py (``llama3-8b``, ``smollm2-135m``). Eve
 mixes bit widths along its inputs the way exllamav2's converter does around 4.0 bpw: of its
 groups (128 inputs, or 64 or 32 where the inputs are not a multiple of 128) about 10% hold 5
 bits, 80% 4 bits and 10% 3 bits, stored widest first behind a random input permutation, with
-scales put on EXL2's grid by ``exl2_scale_grid``. The integers are uniform random and the scales
+scales put on EXL2's grid by ``exl2_scale_grid``. The integers are random about EXL2's zero and the scales
 give each weight a standard deviation near ``1 / sqrt(fan_in)``, so activations stay at unit
 size: a benchmark of speed, not of text. The embedding is fp16; the LM head is 6-bit groups of
 128 (exllamav2's default ``head_bits``) or fp16 (``--head-bits 16``). The tokenizer.json is
@@ -68,8 +68,13 @@ def random_groups(gen: torch.Generator, n_out: int, n_in: int, shares: dict[int,
     words = torch.randint(-(2**63), 2**63 - 1, (n_out * n_in // 8,), dtype=torch.int64, generator=gen)
     q = words.view(torch.uint8).reshape(n_out, n_in)
     q &= ((1 << col_bits) - 1).to(torch.uint8)
+    # EXL2's zero is 2^(b-1): 0..2^b-1 would average half a step below it, a bias common to every
+    # row that builds up through the layers until the residual stream is one constant vector with
+    # two stable signs, and logits then compare as all-or-nothing (an exllamav2 run far from ours
+    # that said nothing of where). Zeros moved to 2^(b-1) give mean 0: 1..2^b-1 and the zero twice
+    q = torch.where(q == 0, (1 << (col_bits - 1)).to(torch.uint8), q)
     mid = torch.tensor([2.0 ** (b - 1) for b in bits])
-    spread = torch.sqrt((4 * mid**2 - 1) / 12)  # std of a uniform integer of b bits
+    spread = torch.sqrt((mid - 1) * (2 * mid - 1) / 6)  # std of those integers about 2^(b-1)
     jitter = 0.5 + 0.5 * torch.rand(n_out, len(bits), generator=gen)  # levels below 16 too
     _, _, scale = exl2_scale_grid(jitter / (spread * math.sqrt(n_in)))
     perm = torch.randperm(n_in, generator=gen)
