@@ -2,6 +2,7 @@
 policy speculates where it pays (a small batch, good acceptance), not where it does not (a large
 batch, poor acceptance), probes now and then, and is deterministic."""
 
+import json
 import random
 
 import pytest
@@ -58,6 +59,23 @@ def test_a_valid_config_parses_from_json_and_from_a_dict():
 def test_a_bad_config_is_refused_naming_the_field(value, names):
     with pytest.raises(ValueError, match=names):
         SpeculativeConfig.parse(value)
+
+
+def test_a_corpus_without_text_is_refused_before_any_weight_loads(tmp_path):
+    def spec(corpus) -> str:
+        return json.dumps(
+            {"method": "draft_model", "model": "x", "num_speculative_tokens": 4, "draft_vocab_size": 4096,
+             "draft_vocab_corpus": str(corpus)}
+        )  # fmt: skip
+
+    (tmp_path / "empty.txt").touch()
+    (tmp_path / "folder" / "sub").mkdir(parents=True)
+    (tmp_path / "folder" / "sub" / "empty.md").touch()
+    for corpus in (tmp_path / "empty.txt", tmp_path / "folder"):
+        with pytest.raises(ValueError, match="draft_vocab_corpus .* holds no text"):
+            SpeculativeConfig.parse(spec(corpus))
+    (tmp_path / "folder" / "sub" / "text.md").write_text("def f(): pass\n")
+    assert SpeculativeConfig.parse(spec(tmp_path / "folder")).draft_vocab_corpus == str(tmp_path / "folder")
 
 
 def test_expected_tokens_counts_the_accepted_run_and_the_token_after_it():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import msgspec
 
@@ -89,6 +90,11 @@ class SpeculativeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
                 raise ValueError(
                     f"speculative_config.draft_vocab_corpus {self.draft_vocab_corpus!r} does not exist"
                 )
+            if not _holds_bytes(Path(self.draft_vocab_corpus)):
+                raise ValueError(
+                    f"speculative_config.draft_vocab_corpus {self.draft_vocab_corpus!r} holds no text "
+                    "(an empty file, or a folder without a non-empty file)"
+                )
 
     @classmethod
     def parse(cls, value: str | dict | SpeculativeConfig | None) -> SpeculativeConfig | None:
@@ -122,3 +128,13 @@ def _field_message(e: msgspec.ValidationError) -> str:
         what, where = text.rsplit(" - at `$.", 1)
         return f"speculative_config.{where.rstrip('`')}: {what}"
     return f"speculative_config: {text}"
+
+
+def _holds_bytes(path: Path) -> bool:
+    """A non-empty file, or a folder with one somewhere under it (the first found ends the walk)."""
+    try:
+        if path.is_file():
+            return path.stat().st_size > 0
+        return any(f.is_file() and f.stat().st_size > 0 for f in path.rglob("*"))
+    except OSError:
+        return False
