@@ -278,11 +278,23 @@ def test_a_lean_draft_model_gives_the_same_tokens(default_model_path, plain, ref
     assert head.weight.scheme == "Q8_0" and llm.draft_model.layers[0].mlp.down_proj.weight.scheme == "Q4_0"
     assert 4096 <= head.vocab_rows.numel() < 4096 + 64 and head.vocab_rows.numel() % 16 == 0
     assert set(llm.tokenizer.eos_token_ids) <= set(head.vocab_rows.tolist())
+    joined, include = set(), head.include
+
+    def recording(token_ids, owner=None):
+        include(token_ids, owner)
+        if owner is not None:
+            joined.update(head._owned.get(owner, ()))
+
+    head.include = recording
     outs = llm.generate(prompts(llm), GREEDY)
     assert [o.token_ids for o in outs] == reference
-    # the prompts' tokens outside the 4,096 joined the head
+    # the prompts' tokens outside the 4,096 joined the head while their requests ran, and left
+    # it with them
     outside = {t for p in prompts(llm) for t in p} - set(head.vocab_rows.tolist())
-    assert outside and outside <= set(head._context)
+    assert outside and outside <= joined
+    # finished requests are released at the next step: one of tokens the head keeps anyway
+    llm.generate([head.vocab_rows[:3].tolist()], SamplingParams(temperature=0.0, max_tokens=2))
+    assert head.context_rows == 0 and not any(head._owned.values())
     s = llm.stats()
     # a 135M model's Q4_1 weights re-quantized to Q4_0 and a 4,096-token head draft much worse
     # (~35% here, against 95% as stored): still drafts, still accepted

@@ -94,12 +94,29 @@ def test_an_lm_head_of_some_rows_scores_those_rows_only(tmp_path):
     got = logits(ours, IDS)
     assert (got[:, others[:2]] - ref[:, others[:2]]).abs().max().item() < 1e-4
     assert torch.isneginf(got[:, others[2:]]).all()
-    head.max_context_rows = 3  # past it: the rows added so far go, the new ones start afresh
-    head.include(others[2:4].tolist())
-    head.include(others[4:6].tolist())
+    head.max_context_rows = 3  # past it: the rows no request holds go first ...
+    head.include(others[2:4].tolist(), owner="a")
+    assert head.context_rows == 2  # others[0:2] had no owner: dropped to make room
+    head.include(others[4:5].tolist(), owner="b")
+    head.include(others[2:3].tolist(), owner="b")  # held by both a and b
+    assert head.context_rows == 3
+    # ... and where the requests alive hold more than the cap, every row goes, these come in
+    head.include(others[5:7].tolist(), owner="c")
     got = logits(ours, IDS)
-    assert (got[:, others[4:6]] - ref[:, others[4:6]]).abs().max().item() < 1e-4
-    assert torch.isneginf(got[:, others[:4]]).all()
+    assert (got[:, others[5:7]] - ref[:, others[5:7]]).abs().max().item() < 1e-4
+    assert torch.isneginf(got[:, others[:5]]).all()
+    # a request's rows live as long as it does: a and b come back, c is done
+    head.max_context_rows = 4096
+    head.include(others[2:5].tolist(), owner="b")
+    head.forget(["c"])  # 2 of 5 rows unheld: kept until they are half
+    assert head.context_rows == 5
+    head.forget(["b"])  # only others[2:4] (a's) remain held
+    assert head.context_rows == 2
+    got = logits(ours, IDS)
+    assert (got[:, others[2:4]] - ref[:, others[2:4]]).abs().max().item() < 1e-4
+    assert torch.isneginf(got[:, others[4:7]]).all()
+    head.forget(["a", "unknown"])
+    assert head.context_rows == 0 and torch.isneginf(logits(ours, IDS)[:, others]).all()
     with pytest.raises(ValueError, match="token ids in 0..159"):
         load_model(open_checkpoint(tmp_path), lm_head_rows=[0, 160])
 

@@ -20,9 +20,15 @@ class FakeDraft:
     def __init__(self) -> None:
         self.slots: dict[int, int] = {}  # slot -> token whose K/V is there
         self.calls: list[tuple[list[int], list[int], list[int]]] = []
+        self.owners: list[list[str] | None] = []  # per call
+        self.forgotten: list[str] = []
 
-    def logits(self, token_ids, query_lens, seq_lens, block_tables):
+    def forget(self, owners):
+        self.forgotten.extend(owners)
+
+    def logits(self, token_ids, query_lens, seq_lens, block_tables, owners=None):
         self.calls.append((list(token_ids), list(query_lens), list(seq_lens)))
+        self.owners.append(None if owners is None else list(owners))
         out = torch.zeros(len(query_lens), V)
         start = 0
         for i, (q, s, table) in enumerate(zip(query_lens, seq_lens, block_tables, strict=True)):
@@ -84,6 +90,16 @@ def test_requests_batch_their_forwards_and_stop_at_their_own_k():
     out = prop.draft([a, b, c], [1, 3, 0])
     assert out.token_ids == [[3], [8, 9, 10], []]
     assert [q for _, q, _ in draft.calls] == [[2, 3], [1], [1]]  # one first forward, then r2 alone
+
+
+def test_the_context_forward_names_each_sequence_s_request_and_release_forgets_them():
+    draft = FakeDraft()
+    prop = DraftModelProposer(draft)
+    prop.draft([request("r1", [1, 2]), request("r2", [5, 6, 7])], [2, 1])
+    # the first forward reads the requests' context; the later ones only the draft's own tokens
+    assert draft.owners == [["r1", "r2"], None]
+    prop.release(["r1"])
+    assert draft.forgotten == ["r1"]
 
 
 def test_no_draft_past_the_slots_the_target_reserved():

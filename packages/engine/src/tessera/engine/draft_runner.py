@@ -44,6 +44,7 @@ class DraftRunner:
         query_lens: Sequence[int],
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        owners: Sequence[object] | None = None,
     ) -> torch.Tensor:
         positions, metas = build_attention_metadata(
             list(query_lens),
@@ -54,7 +55,13 @@ class DraftRunner:
             self.batch_invariant,
         )
         if self.head is not None:  # a cut head scores the context's tokens too
-            self.head.include(token_ids)
+            if owners is None:
+                self.head.include(token_ids)
+            else:
+                start = 0
+                for owner, n in zip(owners, query_lens, strict=True):
+                    self.head.include(token_ids[start : start + n], owner)
+                    start += n
         hidden = self.model.forward(
             torch.tensor(token_ids, dtype=torch.int64, device=self.device),
             positions,
@@ -64,6 +71,11 @@ class DraftRunner:
         last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last] if len(last) < hidden.shape[0] else hidden)
         return logits
+
+    def forget(self, owners: Sequence[object]) -> None:
+        """These requests are done: a cut head's context rows they held may go."""
+        if self.head is not None:
+            self.head.forget(owners)
 
 
 def check_draft_vocabulary(tokenizer, config, draft_checkpoint, name: str) -> None:

@@ -65,9 +65,12 @@ class LMHead:
     With ``LoadOptions.lm_head_rows`` it keeps those rows only (``vocab_rows``): ``forward``
     gives their logits, ``expand`` puts them in their columns of the whole vocabulary (-inf
     elsewhere). A speculative draft scores the tokens it may propose at a fraction of the bytes.
-    ``include(ids)`` adds rows for tokens outside them (a draft's context: the prompt's own
+    ``include(ids, owner)`` adds rows for tokens outside them (a draft's context: the prompt's own
     words and names, whatever its language), up to ``max_context_rows``, dequantized once from
-    the loaded weight (kept for that: for a GGUF file a view of its mapped bytes)."""
+    the loaded weight (kept for that: for a GGUF file a view of its mapped bytes). A row lives
+    while a request (``owner``) that included it does: ``forget(owners)`` lets its rows go, dropped
+    once they are half of the context rows, or when new ones would pass the cap (where the live
+    requests alone pass it, every context row goes and they come back as their tokens do)."""
 
     max_context_rows = 4096
 
@@ -79,6 +82,8 @@ class LMHead:
         self._source = None  # the loaded weight of a cut head: where context rows come from
         self._kept: set[int] = set()
         self._context: set[int] = set()  # token ids of the rows in _context_w
+        self._refs: dict[int, int] = {}  # context token -> requests holding it
+        self._owned: dict[object, set[int]] = {}  # request -> the context tokens it holds
         self._context_w: torch.Tensor | None = None
         self._context_ids: torch.Tensor | None = None
         self._dtype = torch.float32
@@ -128,21 +133,26 @@ class LMHead:
             full[:, self._context_ids] = logits[:, n:]
         return full
 
-    def include(self, token_ids) -> None:
-        """Score these tokens too, where the head was cut without them. Past
-        ``max_context_rows`` the rows added so far are dropped and these start afresh."""
+    def include(self, token_ids, owner=None) -> None:
+        """Score these tokens too, where the head was cut without them; held by ``owner`` (a
+        request) until ``forget``, or by none (dropped at the next clean-up)."""
         if self.vocab_rows is None:
             return
-        new = [
-            t
-            for t in dict.fromkeys(int(t) for t in token_ids)
-            if t not in self._kept and t not in self._context
-        ]
-        new = [t for t in new if 0 <= t < self.embedding.vocab_size][: self.max_context_rows]
+        vocab = self.embedding.vocab_size
+        toks = [t for t in dict.fromkeys(int(t) for t in token_ids) if 0 <= t < vocab and t not in self._kept]
+        if owner is not None:
+            mine = self._owned.setdefault(owner, set())
+            for t in toks:
+                if t not in mine:
+                    mine.add(t)
+                    self._refs[t] = self._refs.get(t, 0) + 1
+        new = [t for t in toks if t not in self._context][: self.max_context_rows]
         if not new:
             return
         if len(self._context) + len(new) > self.max_context_rows:
-            self._context, self._context_w, self._context_ids = set(), None, None
+            self._drop_unheld()
+            if len(self._context) + len(new) > self.max_context_rows:
+                self._context, self._context_w, self._context_ids = set(), None, None
         device = self.vocab_rows.device
         rows = _select_rows(self._source, torch.tensor(new, dtype=torch.int64))
         if not isinstance(rows, torch.Tensor):
@@ -155,6 +165,36 @@ class LMHead:
             self._context_w = torch.cat([self._context_w, rows])
             self._context_ids = torch.cat([self._context_ids, ids])
         self._context.update(new)
+
+    def forget(self, owners) -> None:
+        """These requests hold their context rows no more; the rows no request holds are
+        dropped once they are half of them."""
+        for owner in owners:
+            for t in self._owned.pop(owner, ()):
+                n = self._refs.pop(t) - 1
+                if n:
+                    self._refs[t] = n
+        if 2 * sum(t in self._refs for t in self._context) < len(self._context):
+            self._drop_unheld()
+
+    @property
+    def context_rows(self) -> int:
+        return len(self._context)
+
+    def _drop_unheld(self) -> None:
+        if self._context_ids is None:
+            return
+        ids = self._context_ids.tolist()
+        keep = [i for i, t in enumerate(ids) if t in self._refs]
+        if len(keep) == len(ids):
+            return
+        if not keep:
+            self._context, self._context_w, self._context_ids = set(), None, None
+            return
+        index = torch.tensor(keep, dtype=torch.int64, device=self._context_ids.device)
+        self._context_w = self._context_w.index_select(0, index)
+        self._context_ids = self._context_ids.index_select(0, index)
+        self._context = {ids[i] for i in keep}
 
 
 def head_scheme(weight, opts: LoadOptions) -> str | None:

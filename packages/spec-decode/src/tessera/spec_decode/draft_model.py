@@ -30,11 +30,18 @@ class DraftModel(Protocol):
         query_lens: Sequence[int],
         seq_lens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        owners: Sequence[object] | None = None,
     ) -> torch.Tensor:
         """fp32 logits ``[len(query_lens), vocab]``, one row per sequence, at its last token.
         Sequence ``i`` computes the last ``query_lens[i]`` of its first ``seq_lens[i]`` tokens
         (``token_ids`` holds them, sequence after sequence), writing their K/V at the slots of
-        ``block_tables[i]`` and attending to the K/V written there before."""
+        ``block_tables[i]`` and attending to the K/V written there before. ``owners``: the
+        request each sequence is for, where the tokens are its context (a draft whose LM head
+        was cut scores them too while the request lives)."""
+        ...
+
+    def forget(self, owners: Sequence[object]) -> None:
+        """These requests are done (what ``logits`` kept for them may go)."""
         ...
 
 
@@ -92,8 +99,10 @@ class DraftModelProposer:
         self.forward_seconds = min(times[1:])
 
     def release(self, request_ids: Iterable[str]) -> None:
+        request_ids = list(request_ids)
         for rid in request_ids:
             self._states.pop(rid, None)
+        self.model.forget(request_ids)
 
     def _known_good(self, st: _State, ctx: Sequence[int]) -> int:
         """Of ``ctx``, how many first tokens have good K/V in the draft's tensors: ``computed``,
@@ -121,6 +130,7 @@ class DraftModelProposer:
         qlens: list[int] = []
         slens: list[int] = []
         tables: list[Sequence[int]] = []
+        owners: list[str] = []
         drafting: list[tuple[int, int, int]] = []  # (row of the first forward, request index, k)
         for i, (r, k) in enumerate(zip(requests, ks, strict=True)):
             if k <= 0:
@@ -143,12 +153,13 @@ class DraftModelProposer:
             qlens.append(n)
             slens.append(c + n)
             tables.append(r.block_table)
+            owners.append(r.request_id)
             if k:
                 drafting.append((len(qlens) - 1, i, k))
                 st.computed = n_ctx
         if not qlens:
             return Drafts(out)
-        logits = self.model.logits(ids, qlens, slens, tables)
+        logits = self.model.logits(ids, qlens, slens, tables, owners=owners)
         if not drafting:
             return Drafts(out)
         logits = logits[torch.tensor([row for row, _, _ in drafting])]
