@@ -74,11 +74,12 @@ def test_the_ranking_is_kept_on_disk_keyed_by_all_it_depends_on(tmp_path):
     alone = tmp_path / "alone"
     cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": alone})
     (f,) = alone.iterdir()
-    for damage, ranked in (("[1, 2", 6), ("[500]", 7), ("[2, 1, 127]", 8), (None, 8)):
+    damaged = (("[1, 2", 6), ("[500]", 7), ("[2, 1, 127]", 8), ('[1, "a", 127]', 9), (None, 9))
+    for damage, ranked in damaged:
         if damage is not None:
-            f.write_text(damage)  # cut short; outside the vocabulary; not sorted
+            f.write_text(damage)  # cut short; outside the vocabulary; not sorted; not ids
         assert cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": alone}) == first
         assert len(calls) == ranked
     # no cache folder: nothing kept
     cached_frequent_tokens(counting, 128, 3, texts, **{**kw, "cache_dir": None})
-    assert len(calls) == 9
+    assert len(calls) == 10

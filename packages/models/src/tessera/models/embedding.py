@@ -169,12 +169,15 @@ class LMHead:
     def forget(self, owners) -> None:
         """These requests hold their context rows no more; the rows no request holds are
         dropped once they are half of them."""
+        freed = False
         for owner in owners:
             for t in self._owned.pop(owner, ()):
                 n = self._refs.pop(t) - 1
                 if n:
                     self._refs[t] = n
-        if 2 * sum(t in self._refs for t in self._context) < len(self._context):
+                freed = True
+        # every step releases its finished requests (most steps none): count only after a change
+        if freed and 2 * sum(t in self._refs for t in self._context) < len(self._context):
             self._drop_unheld()
 
     @property

@@ -127,8 +127,8 @@ def cached_frequent_tokens(
             ids = json.loads(path.read_text())
             if (
                 isinstance(ids, list)
+                and all(type(i) is int and 0 <= i < vocab_size for i in ids)
                 and ids == sorted(set(ids))
-                and all(isinstance(i, int) and 0 <= i < vocab_size for i in ids)
                 and set(keep) <= set(ids)
             ):
                 return ids
@@ -137,6 +137,7 @@ def cached_frequent_tokens(
         log.warning("draft vocabulary cache %s unreadable; ranking the corpus again", path)
     ids = frequent_tokens(encode, vocab_size, size, texts, keep, multiple)
     if path is not None:
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -145,4 +146,6 @@ def cached_frequent_tokens(
             os.replace(tmp, path)
         except OSError as e:  # a read-only cache only costs the ranking next time
             log.warning("could not keep the draft vocabulary in %s: %s", path.parent, e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
     return ids
