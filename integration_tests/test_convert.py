@@ -54,6 +54,24 @@ def tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tied(tiny, tmp_path_factory) -> Path:
+    """The tiny Llama with its LM head tied to the embeddings (as SmolLM2's is)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("tied")
+    for f in tiny.iterdir():
+        shutil.copy(f, folder / f.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     """40 paragraphs of random words: 32 calibrate, 8 are held out."""
     g = torch.Generator().manual_seed(1)
@@ -151,6 +169,58 @@ def test_gptqmodel_reads_the_written_folders_as_our_reader_does(converted, tmp_p
             torch.testing.assert_close(w, ref[name.removesuffix(".weight")], rtol=2.0**-7, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def with_head(tied, text, tmp_path_factory) -> Path:
+    """The tied tiny Llama converted with its LM head quantized (8 bits, groups of 32) beside
+    asymmetric 4-bit act-order layers (so the file is GPTQ v2 and the head's zeros are v2 too)."""
+    dst = tmp_path_factory.mktemp("head") / "out"
+    target = GPTQTarget(4, 32, False, True, lm_head_bits=8, lm_head_group_size=32)
+    report = convert(tied, dst, target, Calibration(text, 8, 32), log=print)
+    assert len(report.errors) == 15 and report.errors["lm_head"] < 0.01
+    return dst
+
+
+def test_a_quantized_lm_head_is_written_as_gptqmodel_writes_it_and_unties_a_tied_head(tied, with_head):
+    """config.json says lm_head true with GPTQModel's dynamic rule for it and no longer ties the
+    head; the embeddings stay as the source has them; our model's logits are transformers' on
+    the same (dequantized) weights."""
+    from .test_gptq_checkpoints import transformers_on_our_weights
+
+    cfg = json.loads((with_head / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert (
+        cfg["tie_word_embeddings"] is False and q["lm_head"] is True and q["checkpoint_format"] == "gptq_v2"
+    )
+    assert q["dynamic"] == {"lm_head": {"bits": 8, "group_size": 32, "sym": True, "desc_act": False}}
+    w = dict(open_checkpoint(with_head).weights())
+    src = dict(open_checkpoint(tied).weights())
+    head = w["lm_head.weight"]
+    assert isinstance(head, GPTQTensor) and (head.bits, head.group_size, head.sym) == (8, 32, True)
+    emb = src["model.embed_tokens.weight"]
+    assert torch.equal(w["model.embed_tokens.weight"], emb)
+    assert (head.dequantize() - emb).norm() / emb.norm() < 0.02
+    ids = torch.tensor([[3, 17, 42, 90, 5, 60, 77, 8]])
+    with torch.no_grad():
+        want = transformers_on_our_weights(with_head)(ids).logits[0]
+    ours = load_model(open_checkpoint(with_head), torch.float32)
+    from tessera.models.harness import forward_chunks
+
+    (got,) = forward_chunks(ours, [[ids[0, :5].tolist(), ids[0, 5:].tolist()]], block_size=4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    not GPTQ_PYTHON.is_file(),
+    reason="GPTQModel's venv /tmp/gptq-venv is absent (tools/make_gptq_fixtures.py says how to make it)",
+)
+def test_gptqmodel_reads_a_quantized_lm_head_as_our_reader_does(with_head, tmp_path):
+    (ref,) = _gptqmodel_weights([with_head], tmp_path / "ref.safetensors")
+    ours = {n: t.dequantize() for n, t in open_checkpoint(with_head).weights() if isinstance(t, GPTQTensor)}
+    assert len(ref) == len(ours) == 15 and "lm_head" in ref
+    for name, w in ours.items():
+        torch.testing.assert_close(w, ref[name.removesuffix(".weight")], rtol=2.0**-7, atol=1e-6)
+
+
 def test_an_interrupted_run_leaves_no_destination_and_resumes_to_the_same_result(
     tiny, text, tmp_path, monkeypatch
 ):
@@ -205,6 +275,13 @@ def _cli(*args):
         (["--to", "gptq", "--bits", "5"], "--bits 5 is not a GPTQ width"),
         (["--to", "gptq", "--group-size", "48"], "--group-size 48 is not a power of two"),
         (["--to", "gptq", "--rows", "1000"], "not the 1000 requested"),
+        (["--to", "gptq", "--lm-head-bits", "6"], "--lm-head-bits 6 is not a GPTQ width"),
+        (
+            ["--to", "gptq", "--lm-head", "--lm-head-group-size", "24"],
+            "--lm-head-group-size 24 is not a power",
+        ),
+        (["--to", "gptq", "--head-bits", "6"], "--head-bits is EXL2's"),
+        (["--to", "exl2", "--bpw", "4", "--lm-head"], "GPTQ's; EXL2 takes --head-bits"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(tiny, text, tmp_path, extra, message):
@@ -219,10 +296,15 @@ def test_an_existing_destination_needs_force(tiny, text, tmp_path):
     r = _cli(tiny, dst, "--to", "gptq", "--calibration", text, "--rows", "2", "--row-length", "16")
     assert r.returncode == 2 and "already exists (--force replaces it)" in r.stderr
     assert list(tmp_path.iterdir()) == [dst] and list(dst.iterdir()) == []
-    r = _cli(tiny, dst, "--to", "gptq", "--calibration", text, "--rows", "2", "--row-length", "16", "--force")
+    r = _cli(
+        tiny, dst, "--to", "gptq", "--calibration", text, "--rows", "2", "--row-length", "16", "--force",
+        "--lm-head-bits", "4",
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["linears"] == 14
-    assert open_checkpoint(dst).config.quantization.bits == 4
+    out = json.loads(r.stdout)
+    assert out["linears"] == 15 and 0 < out["lm_head_relative_output_error"] < 0.05
+    q = open_checkpoint(dst).config.quantization
+    assert q.bits == 4 and q.lm_head and q.for_module("lm_head").group_size == 32
 
 
 def test_a_calibration_text_too_short_is_a_format_error(tiny, text):

@@ -129,17 +129,25 @@ def test_checkpoints_run_packed_from_gguf_blocks(case):
         pytest.skip("no C kernels on this machine")
     folder = FIXTURES / case
     ours = load_model(open_checkpoint(folder), torch.float32, packed_weights=True)
-    linears = [ly.self_attn.o_proj.weight for ly in ours.layers]
-    want_scheme = "Q8_0" if "8bit" in case else "Q4_1"
+    stored = dict(open_checkpoint(folder).weights())
+    linears = {"lm_head": ours.lm_head.weight}  # what each module runs on, by its HF name
+    for i, ly in enumerate(ours.layers):
+        linears[f"model.layers.{i}.self_attn.o_proj"] = ly.self_attn.o_proj.weight
+        linears[f"model.layers.{i}.mlp.down_proj"] = ly.mlp.down_proj.weight
 
-    def packed(w):
+    def packed(w, scheme):
         if isinstance(w, InputSegments):
-            return w.perm is not None and all(packed(p) for _, _, p in w.parts)
-        return isinstance(w, PackedWeight) and w.scheme == want_scheme
+            return w.perm is not None and all(packed(p, scheme) for _, _, p in w.parts)
+        return isinstance(w, PackedWeight) and w.scheme == scheme
 
-    assert linears and all(packed(w) for w in linears)
-    if "actorder" not in case:  # (with act-order, a linear of one group keeps its order)
-        assert not any(isinstance(w, InputSegments) for w in linears)
+    for name, w in linears.items():
+        t = stored[f"{name}.weight"]
+        if isinstance(t, GPTQTensor):  # up to 4 bits as Q4_1, 8 bits as Q8_0
+            assert packed(w, "Q8_0" if t.bits == 8 else "Q4_1"), name
+            if not t.desc_act:  # (with act-order, a linear of one group keeps its order)
+                assert not isinstance(w, InputSegments), name
+        else:  # left unquantized (a float head, a module `dynamic` skips): dense
+            assert isinstance(w, torch.Tensor), name
     (got,) = forward_chunks(ours, [[PROMPT[:5], PROMPT[5:]]], block_size=4)
     hf = transformers_on_our_weights(folder)
     with torch.no_grad():

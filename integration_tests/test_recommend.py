@@ -34,6 +34,25 @@ def test_exl2_ladder_layouts_average_their_bits():
     assert exl2_layout(6.0).linears == (("Q8_0", 1.0),)
 
 
+def test_a_gptq_head_of_8_bits_is_read_as_q8_0_and_unties_the_embedding():
+    """GPTQ keeps a tied model's head in the model dtype; with ``--lm-head`` (8-bit groups) the
+    head is Q8_0 blocks and the embedding table is held beside it in the model dtype."""
+    from tessera.engine import resolve_model
+    from tessera.engine.recommend import GPTQ_HEAD8_LAYOUT, GPTQ_LAYOUT, weight_bytes
+    from tessera.formats import open_checkpoint
+    from tessera.kernels_cpu import native
+
+    if native.library() is None:
+        pytest.skip("no C kernels on this machine")
+    config = open_checkpoint(resolve_model("smollm2-135m-instruct")).config
+    held = HeldBytes(torch.device("cpu"), torch.bfloat16)
+    v, h = config.vocab_size, config.hidden_size
+    plain_total, plain_read = weight_bytes(config, GPTQ_LAYOUT, held)
+    head_total, head_read = weight_bytes(config, GPTQ_HEAD8_LAYOUT, held)
+    assert plain_read - head_read == held("dense", v, h) - held("Q8_0", v, h)
+    assert head_total - plain_total == held("Q8_0", v, h)  # the tied table no longer doubles as the head
+
+
 def test_kv_bytes_are_whole_blocks_with_scales():
     class C:
         num_hidden_layers, num_key_value_heads, head_dim = 30, 3, 64

@@ -38,6 +38,25 @@ CASES = {
         bits=2, group_size=-1, desc_act=False, sym=False, format="gptq_v2", act_group_aware=False
     ),
     "gptq-8bit-g64-actorder-sym-v2": dict(bits=8, group_size=64, desc_act=True, sym=True, format="gptq_v2"),
+    # the LM head quantized too: GPTQModel gives it 8 bits through `dynamic` unless told otherwise
+    "gptq-4bit-g32-actorder-sym-v1-lmhead": dict(
+        bits=4, group_size=32, desc_act=True, sym=True, format="gptq", lm_head=True
+    ),
+    # per-module overrides: an 8-bit head of groups of 64, layer 1's MLP at 8 bits, layer 0's
+    # o_proj left unquantized
+    "gptq-4bit-g32-sym-v1-dynamic": dict(
+        bits=4,
+        group_size=32,
+        desc_act=False,
+        sym=True,
+        format="gptq",
+        lm_head=True,
+        dynamic={
+            "lm_head": {"bits": 8, "group_size": 64},
+            r"+:.*\.1\.mlp\..*": {"bits": 8, "group_size": 64},
+            r"-:.*\.0\.self_attn\.o_proj": {},
+        },
+    ),
     "awq-4bit-g32-sym-gemm": dict(bits=4, group_size=32, quant_method="awq", format="gemm"),
     "awq-4bit-g64-asym-gemm": dict(bits=4, group_size=64, sym=False, quant_method="awq", format="gemm"),
 }

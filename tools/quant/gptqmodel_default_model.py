@@ -26,6 +26,10 @@ Three steps, two interpreters (GPTQModel pins its own stack, so it runs in a thr
     nice -n 10 uv run python tools/quant/gptqmodel_default_model.py compare /tmp/gptqmodel-smollm2 \\
         /tmp/variants/smollm2/gptqmodel-4b-g128-actorder-sym
 
+    # the LM head quantized too (GPTQModel refuses a tied head: export --untie gives it its own
+    # copy of the embedding), GPTQModel's lm_head=True with its default 8 bits in groups of 32:
+    #   export --untie WORK2; quantize --lm-head WORK2 OUT2; compare WORK2 OUT2
+
 The comparisons: per linear, max |our GPTQTensor.dequantize() - GPTQModel's dequantize_weight()|
 (GPTQModel computes ``scale * (q - zero)`` in bf16, scales rounded to bf16 first: the same product
 emulated from our unpacked ints, scales and g_idx must equal theirs bit for bit); our fp32 logits
@@ -64,7 +68,7 @@ def say(msg: str) -> None:
 # -- 1. export (project venv) -----------------------------------------------------------------------
 
 
-def export(work: Path, model_name: str) -> None:
+def export(work: Path, model_name: str, untie: bool = False) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -97,6 +101,9 @@ def export(work: Path, model_name: str) -> None:
             tensors[f"{p}.{name}.weight"] = w.float().contiguous()
     cfg = conv._hf_config(ck, torch.float32, {})
     cfg.pop("quantization_config")
+    if untie:  # GPTQModel quantizes an LM head only where it is not tied: a copy of the embedding
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        cfg["tie_word_embeddings"] = False
     tmp = work / "hf.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -135,7 +142,7 @@ def export(work: Path, model_name: str) -> None:
 # -- 2. quantize (GPTQModel's venv) -----------------------------------------------------------------
 
 
-def quantize(work: Path, out: Path) -> None:
+def quantize(work: Path, out: Path, lm_head: bool = False) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -152,7 +159,7 @@ def quantize(work: Path, out: Path) -> None:
         calib = [
             {"input_ids": r[None], "attention_mask": torch.ones_like(r)[None]} for r in inputs["calibration"]
         ]
-        cfg = QuantizeConfig(**QUANTIZE)
+        cfg = QuantizeConfig(**QUANTIZE, lm_head=lm_head)
         say(f"GPTQModel quantizing {hf} on {len(calib)} rows of {calib[0]['input_ids'].shape[1]}: {cfg}")
         model = GPTQModel.load(str(hf), cfg, device="cpu")
         t0 = time.monotonic()
@@ -307,18 +314,22 @@ def main() -> None:
     e = sub.add_parser("export", help="(project venv) the default model as an HF folder, and the inputs")
     e.add_argument("work", type=Path)
     e.add_argument("--model", default="smollm2-135m-instruct")
+    e.add_argument(
+        "--untie", action="store_true", help="the LM head as its own weight (for quantize --lm-head)"
+    )
     q = sub.add_parser("quantize", help="(GPTQModel's venv) quantize WORK/hf into OUT; the reference")
     q.add_argument("work", type=Path)
     q.add_argument("out", type=Path)
+    q.add_argument("--lm-head", action="store_true", help="GPTQModel's lm_head=True (its default: 8 bits)")
     c = sub.add_parser("compare", help="(project venv) ours against GPTQModel's on OUT")
     c.add_argument("work", type=Path)
     c.add_argument("out", type=Path)
     c.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.step == "export":
-        export(args.work.resolve(), args.model)
+        export(args.work.resolve(), args.model, args.untie)
     elif args.step == "quantize":
-        quantize(args.work.resolve(), args.out.resolve())
+        quantize(args.work.resolve(), args.out.resolve(), args.lm_head)
     else:
         compare(args.work.resolve(), args.out.resolve(), args.json)
 

@@ -132,7 +132,10 @@ def test_dequantize_equals_gptqmodels_dequantize_weight(case):
     ck = open_checkpoint(FIXTURES / case)
     ref = load_file(FIXTURES / case / "reference.safetensors")
     quantized = {name: t for name, t in ck.weights() if isinstance(t, GPTQTensor)}
-    assert len(quantized) == 14  # 7 linears in each of 2 layers
+    # what GPTQModel quantized: 7 linears in each of 2 layers, the head where it is quantized, not
+    # a module that `dynamic` left as it was
+    assert sorted(quantized) == sorted(f"{k}.weight" for k in ref if k != "logits")
+    assert len(quantized) == {"gptq-4bit-g32-actorder-sym-v1-lmhead": 15}.get(case, 14)
     for name, t in quantized.items():
         theirs = ref[name.removesuffix(".weight")].float()
         assert t.shape == tuple(theirs.shape)
@@ -148,6 +151,142 @@ def test_a_quantized_checkpoint_yields_one_weight_per_linear_and_the_rest_unchan
     assert "model.layers.1.mlp.down_proj.weight" in names and "lm_head.weight" in names
     assert ck.config.quantization is not None
     assert ck.config.quantization.quant_method == ("awq" if "awq" in case else "gptq")
+
+
+def test_gptqmodels_per_module_settings_are_read_as_it_wrote_them():
+    """``dynamic``: its default 8-bit head, a head of 8 bits in groups of 64, layer 1's MLP at 8
+    bits, layer 0's o_proj left unquantized (a plain bfloat16 weight)."""
+    head = dict(open_checkpoint(FIXTURES / "gptq-4bit-g32-actorder-sym-v1-lmhead").weights())[
+        "lm_head.weight"
+    ]
+    assert (head.bits, head.group_size, head.sym, head.desc_act) == (8, 32, True, False)
+    ck = open_checkpoint(FIXTURES / "gptq-4bit-g32-sym-v1-dynamic")
+    w = dict(ck.weights())
+    settings = {n: (t.bits, t.group_size) for n, t in w.items() if isinstance(t, GPTQTensor)}
+    assert settings.pop("lm_head.weight") == (8, 64)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        assert settings.pop(f"model.layers.1.mlp.{proj}.weight") == (8, 64)
+    assert set(settings.values()) == {(4, 32)} and len(settings) == 10
+    plain = w["model.layers.0.self_attn.o_proj.weight"]
+    assert isinstance(plain, torch.Tensor) and plain.dtype == torch.bfloat16
+
+
+def gptq_folder_with(tmp_path, case, edit_config=None, edit_tensors=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / case
+    shutil.copytree(FIXTURES / case, folder)
+    if edit_config:
+        cfg = json.loads((folder / "config.json").read_text())
+        edit_config(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(folder / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def quant_edit(**fields):
+    def edit(cfg):
+        q = cfg["quantization_config"]
+        for k, v in fields.items():
+            if v is None:
+                q.pop(k, None)
+            else:
+                q[k] = v
+
+    return edit
+
+
+def unquantized(prefix, shape):
+    """Tensor edit: the linear ``prefix`` as a plain bfloat16 weight instead of its GPTQ parts."""
+
+    def edit(tensors):
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{prefix}.{part}")
+        tensors[f"{prefix}.weight"] = torch.zeros(shape, dtype=torch.bfloat16)
+
+    return edit
+
+
+DYN = "gptq-4bit-g32-sym-v1-dynamic"
+DYN_RULES = {  # the fixture's own, as tools/make_gptq_fixtures.py asked GPTQModel
+    "lm_head": {"bits": 8, "group_size": 64},
+    r"+:.*\.1\.mlp\..*": {"bits": 8, "group_size": 64},
+    r"-:.*\.0\.self_attn\.o_proj": {},
+}
+HEAD = "gptq-4bit-g32-actorder-sym-v1-lmhead"
+
+
+@pytest.mark.parametrize(
+    "case,edit_config,edit_tensors,names",
+    [
+        # the head is quantized but the config says it is not, or the reverse
+        (HEAD, quant_edit(lm_head=False), None, ["lm_head.qweight", "quantization_config.lm_head is false"]),
+        (HEAD, None, unquantized("lm_head", (160, 64)), ["quantization_config.lm_head is true"]),
+        (
+            HEAD,
+            lambda c: c.update(tie_word_embeddings=True),
+            None,
+            ["lm_head.qweight", "tie_word_embeddings"],
+        ),
+        # a module `dynamic` skips holds quantized parts
+        (
+            DYN,
+            quant_edit(dynamic={r"-:.*\.1\.mlp\.down_proj": {}, **DYN_RULES}),
+            None,
+            ["model.layers.1.mlp.down_proj.qweight", "dynamic"],
+        ),
+        # an override that does not match what the tensors hold
+        (
+            DYN,
+            quant_edit(dynamic={**DYN_RULES, "lm_head": {"bits": 4, "group_size": 64}}),
+            None,
+            ["lm_head.qweight", "shape", "bits=4", "as quantization_config.dynamic['lm_head'] says"],
+        ),
+        # overrides we cannot read exactly, each named
+        (DYN, quant_edit(dynamic={"lm_head": {"bits": 5}}), None, ["dynamic['lm_head'].bits", "5"]),
+        (DYN, quant_edit(dynamic={"lm_head": {"group_size": 48}}), None, ["dynamic['lm_head'].group_size"]),
+        (DYN, quant_edit(dynamic={"lm_head": {"sym": "yes"}}), None, ["dynamic['lm_head'].sym"]),
+        (
+            DYN,
+            quant_edit(dynamic={"lm_head": {"pack_dtype": "int16"}}),
+            None,
+            ["dynamic['lm_head'].pack_dtype"],
+        ),
+        (DYN, quant_edit(dynamic={"lm_head": {"format": "marlin"}}), None, ["dynamic['lm_head'].format"]),
+        (DYN, quant_edit(dynamic={"+:model.(": {}}), None, ["dynamic['+:model.(']", "regular expression"]),
+        (DYN, quant_edit(dynamic=["lm_head"]), None, ["quantization_config.dynamic"]),
+        (DYN, quant_edit(dynamic={"lm_head": 8}), None, ["dynamic['lm_head']", "not an object"]),
+        (DYN, quant_edit(modules_to_not_convert="lm_head"), None, ["modules_to_not_convert"]),
+        (DYN, quant_edit(modules_to_not_convert=["mlp"]), None, ["mlp", "modules_to_not_convert"]),
+    ],
+)
+def test_inconsistent_per_module_settings_are_refused_at_open(
+    tmp_path, case, edit_config, edit_tensors, names
+):
+    folder = gptq_folder_with(tmp_path, case, edit_config, edit_tensors)
+    with pytest.raises(FormatError) as e:
+        open_checkpoint(folder)
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_modules_to_not_convert_and_skip_rules_leave_plain_weights_alone(tmp_path):
+    """A plain weight under a skip rule is read as it is; the rule only decides quantized parts."""
+    folder = gptq_folder_with(
+        tmp_path, DYN, quant_edit(modules_to_not_convert=["self_attn.o_proj"], dynamic={
+            r"-:.*\.0\.self_attn\.o_proj": {}, "lm_head": {"bits": 8, "group_size": 64, "mse": 2.4},
+            r".*\.1\.mlp\..*": {"bits": 8, "group_size": 64, "damp_percent": 0.1},
+        }),
+        edit_tensors=unquantized("model.layers.1.self_attn.o_proj", (64, 64)),
+    )  # fmt: skip
+    w = dict(open_checkpoint(folder).weights())
+    assert isinstance(w["model.layers.1.self_attn.o_proj.weight"], torch.Tensor)
+    assert isinstance(w["model.layers.1.mlp.up_proj.weight"], GPTQTensor)
 
 
 # -- 2. packed here, as the tools pack -------------------------------------------------------------

@@ -179,13 +179,26 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     from .convert import Calibration, GPTQTarget, convert
     from .model_source import resolve_model
 
+    head_flags = ns.lm_head or ns.lm_head_bits is not None or ns.lm_head_group_size is not None
     if ns.to == "exl2":
         from . import convert_exl2_cli
 
+        if head_flags:
+            raise ValueError(
+                "--lm-head, --lm-head-bits and --lm-head-group-size are GPTQ's; EXL2 takes --head-bits"
+            )
         return convert_exl2_cli.run(ns)
     if ns.to != "gptq":
         raise ValueError(f"--to {ns.to!r} is not a format tessera converts to (supported: gptq, exl2)")
-    target = GPTQTarget(ns.bits, ns.group_size, ns.sym, ns.act_order, ns.damp)
+    if ns.head_bits is not None:
+        raise ValueError(
+            "--head-bits is EXL2's; GPTQ quantizes the LM head with --lm-head [--lm-head-bits N]"
+        )
+    head_bits = (8 if ns.lm_head_bits is None else ns.lm_head_bits) if head_flags else None
+    target = GPTQTarget(
+        ns.bits, ns.group_size, ns.sym, ns.act_order, ns.damp, lm_head_bits=head_bits,
+        lm_head_group_size=32 if ns.lm_head_group_size is None else ns.lm_head_group_size,
+    )  # fmt: skip
     cal = Calibration(Path(ns.calibration) if ns.calibration else default_text(), ns.rows, ns.row_length)
     report = convert(resolve_model(ns.src), Path(ns.dst), target, cal, force=ns.force, resume=ns.resume)
     errors = sorted(report.errors.values())
@@ -197,6 +210,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         "linears": len(errors),
         "median_relative_output_error": errors[len(errors) // 2] if errors else None,
         "max_relative_output_error": errors[-1] if errors else None,
+        "lm_head_relative_output_error": report.errors.get("lm_head"),
     }
     print(json.dumps(summary))
     return 0
@@ -218,6 +232,17 @@ def _add_convert_parser(sub) -> None:
     conv.add_argument("--act-order", action="store_true", help="quantize inputs by descending activation")
     conv.add_argument("--sym", action="store_true", help="symmetric (zero at the middle code; GPTQ v1)")
     conv.add_argument("--damp", type=float, default=0.01, help="Hessian damping (default: %(default)s)")
+    conv.add_argument(
+        "--lm-head", action="store_true",
+        help="quantize the LM head too (GPTQModel's lm_head=True; a tied head becomes its own weight): "
+        "symmetric, no act-order, --lm-head-bits in groups of --lm-head-group-size",
+    )  # fmt: skip
+    conv.add_argument("--lm-head-bits", type=int, help="the LM head's bits, implies --lm-head (default: 8)")
+    conv.add_argument(
+        "--lm-head-group-size",
+        type=int,
+        help="the LM head's inputs per group, implies --lm-head (default: 32)",
+    )
     conv.add_argument(
         "--calibration", metavar="FILE", help="calibration text (default: ../shared/data/wiki.utf8)"
     )

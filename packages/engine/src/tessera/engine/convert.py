@@ -81,7 +81,10 @@ class LayerQuantizer(Protocol):
 
 @dataclass(frozen=True)
 class GPTQTarget:
-    """GPTQ of one bit width (2, 3, 4 or 8), scales stored as float16."""
+    """GPTQ of one bit width (2, 3, 4 or 8), scales stored as float16. ``lm_head_bits``: the LM
+    head quantized too (GPTQModel's ``lm_head=True``), at that width in groups of
+    ``lm_head_group_size``, symmetric, without act-order (GPTQModel's defaults for the head: 8
+    bits, groups of 32); None keeps it as the source has it, as HF GPTQ checkpoints usually do."""
 
     bits: int
     group_size: int
@@ -89,13 +92,19 @@ class GPTQTarget:
     act_order: bool
     damp: float = 0.01
     name: str = "gptq"
+    lm_head_bits: int | None = None
+    lm_head_group_size: int = 32
 
     def __post_init__(self) -> None:
         if self.bits not in GPTQ_BITS:
             raise ValueError(f"--bits {self.bits} is not a GPTQ width (supported: 2, 3, 4, 8)")
-        g = self.group_size
-        if g != -1 and (g <= 0 or g & (g - 1)):
-            raise ValueError(f"--group-size {g} is not a power of two or -1 (one group per row)")
+        if self.lm_head_bits is not None and self.lm_head_bits not in GPTQ_BITS:
+            raise ValueError(
+                f"--lm-head-bits {self.lm_head_bits} is not a GPTQ width (supported: 2, 3, 4, 8)"
+            )
+        for flag, g in (("--group-size", self.group_size), ("--lm-head-group-size", self.lm_head_group_size)):
+            if g != -1 and (g <= 0 or g & (g - 1)):
+                raise ValueError(f"{flag} {g} is not a power of two or -1 (one group per row)")
         if not 0 < self.damp < 1:
             raise ValueError(f"--damp {self.damp} is not a fraction between 0 and 1")
 
@@ -103,9 +112,19 @@ class GPTQTarget:
         return asdict(self)
 
     def quantize(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
+        return self._quantize(name, weight, hessian, self.bits, self.group_size, self.sym, self.act_order)
+
+    def quantize_head(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
+        """The LM head at ``lm_head_bits`` (its zeros in the file's checkpoint_format)."""
+        assert self.lm_head_bits is not None
+        return self._quantize(
+            "lm_head", weight, hessian, self.lm_head_bits, self.lm_head_group_size, True, False
+        )
+
+    def _quantize(self, name, weight, hessian, bits, group_size, sym, act_order) -> QuantizedLinear:
         res = gptq_quantize(
-            weight, hessian, group_bits=self.bits, group_size=self.group_size, sym=self.sym,
-            act_order=self.act_order, damp=self.damp, scale_fn=fp16_scales,
+            weight, hessian, group_bits=bits, group_size=group_size, sym=sym,
+            act_order=act_order, damp=self.damp, scale_fn=fp16_scales,
         )  # fmt: skip
         parts = gptq_parts(res.groups, checkpoint_format_for(self.sym))
         return QuantizedLinear(
@@ -115,9 +134,17 @@ class GPTQTarget:
     def quantization_config(self) -> dict:
         from importlib.metadata import version
 
+        head = None
+        if self.lm_head_bits is not None:
+            head = {
+                "bits": self.lm_head_bits,
+                "group_size": self.lm_head_group_size,
+                "sym": True,
+                "desc_act": False,
+            }
         return gptq_quantization_config(
             self.bits, self.group_size, self.sym, self.act_order, self.damp,
-            f"tessera:{version('tessera-engine')}",
+            f"tessera:{version('tessera-engine')}", lm_head=head,
         )  # fmt: skip
 
 
@@ -543,24 +570,52 @@ def convert(
         bar.update(1)
         bar.set_postfix(err=f"{max(errors.values()):.4f}")
     bar.close()
-    (write or _write)(ck, model, dst, target, state)
+    report.errors.update((write or _write)(ck, model, dst, target, state) or {})
     state.remove()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _write(ck, model, dst: Path, target: LayerQuantizer, state: ConvertState) -> None:
+def head_hessian(model, state: ConvertState) -> torch.Tensor:
+    """The LM head's input Hessian: the final norm's output of the last layer's (quantized)
+    hidden states."""
+    from tessera.kernels import ops
+
+    hidden = state.hidden(len(model.layer_specs))
+    eps = model.config.rms_norm_eps
+
+    def normed(rows):
+        return ops.rms_norm(hidden[rows].reshape(-1, hidden.shape[-1]), model.norm.weight, eps)
+
+    return _hessian(normed, _chunks(hidden.shape[0], hidden.shape[1]))
+
+
+def _write(ck, model, dst: Path, target: LayerQuantizer, state: ConvertState) -> dict[str, float]:
     """The destination folder: model.safetensors, config.json (and quantize_config.json, which
-    GPTQModel also writes), tokenizer and generation files."""
+    GPTQModel also writes), tokenizer and generation files. A quantized LM head of a model whose
+    head is tied to its embeddings is written as its own weight (config.json unties them; the
+    embeddings stay in the source's float dtype: GPTQModel refuses a tied head instead). Returns
+    the head's relative output error where it was quantized."""
     from safetensors.torch import save_file
 
     dtype = _storage_dtype(ck)
     tensors = _plain_tensors(model, dtype)
     for i in range(len(model.layer_specs)):
         tensors.update(state.layer_tensors(i))
+    errors = {}
+    head = getattr(target, "lm_head_bits", None) is not None
+    if head:
+        tensors.pop("lm_head.weight", None)
+        q = target.quantize_head(model.lm_head.weight.float().contiguous(), head_hessian(model, state))
+        tensors.update(q.tensors)
+        errors["lm_head"] = q.error
     qcfg = target.quantization_config()
+    hf_config = _hf_config(ck, dtype, qcfg)
+    if head:
+        hf_config["tie_word_embeddings"] = False
     with _staging(dst) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(_hf_config(ck, dtype, qcfg), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
         _write_side_files(ck, tmp)
+    return errors

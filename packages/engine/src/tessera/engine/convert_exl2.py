@@ -45,9 +45,7 @@ from .convert import (
     _HF_CLASSES,
     Calibration,
     QuantizedLinear,
-    _chunks,
     _fingerprint,
-    _hessian,
     _hf_config,
     _plain_tensors,
     _staging,
@@ -56,6 +54,7 @@ from .convert import (
     calibration_rows,
     check_destination,
     convert,
+    head_hessian,
 )
 
 MEASUREMENT_VERSION = 1
@@ -425,16 +424,7 @@ def convert_exl2(
 
 def _head_parts(model, state, head: EXL2Option, damp: float) -> dict[str, torch.Tensor]:
     """lm_head quantized on the final norm's output of the last layer's (quantized) states."""
-    from tessera.kernels import ops
-
-    hidden = state.hidden(len(model.layer_specs))
-    eps = model.config.rms_norm_eps
-
-    def normed(rows):
-        return ops.rms_norm(hidden[rows].reshape(-1, hidden.shape[-1]), model.norm.weight, eps)
-
-    h = _hessian(normed, _chunks(hidden.shape[0], hidden.shape[1]))
-    res = quantize_exl2(model.lm_head.weight.float().contiguous(), h, head, damp)
+    res = quantize_exl2(model.lm_head.weight.float().contiguous(), head_hessian(model, state), head, damp)
     return {f"lm_head.{k}": v for k, v in exl2_parts(res.groups).items()}
 
 

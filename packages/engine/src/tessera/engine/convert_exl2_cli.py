@@ -14,9 +14,7 @@ def add_args(conv: argparse.ArgumentParser) -> None:
     resume are shared with GPTQ)."""
     g = conv.add_argument_group("--to exl2")
     g.add_argument("--bpw", type=float, help="bits per weight of the decoder's linears, e.g. 4.25")
-    g.add_argument(
-        "--head-bits", type=int, default=6, help="lm_head: 2, 3, 4, 5, 6 or 8 (default: %(default)s)"
-    )
+    g.add_argument("--head-bits", type=int, help="lm_head: 2, 3, 4, 5, 6 or 8 (default: 6)")
     g.add_argument("--measurement", metavar="FILE", help="reuse a measurement.json instead of measuring")
     g.add_argument(
         "--measure-rows", type=int, default=32,
@@ -64,7 +62,7 @@ def run(ns: argparse.Namespace) -> int:
     bpw = _bpw(ns)
     cal = Calibration(Path(ns.calibration) if ns.calibration else default_text(), ns.rows, ns.row_length)
     report = convert_exl2(
-        resolve_model(ns.src), Path(ns.dst), bpw, cal, head_bits=ns.head_bits,
+        resolve_model(ns.src), Path(ns.dst), bpw, cal, head_bits=6 if ns.head_bits is None else ns.head_bits,
         measurement=Path(ns.measurement) if ns.measurement else None, measure_rows=ns.measure_rows,
         damp=ns.damp, force=ns.force, resume=ns.resume,
     )  # fmt: skip

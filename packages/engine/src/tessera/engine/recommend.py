@@ -28,7 +28,8 @@ dtype, fp8 or int8) it reports:
 Rules for the layouts of variants that do not exist yet (how exllamav2, GPTQModel and llama.cpp
 write them): EXL2 at ``b`` bpw holds its linears as groups of ``floor(b)`` and ``floor(b) + 1``
 bits in the shares that average ``b``, the LM head at 6 bits, the embedding in the model dtype;
-GPTQ keeps embedding and LM head in the model dtype; a GGUF scheme quantizes every linear, the
+GPTQ keeps the embedding in the model dtype and the LM head too, or quantizes the head to 8 bits
+(GPTQModel's ``lm_head=True``, ``tessera convert --lm-head``); a GGUF scheme quantizes every linear, the
 embedding and the LM head with it (a K-quant tensor whose rows are not whole 256-blocks takes
 llama.cpp's fallback type). With packed weights each backend multiplies those as GGUF
 blocks (``GroupQuant.blocks``: groups of up to 4 bits in Q4_1 containers, 5 bits in Q5_1, 6-8
@@ -112,6 +113,7 @@ def gguf_layout(scheme: str) -> Layout:
 
 
 GPTQ_LAYOUT = Layout((("Q4_1", 1.0),), "dense", "dense")
+GPTQ_HEAD8_LAYOUT = Layout((("Q4_1", 1.0),), "Q8_0", "dense")  # 8-bit symmetric groups: Q8_0 blocks
 
 
 def _linear_shapes(config) -> list[tuple[int, int, int, int]]:
@@ -387,6 +389,7 @@ def recommend(
     if candidates == "all":
         ladder = [(f"EXL2 {b} bpw", "exl2", b, exl2_layout(b)) for b in EXL2_LADDER]
         ladder.append(("GPTQ 4-bit g128", "gptq", 4.125, GPTQ_LAYOUT))
+        ladder.append(("GPTQ 4-bit g128, 8-bit head", "gptq", 4.125, GPTQ_HEAD8_LAYOUT))
         for s in GGUF_SCHEMES:
             ladder.append((f"GGUF {s}", "gguf", 8 * BLOCK_LAYOUT[s][1] / BLOCK_LAYOUT[s][0], gguf_layout(s)))
         for i, (label, kind, bpw, layout) in enumerate(ladder):

@@ -16,11 +16,22 @@ AWQ GEMM (``quant_method: awq``, ``version: gemm``, 4 bits):
   ``qweight`` int32 ``[in, out/8]`` and ``qzeros`` int32 ``[groups, out/8]`` pack 8 *output*
   columns per word in AWQ's interleaved order (nibble k holds column ``_AWQ_ORDER[k]``);
   ``scales [groups, out]``; no g_idx (input i is in group ``i // group_size``); zeros as stored.
+
+Per-module settings, as GPTQModel writes them and vLLM reads them: ``dynamic`` maps a pattern to
+overrides of ``bits`` / ``group_size`` / ``sym`` / ``desc_act`` for the modules it matches (a
+``re.match`` of the HF module name, e.g. ``model.layers.3.mlp.down_proj`` or ``lm_head``; the first
+pattern in the file's order that matches wins; ``"-:pattern"`` leaves those modules unquantized,
+stored as a plain ``.weight``; ``"+:"`` or no prefix overrides). ``lm_head: true`` says the LM
+head is quantized too (``lm_head.qweight`` ...; GPTQModel gives it 8 bits through ``dynamic``
+unless told otherwise, and refuses a head tied to the embeddings). ``modules_to_not_convert``
+(transformers, AutoAWQ) lists names whose modules stay unquantized (a module whose name contains
+one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,11 +56,42 @@ class GPTQConfig:
     sym: bool
     desc_act: bool
     checkpoint_format: str  # "gptq" (v1: zeros stored minus one) | "gptq_v2" | "gemm" (AWQ)
+    lm_head: bool = False  # the LM head is quantized too
+    # (pattern, skip, overrides) in the file's order: see the module doc
+    dynamic: tuple[tuple[str, bool, tuple[tuple[str, int | bool], ...]], ...] = ()
+    not_converted: tuple[str, ...] = ()  # modules_to_not_convert
+    where: str = "quantization_config"  # where this module's settings come from, for errors
+
+    def for_module(self, name: str) -> GPTQConfig | None:
+        """The settings of the module ``name`` (HF name, no ``.weight``); None where it is left
+        unquantized (``-:`` of ``dynamic``, ``modules_to_not_convert``, or the LM head without
+        ``lm_head``)."""
+        if any(key in name for key in self.not_converted) or (name == "lm_head" and not self.lm_head):
+            return None
+        for pattern, skip, overrides in self.dynamic:
+            if re.match(pattern, name):
+                if skip:
+                    return None
+                where = f"quantization_config.dynamic[{pattern!r}]"
+                return replace(self, **dict(overrides), dynamic=(), not_converted=(), where=where)
+        return self
+
+    def skipped_by(self, name: str) -> str:
+        """Which field leaves ``name`` unquantized (for errors)."""
+        if any(key in name for key in self.not_converted):
+            return "quantization_config.modules_to_not_convert"
+        if name == "lm_head" and not self.lm_head:
+            return "quantization_config.lm_head is false, which"
+        for pattern, skip, _ in self.dynamic:
+            if re.match(pattern, name):
+                return f"quantization_config.dynamic[{('-:' if skip else '') + pattern!r}]"
+        return "quantization_config"
 
 
 def quantization_config_from_hf(cfg: dict, source) -> GPTQConfig:
     """Our GPTQConfig from config.json's ``quantization_config``; anything we can't read exactly
-    (another method, format, bit width, packing dtype, per-module overrides) is a FormatError."""
+    (another method, format, bit width, packing dtype, a per-module override of those) is a
+    FormatError that names the field."""
     where = f"{source}: quantization_config"
     if not isinstance(cfg, dict):
         raise FormatError(f"{where} is {shown(cfg)}, not an object")
@@ -58,31 +100,14 @@ def quantization_config_from_hf(cfg: dict, source) -> GPTQConfig:
         raise FormatError(f"{where}.quant_method {shown(method)} is not supported (supported: gptq, awq)")
 
     def flag(key: str, default: bool) -> bool:
-        value = cfg.get(key, default)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise FormatError(f"{where}.{key} is {shown(value)}, not true or false")
-        return value
+        return _flag(cfg.get(key), default, f"{where}.{key}")
 
     bits_key = "bits" if "bits" in cfg or method == "gptq" else "w_bit"
-    bits = cfg.get(bits_key)
-    allowed = GPTQ_BITS if method == "gptq" else (4,)
-    if isinstance(bits, bool) or bits not in allowed:
-        raise FormatError(
-            f"{where}.{bits_key} is {shown(bits)}; {method} supports {', '.join(map(str, allowed))} bits"
-        )
+    bits = _bits(cfg.get(bits_key), method, f"{where}.{bits_key}")
     group_key = "group_size" if "group_size" in cfg or method == "gptq" else "q_group_size"
-    group = cfg.get(group_key, 128)
-    if isinstance(group, bool) or not isinstance(group, int) or not (group == -1 or 0 < group <= 2**20):
-        raise FormatError(f"{where}.{group_key} is {shown(group)}, not a positive size or -1")
-    if group != -1 and group & (group - 1):
-        raise FormatError(f"{where}.{group_key} is {group}, not a power of two or -1")
-    for key in ("dynamic", "modules_to_not_convert"):
-        if cfg.get(key):
-            raise FormatError(f"{where}.{key} is {shown(cfg[key])}: per-module overrides are not supported")
+    group = _group_size(cfg.get(group_key, 128), f"{where}.{group_key}")
     pack = cfg.get("pack_dtype", "int32")
-    if pack not in ("int32", "torch.int32"):
+    if pack not in _INT32:
         raise FormatError(f"{where}.pack_dtype is {shown(pack)}, only int32 packing is supported")
 
     if method == "awq":
@@ -94,14 +119,101 @@ def quantization_config_from_hf(cfg: dict, source) -> GPTQConfig:
             )
         # zero_point false (symmetric): GPTQModel still stores qzeros, all at the midpoint
         sym = not flag("zero_point", True)
-        return GPTQConfig("awq", bits, group, sym=sym, desc_act=False, checkpoint_format="gemm")
+        base = GPTQConfig("awq", bits, group, sym=sym, desc_act=False, checkpoint_format="gemm")
+    else:
+        fmt = cfg.get("checkpoint_format", cfg.get("format", "gptq"))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise FormatError(
+                f"{where}.checkpoint_format {shown(fmt)} is not supported (supported: gptq, gptq_v2)"
+            )
+        base = GPTQConfig("gptq", bits, group, flag("sym", True), flag("desc_act", False), fmt)
+    return replace(
+        base,
+        lm_head=flag("lm_head", False),
+        dynamic=_dynamic_rules(cfg.get("dynamic"), base, where),
+        not_converted=_not_converted(cfg.get("modules_to_not_convert"), where),
+    )
 
-    fmt = cfg.get("checkpoint_format", cfg.get("format", "gptq"))
-    if fmt not in ("gptq", "gptq_v2"):
-        raise FormatError(
-            f"{where}.checkpoint_format {shown(fmt)} is not supported (supported: gptq, gptq_v2)"
-        )
-    return GPTQConfig("gptq", bits, group, flag("sym", True), flag("desc_act", False), fmt)
+
+_INT32 = ("int32", "torch.int32")
+
+
+def _flag(value, default: bool, field: str) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise FormatError(f"{field} is {shown(value)}, not true or false")
+    return value
+
+
+def _bits(value, method: str, field: str) -> int:
+    allowed = GPTQ_BITS if method == "gptq" else (4,)
+    if isinstance(value, bool) or value not in allowed:
+        raise FormatError(f"{field} is {shown(value)}; {method} supports {', '.join(map(str, allowed))} bits")
+    return value
+
+
+def _group_size(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or 0 < value <= 2**20):
+        raise FormatError(f"{field} is {shown(value)}, not a positive size or -1")
+    if value != -1 and value & (value - 1):
+        raise FormatError(f"{field} is {value}, not a power of two or -1")
+    return value
+
+
+def _dynamic_rules(dynamic, base: GPTQConfig, where: str) -> tuple:
+    """``dynamic``'s rules, each checked as the file-wide fields are. An override may change
+    bits, group_size, sym (AWQ: zero_point) and desc_act; GPTQModel's solver settings beside them
+    (mse, damp_percent, ...) do not change how the tensors read and are passed over; a per-module
+    packing, format or method other than the file's is refused."""
+    if dynamic is None:
+        return ()
+    if not isinstance(dynamic, dict):
+        raise FormatError(f"{where}.dynamic is {shown(dynamic)}, not an object of pattern -> overrides")
+    same = {
+        "pack_dtype": _INT32,
+        "quant_method": (base.quant_method,),
+        "method": (base.quant_method,),
+        "format": (base.checkpoint_format,),
+        "checkpoint_format": (base.checkpoint_format,),
+    }
+    rules = []
+    for key, overrides in dynamic.items():
+        at = f"{where}.dynamic[{key!r}]"
+        skip = key.startswith("-:")
+        pattern = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise FormatError(f"{at}: {pattern!r} is not a regular expression ({e})") from e
+        if not isinstance(overrides, dict):
+            raise FormatError(f"{at} is {shown(overrides)}, not an object of overrides")
+        for k, values in same.items():
+            if k in overrides and overrides[k] not in values:
+                raise FormatError(f"{at}.{k} is {shown(overrides[k])}: a per-module {k} is not supported")
+        picked: dict[str, int | bool] = {}
+        if "bits" in overrides:
+            picked["bits"] = _bits(overrides["bits"], base.quant_method, f"{at}.bits")
+        if "group_size" in overrides:
+            picked["group_size"] = _group_size(overrides["group_size"], f"{at}.group_size")
+        if "sym" in overrides:
+            picked["sym"] = _flag(overrides["sym"], base.sym, f"{at}.sym")
+        if "zero_point" in overrides:
+            picked["sym"] = not _flag(overrides["zero_point"], not base.sym, f"{at}.zero_point")
+        if "desc_act" in overrides:
+            picked["desc_act"] = _flag(overrides["desc_act"], base.desc_act, f"{at}.desc_act")
+            if picked["desc_act"] and base.quant_method == "awq":
+                raise FormatError(f"{at}.desc_act is true, but AWQ has no act-order")
+        rules.append((pattern, skip, () if skip else tuple(sorted(picked.items()))))
+    return tuple(rules)
+
+
+def _not_converted(names, where: str) -> tuple[str, ...]:
+    if names is None:
+        return ()
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise FormatError(f"{where}.modules_to_not_convert is {shown(names)}, not a list of module names")
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -234,7 +346,8 @@ def check_gptq_shapes(prefix: str, shapes: dict, dtypes: dict, cfg: GPTQConfig, 
     data only), every part checked against the others and against ``cfg``."""
 
     def bad(part: str, field: str, got, want: str):
-        return FormatError(f"{source}: tensor {prefix}.{part} has {field} {got}, expected {want}")
+        said = "" if cfg.where == "quantization_config" else f", as {cfg.where} says"
+        return FormatError(f"{source}: tensor {prefix}.{part} has {field} {got}, expected {want}{said}")
 
     for part in ("qweight", "qzeros", "scales"):
         if part not in shapes:
@@ -288,8 +401,7 @@ def check_g_idx(prefix: str, g_idx: torch.Tensor, groups: int, cfg: GPTQConfig, 
         size = g_idx.numel() if cfg.group_size == -1 else cfg.group_size
         if not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // size):
             raise FormatError(
-                f"{source}: tensor {prefix}.g_idx reorders the inputs but desc_act is false "
-                "in quantization_config"
+                f"{source}: tensor {prefix}.g_idx reorders the inputs but desc_act is false in {cfg.where}"
             )
 
 
@@ -306,8 +418,7 @@ def check_sym_zeros(prefix: str, qzeros: torch.Tensor, n_out: int, cfg: GPTQConf
         field = f"sym is true (checkpoint_format {cfg.checkpoint_format} stores {want})"
     if not bool((stored == want).all()):
         raise FormatError(
-            f"{source}: tensor {prefix}.qzeros holds zero points other than {mid}, but {field} "
-            "in quantization_config"
+            f"{source}: tensor {prefix}.qzeros holds zero points other than {mid}, but {field} in {cfg.where}"
         )
 
 

@@ -78,17 +78,22 @@ def gptq_parts(groups: GroupQuant, checkpoint_format: str) -> dict[str, torch.Te
 
 
 def gptq_quantization_config(
-    bits: int, group_size: int, sym: bool, desc_act: bool, damp: float, quantizer: str
-) -> dict:
+    bits: int, group_size: int, sym: bool, desc_act: bool, damp: float, quantizer: str,
+    lm_head: dict | None = None,
+) -> dict:  # fmt: skip
     """config.json's ``quantization_config`` as GPTQModel writes it (the fields readers use, and
-    the ``meta`` that says who made it and how)."""
-    fmt = checkpoint_format_for(sym)
+    the ``meta`` that says who made it and how). ``lm_head``: the quantized LM head's settings
+    (``bits``, ``group_size``, ``sym``, ``desc_act``), written as GPTQModel does, ``"lm_head":
+    true`` and a ``dynamic`` rule for ``lm_head`` (vLLM and GPTQModel read it so)."""
+    fmt = checkpoint_format_for(sym)  # the file's, the head's zeros included
+    head = {"dynamic": {"lm_head": dict(lm_head)}} if lm_head is not None else {}
     return {
         "bits": bits,
         "group_size": group_size,
         "desc_act": desc_act,
         "sym": sym,
-        "lm_head": False,
+        "lm_head": lm_head is not None,
+        **head,
         "method": "gptq",
         "quant_method": "gptq",
         "format": fmt,

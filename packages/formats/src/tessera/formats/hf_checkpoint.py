@@ -343,6 +343,7 @@ class HFCheckpoint:
         self._files = self._weight_files()
         self.quantization = self.config.quantization
         self._quantized: dict[str, set[str]] = {}  # quantized linear prefix -> its parts present
+        self._module_quant: dict[str, GPTQConfig] = {}  # GPTQ/AWQ linear prefix -> its settings
         self._check_files(config_path)
 
     def _weight_files(self) -> dict[str, list[str]]:
@@ -418,6 +419,7 @@ class HFCheckpoint:
     def _check_quantized(self, headers: dict[str, dict[str, tuple]]) -> None:
         from safetensors import safe_open
 
+        quant = self.quantization
         for prefix, parts in headers.items():
             if "qweight" not in parts:
                 part = next(iter(parts))
@@ -425,19 +427,37 @@ class HFCheckpoint:
                     f"{self.path / parts[part][2]}: tensor {prefix}.{part} has no {prefix}.qweight beside it"
                 )
             source = self.path / parts["qweight"][2]
+            cfg = quant.for_module(prefix)
+            if cfg is None:
+                raise FormatError(
+                    f"{source}: tensor {prefix}.qweight is quantized, but {quant.skipped_by(prefix)} "
+                    "leaves it unquantized"
+                )
+            if prefix == "lm_head" and self.config.tie_word_embeddings:
+                raise FormatError(
+                    f"{source}: tensor lm_head.qweight is a quantized LM head, but tie_word_embeddings is "
+                    f"true in {self.path / 'config.json'} (a quantized head is its own weight)"
+                )
             shapes = {k: v[0] for k, v in parts.items()}
             dtypes = {k: v[1] for k, v in parts.items()}
-            n_out, _ = check_gptq_shapes(prefix, shapes, dtypes, self.quantization, source)
+            n_out, _ = check_gptq_shapes(prefix, shapes, dtypes, cfg, source)
             # the small parts are read now, so that a bad one is refused before anything loads
             if "g_idx" in parts:
                 with safe_open(self.path / parts["g_idx"][2], framework="pt") as f:
                     g_idx = f.get_tensor(f"{prefix}.g_idx")
-                check_g_idx(prefix, g_idx, shapes["scales"][0], self.quantization, source)
-            if self.quantization.sym:
+                check_g_idx(prefix, g_idx, shapes["scales"][0], cfg, source)
+            if cfg.sym:
                 with safe_open(self.path / parts["qzeros"][2], framework="pt") as f:
                     qzeros = f.get_tensor(f"{prefix}.qzeros")
-                check_sym_zeros(prefix, qzeros, n_out, self.quantization, source)
+                check_sym_zeros(prefix, qzeros, n_out, cfg, source)
             self._quantized[prefix] = set(parts)
+            self._module_quant[prefix] = cfg
+        head_cfg = quant.for_module("lm_head")
+        if quant.lm_head and head_cfg is not None and "lm_head" not in self._quantized:
+            raise FormatError(
+                f"{self.path / 'config.json'}: quantization_config.lm_head is true, but the checkpoint "
+                "has no quantized LM head (no lm_head.qweight)"
+            )
         if not self._quantized:
             raise FormatError(
                 f"{self.path / 'config.json'}: quantization_config says {self.quantization.quant_method}, "
@@ -502,6 +522,7 @@ class HFCheckpoint:
                             if exl2:
                                 yield f"{prefix}.weight", exl2_tensor(prefix, parts, path)
                             else:
-                                yield f"{prefix}.weight", gptq_tensor(prefix, parts, self.quantization, path)
+                                cfg = self._module_quant[prefix]
+                                yield f"{prefix}.weight", gptq_tensor(prefix, parts, cfg, path)
             except SafetensorError as e:
                 raise FormatError(f"{path}: damaged tensor data ({e})") from e
