@@ -66,7 +66,7 @@ class GPTQConfig:
         """The settings of the module ``name`` (HF name, no ``.weight``); None where it is left
         unquantized (``-:`` of ``dynamic``, ``modules_to_not_convert``, or the LM head without
         ``lm_head``)."""
-        if any(key in name for key in self.not_converted) or (name == "lm_head" and not self.lm_head):
+        if any(key in name for key in self.not_converted) or (is_lm_head(name) and not self.lm_head):
             return None
         for pattern, skip, overrides in self.dynamic:
             if re.match(pattern, name):
@@ -80,12 +80,17 @@ class GPTQConfig:
         """Which field leaves ``name`` unquantized (for errors)."""
         if any(key in name for key in self.not_converted):
             return "quantization_config.modules_to_not_convert"
-        if name == "lm_head" and not self.lm_head:
+        if is_lm_head(name) and not self.lm_head:
             return "quantization_config.lm_head is false, which"
         for pattern, skip, _ in self.dynamic:
             if re.match(pattern, name):
                 return f"quantization_config.dynamic[{('-:' if skip else '') + pattern!r}]"
         return "quantization_config"
+
+
+def is_lm_head(name: str) -> bool:
+    """The LM head's module (``lm_head``; ``language_model.lm_head`` in a VLM's checkpoint)."""
+    return name.rpartition(".")[2] == "lm_head"
 
 
 def quantization_config_from_hf(cfg: dict, source) -> GPTQConfig:

@@ -46,6 +46,7 @@ from .gptq import (
     check_gptq_shapes,
     check_sym_zeros,
     gptq_tensor,
+    is_lm_head,
     quantization_config_from_hf,
 )
 from .json_file import read_json_object
@@ -433,9 +434,9 @@ class HFCheckpoint:
                     f"{source}: tensor {prefix}.qweight is quantized, but {quant.skipped_by(prefix)} "
                     "leaves it unquantized"
                 )
-            if prefix == "lm_head" and self.config.tie_word_embeddings:
+            if is_lm_head(prefix) and self.config.tie_word_embeddings:
                 raise FormatError(
-                    f"{source}: tensor lm_head.qweight is a quantized LM head, but tie_word_embeddings is "
+                    f"{source}: tensor {prefix}.qweight is a quantized LM head, but tie_word_embeddings is "
                     f"true in {self.path / 'config.json'} (a quantized head is its own weight)"
                 )
             shapes = {k: v[0] for k, v in parts.items()}
@@ -453,7 +454,7 @@ class HFCheckpoint:
             self._quantized[prefix] = set(parts)
             self._module_quant[prefix] = cfg
         head_cfg = quant.for_module("lm_head")
-        if quant.lm_head and head_cfg is not None and "lm_head" not in self._quantized:
+        if quant.lm_head and head_cfg is not None and not any(map(is_lm_head, self._quantized)):
             raise FormatError(
                 f"{self.path / 'config.json'}: quantization_config.lm_head is true, but the checkpoint "
                 "has no quantized LM head (no lm_head.qweight)"
