@@ -310,7 +310,7 @@ def test_dequantize_inverts_gptqmodels_packing(bits, group, desc_act, sym, fmt):
     cfg = quantization_config_from_hf(hf_gptq_config(bits, group, desc_act, sym, fmt), "config.json")
     t = gptq_tensor("layer", parts, cfg, "model.safetensors")
     assert t.shape == (n_out, n_in)
-    assert torch.equal(t.int_weight(), torch.from_numpy(q))
+    assert torch.equal(t.int_weight().long(), torch.from_numpy(q))
     torch.testing.assert_close(t.dequantize(), want, rtol=0, atol=0)
     assert t.dequantize(torch.bfloat16).dtype == torch.bfloat16
 
@@ -454,6 +454,26 @@ def test_every_width_and_act_order_becomes_gguf_blocks(bits, desc_act, sym):
     assert {qt.scheme for _, _, qt in blocks} == {"Q4_1" if bits <= 4 else "Q8_0"}
     theirs = _gguf_dequantized(blocks, groups.perm, t.shape)
     assert ((theirs - want).abs() <= _q4_1_bound(t)).all()
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_blocks_made_a_few_rows_at_a_time_are_those_made_at_once(monkeypatch, bits):
+    """``GroupQuant.blocks`` works through ``BLOCK_ROWS`` rows at a time (bounded temporaries at
+    load): the blocks are the same bytes whatever that size, for Q4_1, Q5_1 and Q8_0."""
+    from tessera.formats import grouped
+
+    g = torch.Generator().manual_seed(bits)
+    n_out, n_in = 37, 96
+    q = torch.randint(0, 2**bits, (n_out, n_in), generator=g).to(torch.uint8)
+    scale = torch.rand(n_out, 3, generator=g) + 0.1
+    zero = torch.full((n_out, 3), float(2 ** (bits - 1)))
+    gq = grouped.GroupQuant((n_out, n_in), q, scale, zero, (0, 32, 64, 96), (bits,) * 3, None)
+    whole = gq.blocks()
+    monkeypatch.setattr(grouped, "BLOCK_ROWS", 8)
+    chunked = gq.blocks()
+    assert len(whole) == len(chunked) == 1
+    assert whole[0][2].scheme == {4: "Q4_1", 5: "Q5_1", 8: "Q8_0"}[bits]
+    assert torch.equal(whole[0][2].data, chunked[0][2].data)
 
 
 # -- 3. bad input ---------------------------------------------------------------------------------

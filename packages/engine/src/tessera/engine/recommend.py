@@ -426,12 +426,14 @@ def _device_runtime_and_free(dev: torch.device, plat) -> tuple[int, int]:
 
 
 def _held_now(dev: torch.device) -> int:
-    """Memory the process holds for tensors now: anonymous resident memory on the CPU (not the
-    checkpoint's file pages), torch's allocation on a GPU."""
+    """Memory the process holds for tensors now: on the CPU its resident memory, anonymous and
+    file-backed (a safetensors tensor already in the model's dtype stays a view of the mapped
+    file, e.g. a bf16 checkpoint's embeddings, and the file's pages it read stay resident while
+    that mapping lives: the peak of a run counts them too); torch's allocation on a GPU."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         return torch.cuda.memory_allocated(dev)
-    return resident_bytes("RssAnon")
+    return resident_bytes("RssAnon") + resident_bytes("RssFile")
 
 
 def _load_measured(path, dtype, dev):

@@ -188,7 +188,7 @@ class EXL2Tensor:
         )  # fmt: skip
 
     def int_weight(self) -> torch.Tensor:
-        """The integers as int64 ``[in, out]`` in stored (permuted) input order."""
+        """The integers as uint8 ``[in, out]`` in stored (permuted) input order."""
         words = (*self.word_starts, self.q_weight.shape[0])
         parts = []
         for i, (a, b) in enumerate(pairwise(self.group_starts)):

@@ -269,7 +269,7 @@ class GPTQTensor:
         return torch.arange(n_in, device=self.device) // size
 
     def int_weight(self) -> torch.Tensor:
-        """The quantized integers as ``[in, out]`` int64."""
+        """The quantized integers as ``[in, out]`` uint8."""
         if self.scheme == "awq":
             return unpack_awq_cols(self.qweight, self.bits)
         return unpack_rows(self.qweight, self.bits)[: self.shape[1]]
@@ -277,8 +277,8 @@ class GPTQTensor:
     def int_zeros(self) -> torch.Tensor:
         """The zero points as ``[groups, out]`` int64 (v1's stored offset undone)."""
         if self.scheme == "awq":
-            return unpack_awq_cols(self.qzeros, self.bits)
-        return unpack_rows(self.qzeros.T, self.bits).T[:, : self.shape[0]] + self.zero_offset
+            return unpack_awq_cols(self.qzeros, self.bits).to(torch.int64)
+        return unpack_rows(self.qzeros.T, self.bits).T[:, : self.shape[0]].to(torch.int64) + self.zero_offset
 
     def as_groups(self):
         """The weight as a ``GroupQuant``: columns sorted by group (act-order's ``g_idx``
@@ -313,16 +313,18 @@ class GPTQTensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 ``[rows, cols]`` holding, per column, a little-endian stream of ``bits``-bit values
-    -> int64 ``[rows*32/bits, cols]``. ``bits`` words hold 32 values, so 3-bit values straddle
-    word boundaries (values 10 and 21 of each 3 words). Taken per position in those stripes of
-    ``bits`` words: 32 whole-tensor shifts in int32, fast enough for an 8B model's matrices."""
+    -> uint8 ``[rows*32/bits, cols]`` (a byte a value: an LM head's integers at load are its
+    weight count in bytes, not eight times that). ``bits`` words hold 32 values, so 3-bit values
+    straddle word boundaries (values 10 and 21 of each 3 words). Taken per position in those
+    stripes of ``bits`` words: 32 whole-tensor shifts in int32, fast enough for an 8B model's
+    matrices."""
     rows, cols = packed.shape
     words = packed.to(torch.int32)
     pad = -rows % bits  # 2/4/8 bits: words are independent, so pad to whole stripes of ``bits``
     if pad:
         words = torch.cat([words, words.new_zeros(pad, cols)])
     words = words.reshape(-1, bits, cols)
-    out = torch.empty(words.shape[0], 32, cols, dtype=torch.int64, device=packed.device)
+    out = torch.empty(words.shape[0], 32, cols, dtype=torch.uint8, device=packed.device)
     for j in range(32):
         word, off = divmod(j * bits, 32)
         v = words[:, word] >> off  # arithmetic: copies of the sign bit land above the value
@@ -333,11 +335,12 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_awq_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 ``[rows, cols*8]``-in-``[rows, cols]`` AWQ GEMM packing -> int64 ``[rows, cols*8]``."""
+    """int32 ``[rows, cols*8]``-in-``[rows, cols]`` AWQ GEMM packing -> uint8 ``[rows, cols*8]``."""
     rows, cols = packed.shape
     per = 32 // bits
-    shifts = torch.arange(per, device=packed.device) * bits
-    nibbles = ((packed.to(torch.int64) & 0xFFFFFFFF)[:, :, None] >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    # int32 shifts copy the sign bit down; the mask keeps the value's own bits only
+    nibbles = ((packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)
     order = torch.tensor(_AWQ_UNORDER, device=packed.device)
     return nibbles[:, :, order].reshape(rows, cols * per)
 

@@ -21,7 +21,10 @@ from itertools import pairwise
 
 import torch
 
+from .gguf_quants import BLOCK_LAYOUT
 from .quantized import QuantizedTensor
+
+BLOCK_ROWS = 2048  # rows GroupQuant.blocks makes at a time
 
 CONTAINER_BITS = {"Q4_1": 4, "Q5_1": 5, "Q8_0": 8}
 
@@ -104,42 +107,25 @@ class GroupQuant:
         """The matrix as GGUF blocks, one ``(k0, k1, QuantizedTensor [out, k1 - k0])`` per run
         of ``runs()``, in stored order; None where it does not map exactly: a group boundary
         off a multiple of 32, a scale or ``scale * zero`` beyond fp16, or an 8-bit group whose
-        ``q - zero`` leaves int8."""
+        ``q - zero`` leaves int8. Made ``BLOCK_ROWS`` rows at a time, so that the temporaries
+        stay small beside the result (an LM head of 49,152 rows at load)."""
         if any(s % 32 for s in self.group_starts):
             return None
         g = self.column_groups()
+        n_out = self.shape[0]
         parts = []
         for k0, k1, scheme in self.runs():
             nb = (k1 - k0) // 32
             first = g[k0:k1:32]  # the group of each 32-block (groups are whole blocks)
-            d = self.scale.float()[:, first]
-            z = self.zero.float()[:, first]
-            q = self.q[:, k0:k1].reshape(-1, nb, 32)
-            d16 = d.to(torch.float16)
-            if not d16.isfinite().all():
-                return None
-            if scheme == "Q8_0":
-                v = q.to(torch.int16) - z.to(torch.int16)[..., None]
-                if v.min() < -128 or v.max() > 127:
+            data = torch.empty(n_out, nb * BLOCK_LAYOUT[scheme][1], dtype=torch.uint8, device=self.q.device)
+            for r0 in range(0, n_out, BLOCK_ROWS):
+                r1 = min(r0 + BLOCK_ROWS, n_out)
+                rows = _block_rows(
+                    self.q[r0:r1, k0:k1], self.scale[r0:r1, first], self.zero[r0:r1, first], scheme
+                )
+                if rows is None:
                     return None
-                body = [v.to(torch.int8).view(torch.uint8)]
-                heads = [d16]
-            else:
-                m16 = (-d * z).to(torch.float16)
-                if not m16.isfinite().all():
-                    return None
-                heads = [d16, m16]
-                lo = q[..., :16] & 0x0F
-                hi = q[..., 16:] & 0x0F
-                body = []
-                if scheme == "Q5_1":
-                    bit4 = ((q >> 4) & 1).to(torch.int64)
-                    qh = (bit4 << torch.arange(32)).sum(-1).to(torch.int32)
-                    body.append(qh.contiguous().view(torch.uint8).reshape(-1, nb, 4))
-                body.append((lo | (hi << 4)).to(torch.uint8))
-            n_out = self.shape[0]
-            halves = [t.contiguous().view(torch.uint8).reshape(n_out, nb, 2) for t in heads]
-            data = torch.cat([*halves, *body], dim=-1).reshape(n_out, -1).contiguous()
+                data[r0:r1] = rows
             parts.append((k0, k1, QuantizedTensor(scheme, data, (n_out, k1 - k0))))
         return parts
 
@@ -149,3 +135,36 @@ class GroupQuant:
             self.shape, self.q.to(device), self.scale.to(device), self.zero.to(device),
             self.group_starts, self.group_bits, perm,
         )  # fmt: skip
+
+
+def _block_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: str) -> torch.Tensor | None:
+    """Rows ``q [r, 32 nb]`` (one scale and zero per 32-block: ``[r, nb]``) as ``scheme`` blocks
+    ``[r, nb * block bytes]``; None where they do not map exactly (see ``GroupQuant.blocks``)."""
+    r, nb = scale.shape
+    q = q.reshape(r, nb, 32)
+    d = scale.float()
+    z = zero.float()
+    d16 = d.to(torch.float16)
+    if not d16.isfinite().all():
+        return None
+    if scheme == "Q8_0":
+        v = q.to(torch.int16) - z.to(torch.int16)[..., None]
+        if v.min() < -128 or v.max() > 127:
+            return None
+        body = [v.to(torch.int8).view(torch.uint8)]
+        heads = [d16]
+    else:
+        m16 = (-d * z).to(torch.float16)
+        if not m16.isfinite().all():
+            return None
+        heads = [d16, m16]
+        lo = q[..., :16] & 0x0F
+        hi = q[..., 16:] & 0x0F
+        body = []
+        if scheme == "Q5_1":
+            bit4 = ((q >> 4) & 1).to(torch.int64)
+            qh = (bit4 << torch.arange(32, device=q.device)).sum(-1).to(torch.int32)
+            body.append(qh.contiguous().view(torch.uint8).reshape(r, nb, 4))
+        body.append((lo | (hi << 4)).to(torch.uint8))
+    halves = [t.contiguous().view(torch.uint8).reshape(r, nb, 2) for t in heads]
+    return torch.cat([*halves, *body], dim=-1).reshape(r, -1)
