@@ -290,6 +290,20 @@ def test_bad_input_is_refused_before_anything_is_written(tiny, text, tmp_path, e
     assert list(tmp_path.iterdir()) == []
 
 
+def test_3_bit_sizes_not_in_multiples_of_32_are_refused_before_any_work():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        vocab_size=49153,
+    )  # fmt: skip
+    GPTQTarget(3, 32, True, False, lm_head_bits=8).check(cfg, "m")
+    with pytest.raises(ValueError, match="--lm-head-bits 3 needs the head's sizes in multiples of 32"):
+        GPTQTarget(4, 32, True, False, lm_head_bits=3).check(cfg, "m")
+    with pytest.raises(ValueError, match="--bits 3 needs layer sizes in multiples of 32"):
+        GPTQTarget(3, 32, True, False).check(SimpleNamespace(**{**vars(cfg), "intermediate_size": 1540}), "m")
+
+
 def test_an_existing_destination_needs_force(tiny, text, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

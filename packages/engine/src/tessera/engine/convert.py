@@ -78,6 +78,10 @@ class LayerQuantizer(Protocol):
 
     def quantization_config(self) -> dict: ...
 
+    def check(self, config, src) -> None:
+        """Refuses, before any work, a model this target cannot store."""
+        ...
+
 
 @dataclass(frozen=True)
 class GPTQTarget:
@@ -110,6 +114,17 @@ class GPTQTarget:
 
     def options(self) -> dict:
         return asdict(self)
+
+    def check(self, config, src) -> None:
+        """3-bit GPTQ packs 32 values in 3 words: every linear's sizes must be multiples of 32."""
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        sizes = {config.hidden_size, config.intermediate_size, q, kv}
+        if self.bits == 3 and any(n % 32 for n in sizes):
+            raise ValueError(f"{src}: --bits 3 needs layer sizes in multiples of 32, not {sorted(sizes)}")
+        head = (config.vocab_size, config.hidden_size)
+        if self.lm_head_bits == 3 and any(n % 32 for n in head):
+            raise ValueError(f"{src}: --lm-head-bits 3 needs the head's sizes in multiples of 32, not {head}")
 
     def quantize(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
         return self._quantize(name, weight, hessian, self.bits, self.group_size, self.sym, self.act_order)
@@ -539,6 +554,7 @@ def convert(
     src, dst = Path(src), Path(dst)
     check_destination(dst, force)
     ck = open_checkpoint(src)
+    target.check(ck.config, src)
     ids = calibration_rows(ck, cal)
     model = load_model(ck, torch.float32, packed_weights=False)
     _check_model(model, ck.config, src)

@@ -130,6 +130,9 @@ class MeasureTarget:
     def options(self) -> dict:
         return {"candidates": [o.desc for o in self.candidates], "damp": self.damp}
 
+    def check(self, config, src) -> None:
+        """Nothing left: ``_check_inputs`` checked every candidate against its shape."""
+
     def quantize(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
         # one Cholesky factor and one output energy for all candidates: they share W and H
         factor = factor_hessian(hessian, act_order=True, damp=self.damp)
@@ -161,6 +164,9 @@ class EXL2Target:
             "head": None if self.head is None else self.head.desc,
             "damp": self.damp,
         }
+
+    def check(self, config, src) -> None:
+        """Nothing left: ``_check_inputs`` checked every setting of the plan against its shape."""
 
     def quantize(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedLinear:
         res = quantize_exl2(weight, hessian, self.plan[name], self.damp)
