@@ -37,10 +37,13 @@ SHAPES = {
 
 def q4_0(rng, *shape: int, fan_in: int) -> np.ndarray:
     """Random Q4_0 blocks of a ``[..., rows, k]`` tensor: weights d * (q - 8), q uniform in
-    0..15 (std 4.6 d), d chosen for a std of 1 / sqrt(fan_in)."""
+    0..15 (std 4.6 d), |d| chosen for a std of 1 / sqrt(fan_in). q - 8 averages -0.5: each
+    block's d takes a random sign, so that the weights average 0 (a bias shared by every weight
+    would push the residual stream of a deep model onto one direction)."""
     *rows, k = shape
     n = int(np.prod(rows)) * (k // 32)
-    d = np.full((n, 1), 1.0 / (4.6 * np.sqrt(fan_in)), dtype=np.float16).view(np.uint8)
+    sign = rng.choice(np.array([-1.0, 1.0]), (n, 1))
+    d = (sign / (4.6 * np.sqrt(fan_in))).astype(np.float16).view(np.uint8)
     qs = rng.integers(0, 256, (n, 16), dtype=np.uint8)
     return np.concatenate([d, qs], axis=1).reshape(*rows, k // 32 * 18)
 
