@@ -606,7 +606,7 @@ def head_hessian(model, state: ConvertState) -> torch.Tensor:
     return _hessian(normed, _chunks(hidden.shape[0], hidden.shape[1]))
 
 
-def _write(ck, model, dst: Path, target: LayerQuantizer, state: ConvertState) -> dict[str, float]:
+def _write(ck, model, dst: Path, target: GPTQTarget, state: ConvertState) -> dict[str, float]:
     """The destination folder: model.safetensors, config.json (and quantize_config.json, which
     GPTQModel also writes), tokenizer and generation files. A quantized LM head of a model whose
     head is tied to its embeddings is written as its own weight (config.json unties them; the
@@ -619,7 +619,7 @@ def _write(ck, model, dst: Path, target: LayerQuantizer, state: ConvertState) ->
     for i in range(len(model.layer_specs)):
         tensors.update(state.layer_tensors(i))
     errors = {}
-    head = getattr(target, "lm_head_bits", None) is not None
+    head = target.lm_head_bits is not None
     if head:
         tensors.pop("lm_head.weight", None)
         q = target.quantize_head(model.lm_head.weight.float().contiguous(), head_hessian(model, state))
